@@ -1,0 +1,31 @@
+# `make demo`: set up .venv and run all stages plus eval on the tiny preset into runs/demo.
+# `make test`: set up .venv and run the tests.
+VENV ?= .venv
+PYTHON ?= python3
+RUN_DIR ?= runs/demo
+PRESET ?= tiny
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test slurm-cluster clean-demo
+
+setup: $(STAMP)
+
+# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull GBs of CUDA.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	LOCAL=1 PRESET=$(PRESET) RUN_DIR=$(RUN_DIR) PYTHON=$(abspath $(VENV))/bin/python bash slurm/pipeline.sh
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+
+# A real one-node SLURM cluster on this machine (root; used by the launcher tests).
+slurm-cluster:
+	bash scripts/local_slurm_cluster.sh
+
+clean-demo:
+	rm -rf $(RUN_DIR)

@@ -1,0 +1,94 @@
+"""What every stage script does around its work: config, run directory, skip-if-done, clean errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+from .config import ConfigError, Section, load_config, to_json
+from .distributed import rank_and_world
+from .schema import RunDir, SchemaError, StageNotReady
+
+log = logging.getLogger("gigavideo")
+USER_ERRORS = (ConfigError, SchemaError, StageNotReady, FileNotFoundError, ValueError, FloatingPointError)
+
+
+def setup_logging() -> None:
+    rank, world = rank_and_world()
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(level=os.environ.get("GIGAVIDEO_LOG", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s {prefix}%(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def start_stage(stage: str, section: str, run_dir: str, config: str, overwrite: bool,
+                overrides: dict) -> tuple[Section, RunDir] | None:
+    """Load the config; return None when the stage is already complete (and not --overwrite)."""
+    setup_logging()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: weights come from local paths
+    cfg = load_config(config, section, overrides)
+    run = RunDir(run_dir)
+    if run.is_complete(stage) and not overwrite:
+        log.info("%s already complete in %s (%s exists); skipping. Pass --overwrite to redo it.",
+                 stage, run.path, run.manifest(stage))
+        return None
+    if overwrite:
+        _clear_stage(run, stage)
+    run.stage(stage).mkdir(parents=True, exist_ok=True)
+    log.info("%s: run dir %s, preset %s", stage, run.path, cfg.preset)
+    log.debug("config:\n%s", to_json(cfg))
+    return cfg, run
+
+
+def _clear_stage(run: RunDir, stage: str) -> None:
+    """Rank 0 removes the old output; the other ranks wait for it before writing anything."""
+    rank, world = rank_and_world()
+    if rank == 0 and run.stage(stage).exists():
+        log.info("--overwrite: removing %s", run.stage(stage))
+        shutil.rmtree(run.stage(stage))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+
+
+def print_help(main, section: str) -> None:
+    """Fire cannot list **overrides, so --help prints the docstrings and the section's keys."""
+    script = sys.modules["__main__"]
+    print((script.__doc__ or "").strip(), "\n")
+    print(f"usage: python {sys.argv[0]} --run_dir=DIR [--config=PRESET] [--overwrite] [--KEY=VALUE ...]\n")
+    print((main.__doc__ or "").strip(), "\n")
+    cfg = load_config("tiny", section)
+    for table in (section, "model"):
+        print(f"[{table}] keys (tiny preset values; see configs/*.toml for the comments):")
+        for key, value in cfg[table].items():
+            print(f"  --{key}={value!r}")
+
+
+def run_cli(main, section: str) -> None:
+    """fire.Fire(main), with user errors printed as one clear line instead of a traceback."""
+    import fire
+
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print_help(main, section)
+        return
+    try:
+        fire.Fire(main)
+    except USER_ERRORS as err:
+        if os.environ.get("GIGAVIDEO_DEBUG"):
+            raise
+        print(f"error: {err}\n(set GIGAVIDEO_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name: str):
+    import torch
+
+    from .distributed import device_for_rank
+
+    if name == "auto":
+        return device_for_rank()
+    return torch.device(name)

@@ -1,0 +1,31 @@
+"""Rank and world size from torchrun or SLURM variables, and the split of work by key."""
+
+from __future__ import annotations
+
+import os
+
+
+def rank_and_world() -> tuple[int, int]:
+    """torchrun sets RANK/WORLD_SIZE; `srun` with one task per GPU sets SLURM_PROCID/SLURM_NTASKS."""
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if world_var in os.environ:
+            return int(os.environ.get(rank_var, 0)), int(os.environ[world_var])
+    return 0, 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
+def my_slice(keys: list[str], rank: int, world_size: int) -> list[str]:
+    """A disjoint, deterministic slice of the sorted keys for this rank."""
+    return sorted(keys)[rank::world_size]
+
+
+def device_for_rank():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")

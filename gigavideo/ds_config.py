@@ -1,0 +1,40 @@
+"""DeepSpeed config files with "auto" fields filled from the training flags, checked before any compute."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import REPO_ROOT
+
+
+def build_ds_config(train_cfg: dict, world_size: int) -> dict:
+    """Fill micro batch, accumulation, global batch and bf16 from flags; a value the file fixes must agree."""
+    path = Path(train_cfg["ds_config"])
+    path = path if path.is_absolute() or path.is_file() else REPO_ROOT / path
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found (see ds_configs/)")
+    ds = json.loads(path.read_text())
+    micro, accum = int(train_cfg["micro_batch_size"]), int(train_cfg["grad_accum"])
+    wanted = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+              "train_batch_size": micro * accum * world_size}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif int(ds[key]) != value:
+            raise ValueError(f"{path}: {key}={ds[key]} but the flags give {value} "
+                             f"(micro_batch_size={micro} x grad_accum={accum} x world_size={world_size}); "
+                             f"set it to \"auto\" or change the flags")
+    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
+        raise ValueError(f"{path}: train_batch_size must equal micro batch x accumulation x world size")
+    bf16 = train_cfg["precision"] == "bf16"
+    if train_cfg["precision"] not in ("fp32", "bf16"):
+        raise ValueError(f"precision {train_cfg['precision']!r} not in ('fp32', 'bf16')")
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    elif bool(ds["bf16"]["enabled"]) != bf16:
+        raise ValueError(f"{path}: bf16.enabled={ds['bf16']['enabled']} contradicts --precision={train_cfg['precision']}")
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ValueError(f"{path}: fp16 is not supported for Wan training; use bf16")
+    return ds

@@ -1,0 +1,146 @@
+"""Model builders: the base Wan2.1 pipeline from a local path, or a tiny random one for CPU runs.
+
+Every stage loads the base model through `base_model_path`, so the tiny preset goes down the same
+`WanPipeline.from_pretrained` path as the real Wan2.1-T2V-1.3B weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .schema import RunDir
+
+WAN_DOWNLOAD_HINT = (
+    "Download the diffusers-format weights, e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
+    "--local-dir /models/Wan2.1-T2V-1.3B-Diffusers` on a machine with internet, copy the folder to the "
+    "cluster, and pass --model_path=/models/Wan2.1-T2V-1.3B-Diffusers (it must contain model_index.json, "
+    "transformer/, vae/, text_encoder/, tokenizer/, scheduler/)."
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Words the tiny tokenizer knows whole; anything else falls back to characters, so every prompt encodes.
+_TINY_WORDS = (
+    "a an the of in on at to and with from by is are his her their its into over under through "
+    "man woman child person people dog cat horse bird car ball cup glass water fire ice metal wood "
+    "red blue green yellow white black gray orange purple small large square circle shape shapes "
+    "walks runs jumps falls rolls moves turns slides spins holds throws pours melts burns breaks "
+    "left right up down forward slowly quickly camera pans tilts zooms static shot close wide "
+    "light sunlight night day room street kitchen park field sky background video frames"
+).split()
+_TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%+="
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} not in {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_tiny_tokenizer():
+    """A T5 (unigram) tokenizer built offline: whole words for a small vocabulary, characters otherwise."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -5.0) for w in _TINY_WORDS] + [(c, -10.0) for c in _TINY_CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def build_tiny_pipeline(model_cfg: dict):
+    """A random-initialised WanPipeline with the real architecture classes, sized for CPU."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(int(model_cfg["tiny_seed"]))
+    arch = dict(model_cfg["tiny_transformer"])
+    arch["patch_size"] = tuple(arch["patch_size"])
+    transformer = WanTransformer3DModel(**arch)
+    vae = AutoencoderKLWan(**model_cfg["tiny_vae"])
+    tokenizer = build_tiny_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["tiny_text_encoder"]))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=float(model_cfg["flow_shift"]))
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       transformer=transformer, scheduler=scheduler)
+
+
+def save_atomic(save, target: Path) -> Path:
+    """Run save(tmp_dir) and rename into place, so a killed run never leaves half a model."""
+    target = Path(target)
+    if target.exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another rank got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint: str) -> Path:
+    path = Path(path).expanduser()
+    missing = [r for r in required if not (path / r).exists()]
+    if missing:
+        raise FileNotFoundError(f"{what} not found at {path} (missing {missing}). {hint}")
+    return path
+
+
+def base_model_path(model_cfg: dict, run: RunDir) -> Path:
+    """The base pipeline folder: `model.path` if set, else (tiny preset) RUN_DIR/models/base, built once."""
+    if model_cfg.get("path"):
+        return check_model_dir(model_cfg["path"], "Wan2.1 base model", ("model_index.json", "transformer", "vae"),
+                               WAN_DOWNLOAD_HINT)
+    if not model_cfg.get("tiny"):
+        raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
+    return save_atomic(lambda d: build_tiny_pipeline(model_cfg).save_pretrained(d), run.models / "base")
+
+
+def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", transformer_path=None):
+    """Stock `WanPipeline.from_pretrained`; optionally with a fine-tuned transformer folder swapped in."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    kwargs = {}
+    if transformer_path is not None:
+        kwargs["transformer"] = WanTransformer3DModel.from_pretrained(transformer_path, torch_dtype=torch_dtype(dtype))
+    pipe = WanPipeline.from_pretrained(str(path), torch_dtype=torch_dtype(dtype), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def latent_stats(vae_config, device, dtype):
+    mean = torch.tensor(vae_config.latents_mean, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae_config.latents_std, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+def normalize_latents(raw, vae_config):
+    """VAE latents -> the diffusion space WanPipeline samples in (what `output_type="latent"` returns)."""
+    mean, std = latent_stats(vae_config, raw.device, raw.dtype)
+    return (raw - mean) / std
+
+
+def denormalize_latents(latents, vae_config):
+    mean, std = latent_stats(vae_config, latents.device, latents.dtype)
+    return latents * std + mean
+
+
+@torch.no_grad()
+def encode_video(vae, frames_uint8, device) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> normalised latents (C, T', H/8, W/8), the mode of the posterior."""
+    x = torch.from_numpy(frames_uint8).to(device=device, dtype=vae.dtype)
+    x = x.permute(3, 0, 1, 2).unsqueeze(0) / 127.5 - 1.0
+    return normalize_latents(vae.encode(x).latent_dist.mode(), vae.config)[0]
+
+
+@torch.no_grad()
+def decode_latents(vae, latents) -> "numpy.ndarray":  # noqa: F821
+    """normalised latents (B, C, T, H, W) -> uint8 frames (B, T, H, W, 3)."""
+    video = vae.decode(denormalize_latents(latents.to(vae.dtype), vae.config), return_dict=False)[0]
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu().numpy()

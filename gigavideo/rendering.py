@@ -1,0 +1,89 @@
+"""Rendering with the frozen base model, shared by stage 2 and eval.
+
+Generation runs with `output_type="latent"` and the latents are decoded once here, so the same
+latents that make the mp4 are the ones stage 4 trains on; prompt embeddings are kept too, so
+training never loads the text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .models import decode_latents, encode_video
+from .video import resize_crop_sample
+
+log = logging.getLogger("gigavideo.render")
+
+
+def seed_for(key: str, base_seed: int) -> int:
+    """A per-sample seed derived from its key: a rerun (on any rank) reproduces the video."""
+    return int.from_bytes(hashlib.sha256(f"{base_seed}:{key}".encode()).digest()[:8], "little") % (2**63)
+
+
+def check_frames(num_frames: int) -> None:
+    if (num_frames - 1) % 4:
+        raise ValueError(f"num_frames={num_frames}: Wan needs 4k+1 frames (e.g. 9, 17, 33, 81)")
+
+
+def trim_padding(embeds: torch.Tensor) -> np.ndarray:
+    """WanPipeline zero-pads text embeddings to max_sequence_length; store only the real tokens."""
+    nonzero = embeds.abs().sum(-1) > 0
+    length = int(nonzero.nonzero().max()) + 1 if nonzero.any() else 1
+    return embeds[:length].float().cpu().numpy()
+
+
+class Renderer:
+    def __init__(self, pipe, render_cfg: dict, max_sequence_length: int, device):
+        check_frames(render_cfg["num_frames"])
+        self.pipe, self.cfg, self.device = pipe, render_cfg, device
+        self.max_sequence_length = int(max_sequence_length)
+
+    def settings(self) -> dict:
+        keys = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "negative_prompt")
+        return {k: self.cfg[k] for k in keys} | {"flow_shift": getattr(self.pipe.scheduler.config, "flow_shift", None),
+                                                  "scheduler": type(self.pipe.scheduler).__name__,
+                                                  "max_sequence_length": self.max_sequence_length}
+
+    def warn_if_truncated(self, keys: list[str], prompts: list[str]) -> None:
+        for key, prompt in zip(keys, prompts):
+            n = len(self.pipe.tokenizer(prompt, add_special_tokens=True).input_ids)
+            if n > self.max_sequence_length:
+                log.warning("%s: prompt has %d tokens, truncated to %d", key, n, self.max_sequence_length)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]):
+        use_cfg = self.cfg["guidance_scale"] > 1.0
+        return self.pipe.encode_prompt(prompts, negative_prompt=[self.cfg["negative_prompt"]] * len(prompts),
+                                       do_classifier_free_guidance=use_cfg,
+                                       max_sequence_length=self.max_sequence_length, device=self.device)
+
+    @torch.no_grad()
+    def render(self, keys: list[str], prompts: list[str], seeds: list[int]) -> list[dict]:
+        """One batch: returns per sample {latents, prompt_embeds, frames, seconds}."""
+        self.warn_if_truncated(keys, prompts)
+        start = time.time()
+        prompt_embeds, negative_embeds = self.embed(prompts)
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        latents = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                            height=self.cfg["height"], width=self.cfg["width"], num_frames=self.cfg["num_frames"],
+                            num_inference_steps=self.cfg["steps"], guidance_scale=self.cfg["guidance_scale"],
+                            generator=generators, output_type="latent").frames
+        frames = decode_latents(self.pipe.vae, latents)
+        seconds = (time.time() - start) / len(prompts)
+        return [{"latents": latents[i].float().cpu().numpy(), "prompt_embeds": trim_padding(prompt_embeds[i]),
+                 "frames": frames[i], "seconds": seconds} for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def encode_real(self, frames: np.ndarray, caption: str) -> dict:
+        """A real clip at the training shape, with its VAE latents and its caption's embeddings."""
+        clip = resize_crop_sample(frames, self.cfg["height"], self.cfg["width"], self.cfg["num_frames"])
+        latents = encode_video(self.pipe.vae, clip, self.device)
+        prompt_embeds, _ = self.pipe.encode_prompt([caption], do_classifier_free_guidance=False,
+                                                   max_sequence_length=self.max_sequence_length, device=self.device)
+        return {"latents": latents.float().cpu().numpy(), "prompt_embeds": trim_padding(prompt_embeds[0]),
+                "frames": clip}

@@ -1,0 +1,314 @@
+"""The contract between stages: run-directory layout, shard fields, manifests.
+
+Run directory (RUN_DIR)::
+
+    models/base/              tiny preset only: the random-initialised base pipeline (diffusers format)
+    models/judge/             tiny preset only: the random-initialised judge
+    stage1/  *.tar + manifest.json   prompts (synthetic, and real captions with their real video)
+    stage2/  *.tar + manifest.json   renders: mp4, latents, text embeddings
+    stage3/  *.tar + manifest.json   judge scores and rewards
+    stage4/checkpoints/      DeepSpeed checkpoints (convert with zero_to_fp32.py)
+    stage4/tensorboard/      TensorBoard events
+    stage4/export/           diffusers pipeline folder (full fine-tune)
+    stage4/manifest.json     written after the export
+    eval/report.json, eval/report.md, eval/videos/{baseline,finetuned}/...
+
+Shards are plain WebDataset tars (`tar tf` lists `KEY.json KEY.mp4 ...`). Every sample has a
+stable `__key__` (no dots) shared by all stages, so stages join exactly by key. A shard is
+written as `NAME.tar.tmp` and renamed when complete; `manifest.json` is written last and marks
+the stage complete. Fields per stage (`*` = optional):
+
+    stage1: json {prompt, dimension, source, question, lineage, generator}, real.mp4* (source=real)
+    stage2: json {prompt, dimension, source, question, seed, render, model, seconds},
+            mp4 (rendered video, or the real clip at training shape for source=real),
+            latents.npy (normalised VAE latents, C,T,H,W), prompt_embeds.npy (tokens, dim; unpadded)
+    stage3: json {status: ok|failed, reason, p_yes, answer, reward, judge}  (synthetic samples only)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+STAGES = ("stage1", "stage2", "stage3")
+REQUIRED_FILES = {
+    "stage1": ("json",),
+    "stage2": ("json", "mp4", "latents.npy", "prompt_embeds.npy"),
+    "stage3": ("json",),
+}
+REQUIRED_JSON = {
+    "stage1": ("prompt", "dimension", "source", "question", "lineage"),
+    "stage2": ("prompt", "dimension", "source", "question", "seed", "render"),
+    "stage3": ("status", "reward"),
+}
+SOURCES = ("synthetic", "real")
+MANIFEST = "manifest.json"
+PRODUCER = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/render.py",
+            "stage3": "stage3_score/score.py", "stage4": "stage4_train/train.py"}
+
+
+class SchemaError(ValueError):
+    """A shard or sample breaks the contract; the message names the key and the shard."""
+
+
+class StageNotReady(FileNotFoundError):
+    pass
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def stage(self, name: str) -> Path:
+        return self.path / name
+
+    def manifest(self, name: str) -> Path:
+        return self.stage(name) / MANIFEST
+
+    def is_complete(self, name: str) -> bool:
+        return self.manifest(name).is_file()
+
+    @property
+    def models(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "stage4" / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "stage4" / "tensorboard"
+
+    @property
+    def export(self) -> Path:
+        return self.path / "stage4" / "export"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval"
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_field(name: str, value) -> bytes:
+    if name.endswith("json"):
+        return json.dumps(value, sort_keys=True).encode()
+    if name.endswith(".npy"):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
+        return buf.getvalue()
+    if name.endswith("txt"):
+        return str(value).encode()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise SchemaError(f"field {name!r}: cannot encode {type(value).__name__}; give bytes")
+
+
+def decode_field(name: str, data: bytes):
+    if name.endswith("json"):
+        return json.loads(data)
+    if name.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard content
+    if name.endswith("txt"):
+        return data.decode()
+    return data
+
+
+def validate(sample: dict, stage: str, where: str = "") -> dict:
+    key = sample.get("__key__", "<no key>")
+    where = where or sample.get("__url__", "?")
+    if "." in key or "/" in key or not key:
+        raise SchemaError(f"sample key {key!r} in {where}: keys must be non-empty with no '.' or '/'")
+    for field in REQUIRED_FILES[stage]:
+        if field not in sample:
+            raise SchemaError(f"sample {key!r} in shard {where} lacks field '{field}' required by {stage} "
+                              f"(has {sorted(k for k in sample if not k.startswith('__'))})")
+    meta = sample["json"]
+    missing = [k for k in REQUIRED_JSON[stage] if k not in meta]
+    if missing:
+        raise SchemaError(f"sample {key!r} in shard {where}: json lacks {missing} required by {stage}")
+    if "source" in meta and meta["source"] not in SOURCES:
+        raise SchemaError(f"sample {key!r} in shard {where}: source {meta['source']!r} not in {SOURCES}")
+    return sample
+
+
+# ---------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Writes one rank's samples into `PREFIX-NNNNN.tar`, each through a `.tmp` name and a rename."""
+
+    def __init__(self, stage_dir: Path, stage: str, prefix: str, samples_per_shard: int):
+        self.dir, self.stage, self.prefix = Path(stage_dir), stage, prefix
+        self.samples_per_shard = max(1, int(samples_per_shard))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.dir.glob(f"{prefix}-*.tar"))
+        self.next_index = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in existing), default=-1)
+        self._tar = None
+        self._count = 0
+        self.written: list[str] = []
+
+    def write(self, sample: dict) -> None:
+        validate(sample, self.stage, where=f"{self.dir}/{self.prefix}-*")
+        if self._tar is None:
+            self._path = self.dir / f"{self.prefix}-{self.next_index:05d}.tar"
+            self._tar = tarfile.open(str(self._path) + ".tmp", "w")
+        now = time.time()
+        for name, value in sample.items():
+            if name.startswith("__"):
+                continue
+            data = encode_field(name, value)
+            info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
+            info.size, info.mtime, info.mode = len(data), now, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        """Close the current shard and make it visible under its final name."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(str(self._path) + ".tmp", self._path)
+        self.written.append(self._path.name)
+        self._tar, self._count = None, 0
+        self.next_index += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.flush()
+        elif self._tar is not None:  # never leave a half shard that looks complete
+            self._tar.close()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- resume and manifests
+
+
+def discard_partial_shards(stage_dir: Path) -> list[Path]:
+    """Remove `.tmp` shards left by a killed run; their samples are redone."""
+    removed = sorted(Path(stage_dir).glob("*.tar.tmp"))
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def shard_keys(path: Path) -> list[str]:
+    """Keys in a complete shard, from the tar listing (no content is read)."""
+    with tarfile.open(path) as tar:
+        keys = dict.fromkeys(name.split(".", 1)[0] for name in tar.getnames())
+    return list(keys)
+
+
+def completed_keys(stage_dir: Path) -> set[str]:
+    done: set[str] = set()
+    for path in sorted(Path(stage_dir).glob("*.tar")):
+        done.update(shard_keys(path))
+    return done
+
+
+def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: dict) -> bool:
+    """Record this rank as done; the rank that finds all ranks done writes the manifest.
+
+    Returns True when the manifest was written (the stage is complete).
+    """
+    stage_dir = Path(stage_dir)
+    parts = stage_dir / "_parts"
+    write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", info)
+    done = sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))
+    if len(done) < world_size:
+        return False
+    failures = [f for p in done for f in json.loads(p.read_text()).get("failures", [])]
+    write_manifest(stage_dir, stage, {**info, "failures": failures, "world_size": world_size})
+    return True
+
+
+def write_manifest(stage_dir: Path, stage: str, info: dict) -> dict:
+    shards = [{"name": p.name, "samples": len(shard_keys(p))} for p in sorted(Path(stage_dir).glob("*.tar"))]
+    all_keys = Counter(k for p in sorted(Path(stage_dir).glob("*.tar")) for k in shard_keys(p))
+    duplicates = sorted(k for k, n in all_keys.items() if n > 1)
+    if duplicates:
+        raise SchemaError(f"{stage_dir}: keys written more than once: {duplicates[:10]}")
+    manifest = {"stage": stage, "shards": shards, "num_samples": sum(all_keys.values()),
+                "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    write_json_atomic(Path(stage_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(run: RunDir, stage: str) -> dict:
+    path = run.manifest(stage)
+    if not path.is_file():
+        raise StageNotReady(f"{stage} has not completed in {run.path} (no {path}); "
+                            f"run {PRODUCER.get(stage, stage)} --run_dir {run.path} first")
+    return json.loads(path.read_text())
+
+
+def shard_paths(run: RunDir, stage: str) -> list[str]:
+    manifest = read_manifest(run, stage)
+    paths = [str(run.stage(stage) / s["name"]) for s in manifest["shards"]]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise SchemaError(f"{run.manifest(stage)} lists shard {p}, which is missing")
+    return paths
+
+
+# ---------------------------------------------------------------- reading
+
+
+NOT_LOADED = object()  # a field present in the shard but not read (see `fields`)
+
+
+def iter_shard(path: str, fields: Iterable[str] | None = None) -> Iterator[dict]:
+    """Samples of one shard, decoded; a sample's files must be contiguous, as WebDataset requires.
+
+    With `fields`, only those are read; the others are marked NOT_LOADED (their presence still counts).
+    """
+    current: dict | None = None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, field = member.name.partition(".")
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": path}
+            if fields is None or field in fields:
+                current[field] = decode_field(field, tar.extractfile(member).read())
+            else:
+                current[field] = NOT_LOADED
+    if current is not None:
+        yield current
+
+
+def iter_samples(run: RunDir, stage: str, fields: Iterable[str] | None = None) -> Iterator[dict]:
+    """Every sample of a completed stage, validated against the stage's schema."""
+    for path in shard_paths(run, stage):
+        for sample in iter_shard(path, fields):
+            yield validate(sample, stage)
+
+
+def index_json(run: RunDir, stage: str, fields: Iterable[str] | None = ("json",)) -> dict[str, dict]:
+    """key -> json record of a stage, reading no other field's content."""
+    return {s["__key__"]: s["json"] for s in iter_samples(run, stage, fields)}

@@ -1,0 +1,46 @@
+# Sourced by slurm/*.sh. Settings (environment variables):
+#   PRESET          config preset name or TOML path (default: tiny)
+#   RUN_DIR         run directory (default: runs/demo)
+#   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
+#   NPROC_PER_NODE  processes per node (default: GPUs on the node, or 1 without GPUs)
+#   MASTER_PORT     rendezvous port (default: derived from the job id)
+# Under sbatch, processes start with srun: one torchrun per task (one task per node), joined by a
+# c10d rendezvous on the first host of the allocation. Run with plain bash, everything runs here.
+set -euo pipefail
+cd "$REPO"
+PRESET=${PRESET:-tiny}
+RUN_DIR=${RUN_DIR:-runs/demo}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
+export PYTHONUNBUFFERED=1
+
+gpus_here() {
+  local n=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}
+  n=${n##*:}  # "gpu:8" -> 8
+  if [ -z "$n" ]; then n=$(nvidia-smi -L 2>/dev/null | wc -l || echo 0); fi
+  echo "${n:-0}"
+}
+
+# launch SCRIPT [ARGS...]: the stage script on every process of the job (or of this machine).
+launch() {
+  local script=$1; shift
+  local nproc=${NPROC_PER_NODE:-$(gpus_here)}
+  [ "$nproc" -ge 1 ] 2>/dev/null || nproc=1
+  local args=(--run_dir="$RUN_DIR" --config="$PRESET" "$@")
+  if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
+    local nodes=${SLURM_NTASKS:-${SLURM_NNODES:-1}}
+    export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    echo "launch: job $SLURM_JOB_ID, $nodes torchrun agents x $nproc processes, rendezvous $MASTER_ADDR:$MASTER_PORT"
+    srun --kill-on-bad-exit=1 --ntasks="$nodes" \
+      "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$nproc" \
+        --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
+        "$script" "${args[@]}"
+  elif [ "$nproc" -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$script" "${args[@]}"
+  else
+    "$PYTHON" "$script" "${args[@]}"
+  fi
+}

@@ -1,0 +1,27 @@
+#!/bin/bash
+# The whole pipeline: submits stage1 -> stage2 -> stage3 -> stage4 -> eval chained with
+# --dependency=afterok, or, where there is no sbatch or LOCAL=1, runs them here one after another.
+#   PRESET=configs/my-wan.toml RUN_DIR=/scratch/gv/run1 bash slurm/pipeline.sh
+#   SBATCH_ARGS="--partition=gpu --account=me" bash slurm/pipeline.sh     (extra sbatch options, every stage)
+#   LOCAL=1 PRESET=tiny RUN_DIR=runs/demo bash slurm/pipeline.sh          (what `make demo` runs)
+# Per-stage flags belong in the preset file (e.g. model.path, score.judge_path); see README.md.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+export PRESET=${PRESET:-tiny} RUN_DIR=${RUN_DIR:-runs/demo}
+stages=(stage1 stage2 stage3 stage4 eval)
+
+if [ -z "${LOCAL:-}" ] && command -v sbatch >/dev/null; then
+  dependency=()
+  for stage in "${stages[@]}"; do
+    # shellcheck disable=SC2086  # SBATCH_ARGS is a list of options
+    id=$(sbatch --parsable ${SBATCH_ARGS:-} "${dependency[@]}" "slurm/$stage.sh")
+    echo "$stage: job ${id%%;*}"
+    dependency=(--dependency="afterok:${id%%;*}" --kill-on-invalid-dep=yes)
+  done
+else
+  for stage in "${stages[@]}"; do
+    echo "=== $stage ($PRESET -> $RUN_DIR)"
+    bash "slurm/$stage.sh"
+  done
+fi
