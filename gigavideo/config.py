@@ -36,7 +36,7 @@ class Section(dict):
 def resolve_preset(config: str) -> Path:
     """`tiny` or `configs/tiny.toml` or any path to a TOML file."""
     path = Path(config)
-    if not path.suffix:
+    if not path.is_file():
         path = PRESETS_DIR / f"{config}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))

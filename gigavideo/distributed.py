@@ -29,3 +29,16 @@ def device_for_rank():
         torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
+
+
+def single_process_defaults() -> None:
+    """Let `python train.py` run without torchrun: a world of one on a free local port."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})

@@ -164,7 +164,7 @@ class ShardWriter:
             self._path = self.dir / f"{self.prefix}-{self.next_index:05d}.tar"
             self._tar = tarfile.open(str(self._path) + ".tmp", "w")
         now = time.time()
-        for name, value in sample.items():
+        for name, value in sorted(sample.items()):
             if name.startswith("__"):
                 continue
             data = encode_field(name, value)

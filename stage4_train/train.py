@@ -31,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from gigavideo import checkpoint  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
+from gigavideo.distributed import single_process_defaults  # noqa: E402
 from gigavideo.data import training_loader, training_weights  # noqa: E402
 from gigavideo.ds_config import build_ds_config  # noqa: E402
 from gigavideo.export import export_pipeline  # noqa: E402
@@ -72,6 +73,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
       overwrite: start over (removes RUN_DIR/stage4) instead of resuming.
       **overrides: any key of the [train] or [model] table, e.g. --lr=1e-6 --weight_mapping=normalized
     """
+    single_process_defaults()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     started = start_stage("stage4", "train", run_dir, config, overwrite, overrides)
     if started is None:
@@ -161,6 +163,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         export_pipeline(engine.module, base, run.export)
         writer.close()
         write_manifest(run.stage("stage4"), "stage4", {"steps": step, "final_loss": loss, "world_size": world,
+                                                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                                                        "export": str(run.export), "data": data_stats,
                                                        "config": dict(tc)})
         log.info("stage4 complete: exported %s", run.export)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real stage scripts run as subprocesses on the tiny preset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/render.py",
+           "stage3": "stage3_score/score.py", "stage4": "stage4_train/train.py", "eval": "eval/evaluate.py"}
+# Small enough for seconds per stage, large enough for several shards per stage.
+SMALL = {"stage1": ["--per_dimension=3", "--real_captions=procedural:3"], "stage2": [], "stage3": [],
+         "stage4": ["--max_steps=4", "--save_every=2"], "eval": ["--prompts_per_dimension=2"]}
+
+
+def run_stage(stage: str, run_dir: Path, *args: str, check: bool = True, env: dict | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / SCRIPTS[stage]), f"--run_dir={run_dir}", *SMALL[stage], *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
+        full_env.pop(var, None)
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{stage} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def scored_run(tmp_path_factory) -> Path:
+    """A run directory with stages 1-3 complete (built once per test session; copy before changing it)."""
+    run_dir = tmp_path_factory.mktemp("scored") / "run"
+    for stage in ("stage1", "stage2", "stage3"):
+        run_stage(stage, run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def scored_copy(scored_run, tmp_path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(scored_run, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def trained_run(scored_run, tmp_path_factory) -> Path:
+    """Stages 1-4 and eval complete."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(scored_run, run_dir)
+    run_stage("stage4", run_dir)
+    run_stage("eval", run_dir)
+    return run_dir

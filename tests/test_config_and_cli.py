@@ -1,0 +1,40 @@
+"""Presets and flags: overrides land in the right section, mistakes are errors, --help lists the keys."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SCRIPTS
+from gigavideo.config import ConfigError, load_config
+
+
+def test_flag_overrides_its_stage_section_then_model_with_types_kept():
+    cfg = load_config("tiny", "render", {"steps": "8", "dtype": "bfloat16", "train.lr": 0.5, "model_path": "/m"})
+    assert cfg.render.steps == 8 and isinstance(cfg.render.steps, int)
+    assert cfg.model.dtype == "bfloat16" and cfg.train.lr == 0.5 and cfg.model.path == "/m"
+
+
+def test_unknown_flag_and_unknown_preset_are_errors():
+    with pytest.raises(ConfigError, match="--stepz"):
+        load_config("tiny", "render", {"stepz": 3})
+    with pytest.raises(ConfigError, match="presets:.*tiny"):
+        load_config("nonexistent", "render")
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config("tiny", "render", {"steps": "many"})
+
+
+def test_paper_preset_is_the_paper_setting():
+    cfg = load_config("wan2.1-t2v-1.3b", "train")
+    assert (cfg.render.width, cfg.render.height, cfg.render.num_frames, cfg.render.fps) == (832, 480, 81, 16)
+    assert cfg.train.lr == 1e-6 and cfg.train.micro_batch_size * cfg.train.grad_accum == 4
+    assert cfg.model.tiny is False
+
+
+@pytest.mark.parametrize("stage", sorted(SCRIPTS))
+def test_every_script_has_a_useful_help(stage):
+    out = subprocess.run([sys.executable, str(REPO / SCRIPTS[stage]), "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--run_dir" in out.stdout and "--model_path" not in out.stderr
+    assert "[model] keys" in out.stdout and "--dtype=" in out.stdout

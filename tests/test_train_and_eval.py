@@ -1,0 +1,82 @@
+"""Stage 4 with DeepSpeed and the eval, on the tiny preset."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gigavideo.ds_config import build_ds_config
+from gigavideo.schema import RunDir, read_manifest
+
+
+def test_training_exports_a_pipeline_that_stock_diffusers_loads(trained_run):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    run = RunDir(trained_run)
+    pipe = WanPipeline.from_pretrained(run.export)
+    base = WanTransformer3DModel.from_pretrained(run.models / "base" / "transformer")
+    changed = [n for (n, p), (_, q) in zip(pipe.transformer.named_parameters(), base.named_parameters())
+               if not torch.equal(p, q)]
+    assert len(changed) > 10  # training moved the weights
+    video = pipe("a red square", num_frames=5, height=32, width=32, num_inference_steps=2, output_type="np").frames
+    assert video.shape == (1, 5, 32, 32, 3)
+    manifest = read_manifest(run, "stage4")
+    assert manifest["steps"] == 4 and manifest["data"]["scored"] == 9 and manifest["data"]["real"] == 3
+
+
+def test_training_logs_tensorboard_scalars_and_keeps_the_last_checkpoints(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunDir(trained_run)
+    events = EventAccumulator(str(run.tensorboard))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4] and all(e.value > 0 for e in losses)
+    assert {"train/fm_loss_synthetic", "train/lr", "train/mean_reward_weight"} <= set(events.Tags()["scalars"])
+    tags = sorted(p.name for p in run.checkpoints.glob("step*"))
+    assert tags == ["step0000002", "step0000004"]
+    assert (run.checkpoints / "latest").read_text().strip() == "step0000004"
+
+
+def test_checkpoints_convert_with_zero_to_fp32(trained_run, tmp_path):
+    run = RunDir(trained_run)
+    out = tmp_path / "fp32"
+    proc = subprocess.run([sys.executable, str(run.checkpoints / "zero_to_fp32.py"), str(run.checkpoints), str(out),
+                           "--safe_serialization"], capture_output=True, text=True, env={"DS_ACCELERATOR": "cpu",
+                                                                                        "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    state = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    from diffusers import WanTransformer3DModel
+
+    exported = WanTransformer3DModel.from_pretrained(run.export / "transformer").state_dict()
+    assert set(state) == set(exported)
+    for name, value in exported.items():
+        torch.testing.assert_close(state[name], value)
+
+
+def test_eval_report_compares_baseline_and_finetuned_per_dimension(trained_run):
+    run = RunDir(trained_run)
+    report = json.loads((run.eval / "report.json").read_text())
+    assert set(report["dimensions"]) == {"human_anatomy", "mechanics", "camera_motion"}
+    for result in report["dimensions"].values():
+        assert result["n"] == 2 and result["ci_low"] <= result["difference"] <= result["ci_high"]
+    assert report["protocol"]["steps"] == 4 and report["protocol"]["num_frames"] == 9
+    for item in report["prompts"]:
+        for model in ("baseline", "finetuned"):
+            assert (run.eval / "videos" / model / item["dimension"] / f"{item['prompt'][:180]}-0.mp4").is_file()
+    assert "| human_anatomy | 2 |" in (run.eval / "report.md").read_text()
+
+
+def test_inconsistent_deepspeed_batch_sizes_fail_before_any_compute(tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_batch_size": 99, "zero_optimization": {"stage": 2}}))
+    train = {"ds_config": str(config), "micro_batch_size": 2, "grad_accum": 3, "precision": "fp32"}
+    with pytest.raises(ValueError, match=r"ds\.json: train_batch_size=99 but the flags give 12"):
+        build_ds_config(train, world_size=2)
+    filled = build_ds_config(train | {"ds_config": "ds_configs/zero2.json"}, world_size=2)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["train_batch_size"], filled["bf16"]["enabled"]) == (2, 3, 12, False)
