@@ -19,11 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
+from gigavideo.distributed import rank_and_world  # noqa: E402
 from gigavideo.judge import load_judge  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension, template_prompts  # noqa: E402
 from gigavideo.rendering import Renderer, seed_for  # noqa: E402
-from gigavideo.schema import index_json, read_manifest, write_json_atomic  # noqa: E402
+from gigavideo.schema import index_json, rank_parts, read_manifest, write_json_atomic  # noqa: E402
 from gigavideo.stats import paired_bootstrap  # noqa: E402
 from gigavideo.video import encode_mp4  # noqa: E402
 
@@ -46,6 +47,7 @@ def video_name(prompt: str, index: int) -> str:
 
 
 def render_and_score(label, renderer, items, cfg, judge, out_dir) -> list[float]:
+    """One score per (prompt, sample index), in that order; the mp4s go to VBench-2.0's layout."""
     scores = []
     for item in tqdm(items, desc=f"eval {label}", unit="prompt"):
         for index in range(cfg.eval.samples_per_prompt):
@@ -56,6 +58,22 @@ def render_and_score(label, renderer, items, cfg, judge, out_dir) -> list[float]
             path.write_bytes(encode_mp4(result["frames"], cfg.render.fps))
             scores.append(judge.score(result["frames"], item["question"])[0])
     return scores
+
+
+def build_report(cfg, parts: list[dict], judge_name: str) -> dict:
+    videos = sorted((v for part in parts for v in part["videos"]), key=lambda v: (v["dimension"], v["prompt"], v["index"]))
+    settings = parts[0]["settings"]
+    protocol = {"samples_per_prompt": cfg.eval.samples_per_prompt, "prompt_seed": cfg.eval.seed,
+                "video_seed": "sha256(eval seed, dimension, index, prompt)", "level": 0.95, **settings}
+    report = {"judge": judge_name, "protocol": protocol, "dimensions": {},
+              "prompts": sorted({(v["dimension"], v["prompt"], v["question"]) for v in videos})}
+    report["prompts"] = [dict(zip(("dimension", "prompt", "question"), p)) for p in report["prompts"]]
+    for name in cfg.eval.dimensions:
+        mine = [v for v in videos if v["dimension"] == name]
+        if mine:
+            report["dimensions"][name] = paired_bootstrap([v["baseline"] for v in mine], [v["finetuned"] for v in mine],
+                                                          cfg.eval.bootstrap_samples, cfg.eval.seed)
+    return report
 
 
 def write_markdown(path: Path, report: dict) -> None:
@@ -89,27 +107,26 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     items = held_out_prompts(cfg, training_prompts)
     judge = load_judge(cfg.score, run, device)
     base = base_model_path(cfg.model, run)
+    rank, world = rank_and_world()
+    mine = items[rank::world]
     scores, settings = {}, {}
     for label, path in (("baseline", base), ("finetuned", run.export)):
         renderer = Renderer(load_pipeline(path, cfg.model.dtype, device), cfg.render, cfg.model.max_sequence_length,
                             device)
         settings[label] = renderer.settings()
-        scores[label] = render_and_score(label, renderer, items, cfg, judge, run.eval / "videos")
+        scores[label] = render_and_score(label, renderer, mine, cfg, judge, run.eval / "videos")
         del renderer
     if settings["baseline"] != settings["finetuned"]:
         raise ValueError(f"baseline and fine-tuned render settings differ: {settings}")
-    per_video_dims = [i["dimension"] for i in items for _ in range(cfg.eval.samples_per_prompt)]
-    protocol = {"samples_per_prompt": cfg.eval.samples_per_prompt, "prompt_seed": cfg.eval.seed,
-                "video_seed": "sha256(eval seed, dimension, index, prompt)", "level": 0.95,
-                "baseline": str(base), "finetuned": str(run.export), **settings["baseline"]}
-    report = {"judge": judge.name, "protocol": protocol, "dimensions": {},
-              "prompts": [{"dimension": i["dimension"], "prompt": i["prompt"], "question": i["question"]} for i in items]}
-    for name in cfg.eval.dimensions:
-        idx = [j for j, d in enumerate(per_video_dims) if d == name]
-        if idx:
-            report["dimensions"][name] = paired_bootstrap([scores["baseline"][j] for j in idx],
-                                                          [scores["finetuned"][j] for j in idx],
-                                                          cfg.eval.bootstrap_samples, cfg.eval.seed)
+    per_video = [item | {"index": i} for item in mine for i in range(cfg.eval.samples_per_prompt)]
+    videos = [{"dimension": v["dimension"], "prompt": v["prompt"], "question": v["question"], "index": v["index"],
+               "baseline": b, "finetuned": f} for v, b, f in zip(per_video, scores["baseline"], scores["finetuned"])]
+    info = {"settings": settings["baseline"] | {"baseline": str(base), "finetuned": str(run.export)},
+            "videos": videos}
+    parts = rank_parts(run.eval, rank, world, info)
+    if parts is None:
+        return  # another rank completes the report
+    report = build_report(cfg, parts, judge.name)
     write_json_atomic(run.eval / "report.json", report)
     write_markdown(run.eval / "report.md", report)
     from torch.utils.tensorboard import SummaryWriter
@@ -118,7 +135,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         for name, r in report["dimensions"].items():
             for label in ("baseline", "finetuned", "difference"):
                 writer.add_scalar(f"eval/{name}/{label}", r[label], 0)
-    write_json_atomic(run.manifest("eval"), {"stage": "eval", "report": str(run.eval / "report.json")})
+    write_json_atomic(run.manifest("eval"), {"stage": "eval", "report": str(run.eval / "report.json"),
+                                             "world_size": world})
     log.info("eval report: %s\n%s", run.eval / "report.md", (run.eval / "report.md").read_text())
 
 

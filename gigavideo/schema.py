@@ -227,18 +227,26 @@ def completed_keys(stage_dir: Path) -> set[str]:
     return done
 
 
+def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[dict] | None:
+    """Record this rank's result; return every rank's result once all ranks have recorded theirs.
+
+    No collective is needed: the last rank to finish sees all parts and completes the stage.
+    """
+    parts = Path(stage_dir) / "_parts"
+    write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", info)
+    done = sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))
+    return [json.loads(p.read_text()) for p in done] if len(done) == world_size else None
+
+
 def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: dict) -> bool:
     """Record this rank as done; the rank that finds all ranks done writes the manifest.
 
     Returns True when the manifest was written (the stage is complete).
     """
-    stage_dir = Path(stage_dir)
-    parts = stage_dir / "_parts"
-    write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", info)
-    done = sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))
-    if len(done) < world_size:
+    parts = rank_parts(stage_dir, rank, world_size, info)
+    if parts is None:
         return False
-    failures = [f for p in done for f in json.loads(p.read_text()).get("failures", [])]
+    failures = [f for part in parts for f in part.get("failures", [])]
     write_manifest(stage_dir, stage, {**info, "failures": failures, "world_size": world_size})
     return True
 
