@@ -89,14 +89,7 @@ def write_markdown(path: Path, report: dict) -> None:
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Compare the base model with RUN_DIR/stage4/export on held-out prompts; write RUN_DIR/eval/report.*.
-
-    Args:
-      run_dir: the run directory shared by all stages.
-      config: preset name in configs/ or a TOML path.
-      overwrite: redo the eval even if its report exists.
-      **overrides: any key of the [eval] or [model] table, e.g. --prompts_per_dimension=50
-    """
+    """Compare the base model with RUN_DIR/stage4/export on held-out prompts into RUN_DIR/eval (e.g. --prompts_per_dimension=50)."""
     started = start_stage("eval", "eval", run_dir, config, overwrite, overrides)
     if started is None:
         return

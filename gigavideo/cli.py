@@ -61,6 +61,10 @@ def print_help(main, section: str) -> None:
     print((script.__doc__ or "").strip(), "\n")
     print(f"usage: python {sys.argv[0]} --run_dir=DIR [--config=PRESET] [--overwrite] [--KEY=VALUE ...]\n")
     print((main.__doc__ or "").strip(), "\n")
+    print("  --run_dir=DIR     the run directory shared by all stages (default runs/demo)")
+    print("  --config=PRESET   a preset name in configs/ or a TOML file (default tiny)")
+    print("  --overwrite       redo the stage even if it is complete (stage 4: start over, not resume)")
+    print("  --KEY=VALUE       any key below; --SECTION.KEY=VALUE or --model_KEY=VALUE names the section\n")
     cfg = load_config("tiny", section)
     for table in (section, "model"):
         print(f"[{table}] keys (tiny preset values; see configs/*.toml for the comments):")

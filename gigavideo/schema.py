@@ -205,12 +205,26 @@ def write_json_atomic(path: Path, obj) -> None:
 # ---------------------------------------------------------------- resume and manifests
 
 
-def discard_partial_shards(stage_dir: Path) -> list[Path]:
-    """Remove `.tmp` shards left by a killed run; their samples are redone."""
-    removed = sorted(Path(stage_dir).glob("*.tar.tmp"))
+def discard_partial_shards(stage_dir: Path, prefix: str = "") -> list[Path]:
+    """Remove `.tmp` shards (of one writer prefix) left by a killed run; their samples are redone."""
+    removed = sorted(Path(stage_dir).glob(f"{prefix}*.tar.tmp"))
     for path in removed:
-        path.unlink()
+        path.unlink(missing_ok=True)
     return removed
+
+
+def rank_prefix(rank: int) -> str:
+    return f"r{rank:05d}"
+
+
+def resume_rank(stage_dir: Path, rank: int) -> set[str]:
+    """Start or resume one rank: drop its partial shards; return the keys already written by any rank.
+
+    A rank touches only its own `.tmp` files, since other ranks may be writing theirs right now.
+    """
+    Path(stage_dir).mkdir(parents=True, exist_ok=True)
+    discard_partial_shards(stage_dir, rank_prefix(rank))
+    return completed_keys(stage_dir)
 
 
 def shard_keys(path: Path) -> list[str]:
@@ -247,6 +261,7 @@ def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: d
     if parts is None:
         return False
     failures = [f for part in parts for f in part.get("failures", [])]
+    discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
     write_manifest(stage_dir, stage, {**info, "failures": failures, "world_size": world_size})
     return True
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gigavideo.cli import run_cli, start_stage  # noqa: E402
 from gigavideo.procedural import make_clip  # noqa: E402
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension, template_prompts  # noqa: E402
-from gigavideo.schema import ShardWriter, discard_partial_shards, write_manifest  # noqa: E402
+from gigavideo.schema import ShardWriter, write_manifest  # noqa: E402
 from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage1")
@@ -76,14 +76,7 @@ def real_samples(cfg, failures: list):
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1.
-
-    Args:
-      run_dir: the run directory shared by all stages.
-      config: preset name in configs/ or a TOML path.
-      overwrite: redo the stage even if its manifest exists.
-      **overrides: any key of the [prompts] or [model] table, e.g. --per_dimension=100 --real_captions=pairs.jsonl
-    """
+    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1 (e.g. --per_dimension=100 --real_captions=pairs.jsonl)."""
     started = start_stage("stage1", "prompts", run_dir, config, overwrite, overrides)
     if started is None:
         return
@@ -91,8 +84,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     if cfg.prompts.engine != "template":
         raise ValueError(f"prompt engine {cfg.prompts.engine!r} is not available yet; use 'template'")
     # Stage 1 is cheap and deterministic: a rerun redoes it whole rather than resuming.
-    for stale in list(run.stage("stage1").glob("*.tar")) + discard_partial_shards(run.stage("stage1")):
-        stale.unlink(missing_ok=True)
+    for stale in run.stage("stage1").glob("*.tar*"):
+        stale.unlink()
     failures: list = []
     counts: dict = {}
     with ShardWriter(run.stage("stage1"), "stage1", "prompts", cfg.prompts.samples_per_shard) as writer:

@@ -22,8 +22,8 @@ from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
 from gigavideo.rendering import Renderer, seed_for  # noqa: E402
-from gigavideo.schema import (ShardWriter, completed_keys, discard_partial_shards, finish_rank,  # noqa: E402
-                              iter_samples, read_manifest)
+from gigavideo.schema import (ShardWriter, finish_rank, iter_samples, rank_prefix, read_manifest,  # noqa: E402
+                              resume_rank)
 from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage2")
@@ -35,14 +35,7 @@ def batches(items, size):
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Render every stage-1 prompt with the frozen base model into RUN_DIR/stage2.
-
-    Args:
-      run_dir: the run directory shared by all stages.
-      config: preset name in configs/ or a TOML path.
-      overwrite: redo the stage even if its manifest exists.
-      **overrides: any key of the [render] or [model] table, e.g. --steps=50 --model_path=/models/wan
-    """
+    """Render every stage-1 prompt with the frozen base model into RUN_DIR/stage2 (e.g. --steps=50 --model_path=/models/wan)."""
     started = start_stage("stage2", "render", run_dir, config, overwrite, overrides)
     if started is None:
         return
@@ -51,12 +44,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     read_manifest(run, "stage1")  # a clear error if stage 1 has not run
     model_path = base_model_path(cfg.model, run)  # a missing model is an error before any work
     out = run.stage("stage2")
-    if rank == 0:
-        discard_partial_shards(out)
-    else:
-        for stale in out.glob(f"r{rank:05d}-*.tar.tmp"):
-            stale.unlink()
-    done = completed_keys(out)
+    done = resume_rank(out, rank)
     samples = {s["__key__"]: s for s in iter_samples(run, "stage1")}
     todo = [k for k in my_slice(list(samples), rank, world) if k not in done]
     log.info("stage2: %d samples in stage1, %d for this rank still to render", len(samples), len(todo))
@@ -70,7 +58,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     synthetic = [k for k in todo if samples[k]["json"]["source"] == "synthetic"]
     real = [k for k in todo if samples[k]["json"]["source"] == "real"]
     progress = tqdm(total=len(todo), desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
-    with ShardWriter(out, "stage2", f"r{rank:05d}", cfg.render.samples_per_shard) as writer:
+    with ShardWriter(out, "stage2", rank_prefix(rank), cfg.render.samples_per_shard) as writer:
         for keys in batches(synthetic, int(cfg.render.batch_size)):
             prompts = [samples[k]["json"]["prompt"] for k in keys]
             seeds = [seed_for(k, cfg.render.seed) for k in keys]

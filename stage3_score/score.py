@@ -19,8 +19,8 @@ from tqdm import tqdm  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
 from gigavideo.judge import load_judge  # noqa: E402
-from gigavideo.schema import (ShardWriter, completed_keys, discard_partial_shards, finish_rank,  # noqa: E402
-                              index_json, iter_samples, write_json_atomic)
+from gigavideo.schema import (ShardWriter, finish_rank, index_json, iter_samples, rank_prefix,  # noqa: E402
+                              resume_rank, write_json_atomic)
 from gigavideo.video import VideoError, decode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage3")
@@ -58,14 +58,7 @@ def summarize(run) -> dict:
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Score every synthetic stage-2 video with the judge into RUN_DIR/stage3.
-
-    Args:
-      run_dir: the run directory shared by all stages.
-      config: preset name in configs/ or a TOML path.
-      overwrite: redo the stage even if its manifest exists.
-      **overrides: any key of the [score] or [model] table, e.g. --judge_path=/models/llava --num_frames=16
-    """
+    """Score every synthetic stage-2 video with the judge into RUN_DIR/stage3 (e.g. --judge_path=/models/llava --num_frames=16)."""
     started = start_stage("stage3", "score", run_dir, config, overwrite, overrides)
     if started is None:
         return
@@ -74,13 +67,11 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     out = run.stage("stage3")
     videos = {k: m for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic"}
     judge = load_judge(cfg.score, run, pick_device(cfg.model.device))  # a missing judge fails before any work
-    if rank == 0:
-        discard_partial_shards(out)
-    done = completed_keys(out)
+    done = resume_rank(out, rank)
     mine = set(k for k in my_slice(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
     failures = []
-    with ShardWriter(out, "stage3", f"r{rank:05d}", cfg.score.samples_per_shard) as writer, \
+    with ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer, \
             tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress:
         for sample in iter_samples(run, "stage2"):
             if sample["__key__"] not in mine:

@@ -65,14 +65,7 @@ def mean_over_ranks(values: list[float]) -> list[float]:
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Fine-tune the base model on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards.
-
-    Args:
-      run_dir: the run directory shared by all stages.
-      config: preset name in configs/ or a TOML path.
-      overwrite: start over (removes RUN_DIR/stage4) instead of resuming.
-      **overrides: any key of the [train] or [model] table, e.g. --lr=1e-6 --weight_mapping=normalized
-    """
+    """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes (e.g. --lr=1e-6 --weight_mapping=normalized)."""
     single_process_defaults()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     started = start_stage("stage4", "train", run_dir, config, overwrite, overrides)

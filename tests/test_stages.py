@@ -57,6 +57,7 @@ def test_stage2_killed_midway_finishes_with_every_sample_exactly_once(scored_cop
     for path in lost:
         path.unlink()
     (run.stage("stage2") / "r00000-00099.tar.tmp").write_bytes(b"half a tar")
+    (run.stage("stage2") / "r00003-00000.tar.tmp").write_bytes(b"from an older run with 4 ranks")
     run_stage("stage2", scored_copy)
     assert [p.stat().st_mtime_ns for p in kept] == kept_mtimes  # finished work is not redone
     assert not list(run.stage("stage2").glob("*.tmp"))
