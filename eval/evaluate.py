@@ -20,7 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import rank_and_world  # noqa: E402
-from gigavideo.judge import load_judge  # noqa: E402
+from gigavideo.judge import judge_path, load_judge  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension, template_prompts  # noqa: E402
 from gigavideo.rendering import Renderer, seed_for  # noqa: E402
@@ -88,18 +88,23 @@ def write_markdown(path: Path, report: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def preflight(cfg, run):
+    """The export, the judge and the base model must exist before any work (or any --overwrite)."""
+    read_manifest(run, "stage4")
+    judge_path(cfg.score, run)
+    return base_model_path(cfg.model, run)
+
+
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
     """Compare the base model with RUN_DIR/stage4/export on held-out prompts into RUN_DIR/eval (e.g. --prompts_per_dimension=50)."""
-    started = start_stage("eval", "eval", run_dir, config, overwrite, overrides)
+    started = start_stage("eval", "eval", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run = started
-    read_manifest(run, "stage4")
+    cfg, run, base = started
     device = pick_device(cfg.model.device)
     training_prompts = {m["prompt"] for m in index_json(run, "stage1").values()}
     items = held_out_prompts(cfg, training_prompts)
     judge = load_judge(cfg.score, run, device)
-    base = base_model_path(cfg.model, run)
     rank, world = rank_and_world()
     mine = items[rank::world]
     scores, settings = {}, {}

@@ -22,9 +22,13 @@ def setup_logging() -> None:
                         format=f"%(asctime)s {prefix}%(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def start_stage(stage: str, section: str, run_dir: str, config: str, overwrite: bool,
-                overrides: dict) -> tuple[Section, RunDir] | None:
-    """Load the config; return None when the stage is already complete (and not --overwrite)."""
+def start_stage(stage: str, section: str, run_dir: str, config: str, overwrite: bool, overrides: dict,
+                preflight=None) -> tuple[Section, RunDir, object] | None:
+    """Load the config; return None when the stage is already complete (and not --overwrite).
+
+    `preflight(cfg, run)` checks the inputs (previous stage, model paths) and returns what it
+    resolved; it runs before --overwrite removes anything, so a bad input loses no data.
+    """
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: weights come from local paths
     cfg = load_config(config, section, overrides)
@@ -33,12 +37,13 @@ def start_stage(stage: str, section: str, run_dir: str, config: str, overwrite: 
         log.info("%s already complete in %s (%s exists); skipping. Pass --overwrite to redo it.",
                  stage, run.path, run.manifest(stage))
         return None
+    checked = preflight(cfg, run) if preflight else None
     if overwrite:
         _clear_stage(run, stage)
     run.stage(stage).mkdir(parents=True, exist_ok=True)
     log.info("%s: run dir %s, preset %s", stage, run.path, cfg.preset)
     log.debug("config:\n%s", to_json(cfg))
-    return cfg, run
+    return cfg, run, checked
 
 
 def _clear_stage(run: RunDir, stage: str) -> None:

@@ -75,14 +75,22 @@ def real_samples(cfg, failures: list):
                         "lineage": {"video": origin}, "generator": {"engine": "real_captions"}}}
 
 
-def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1 (e.g. --per_dimension=100 --real_captions=pairs.jsonl)."""
-    started = start_stage("stage1", "prompts", run_dir, config, overwrite, overrides)
-    if started is None:
-        return
-    cfg, run = started
+def preflight(cfg, run) -> None:
     if cfg.prompts.engine != "template":
         raise ValueError(f"prompt engine {cfg.prompts.engine!r} is not available yet; use 'template'")
+    for name in cfg.prompts.dimensions:
+        load_dimension(name, cfg.prompts.dimensions_dir or DIMENSIONS_DIR)
+    spec = cfg.prompts.real_captions
+    if spec and not spec.startswith("procedural:") and not Path(spec).is_file():
+        raise FileNotFoundError(f"real captions file {spec} not found (expected JSONL or CSV with caption, video)")
+
+
+def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
+    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1 (e.g. --per_dimension=100 --real_captions=pairs.jsonl)."""
+    started = start_stage("stage1", "prompts", run_dir, config, overwrite, overrides, preflight)
+    if started is None:
+        return
+    cfg, run, _ = started
     # Stage 1 is cheap and deterministic: a rerun redoes it whole rather than resuming.
     for stale in run.stage("stage1").glob("*.tar*"):
         stale.unlink()

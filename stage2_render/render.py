@@ -34,15 +34,19 @@ def batches(items, size):
         yield items[i:i + size]
 
 
+def preflight(cfg, run):
+    """Stage 1's output and the base model must exist before any work (or any --overwrite)."""
+    read_manifest(run, "stage1")
+    return base_model_path(cfg.model, run)
+
+
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
     """Render every stage-1 prompt with the frozen base model into RUN_DIR/stage2 (e.g. --steps=50 --model_path=/models/wan)."""
-    started = start_stage("stage2", "render", run_dir, config, overwrite, overrides)
+    started = start_stage("stage2", "render", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run = started
+    cfg, run, model_path = started
     rank, world = rank_and_world()
-    read_manifest(run, "stage1")  # a clear error if stage 1 has not run
-    model_path = base_model_path(cfg.model, run)  # a missing model is an error before any work
     out = run.stage("stage2")
     done = resume_rank(out, rank)
     samples = {s["__key__"]: s for s in iter_samples(run, "stage1")}

@@ -18,9 +18,9 @@ from tqdm import tqdm  # noqa: E402
 
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
-from gigavideo.judge import load_judge  # noqa: E402
+from gigavideo.judge import judge_path, load_judge  # noqa: E402
 from gigavideo.schema import (ShardWriter, finish_rank, index_json, iter_samples, rank_prefix,  # noqa: E402
-                              resume_rank, write_json_atomic)
+                              read_manifest, resume_rank, write_json_atomic)
 from gigavideo.video import VideoError, decode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage3")
@@ -57,16 +57,22 @@ def summarize(run) -> dict:
     return summary
 
 
+def preflight(cfg, run):
+    """Stage 2's output and the judge must exist before any work (or any --overwrite)."""
+    read_manifest(run, "stage2")
+    return judge_path(cfg.score, run)
+
+
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
     """Score every synthetic stage-2 video with the judge into RUN_DIR/stage3 (e.g. --judge_path=/models/llava --num_frames=16)."""
-    started = start_stage("stage3", "score", run_dir, config, overwrite, overrides)
+    started = start_stage("stage3", "score", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run = started
+    cfg, run, _ = started
     rank, world = rank_and_world()
     out = run.stage("stage3")
     videos = {k: m for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic"}
-    judge = load_judge(cfg.score, run, pick_device(cfg.model.device))  # a missing judge fails before any work
+    judge = load_judge(cfg.score, run, pick_device(cfg.model.device))
     done = resume_rank(out, rank)
     mine = set(k for k in my_slice(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))

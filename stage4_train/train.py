@@ -64,19 +64,23 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def preflight(cfg, run):
+    """Inputs and an inconsistent DeepSpeed config fail here, before any compute (or any --overwrite)."""
+    read_manifest(run, "stage3")
+    return base_model_path(cfg.model, run), build_ds_config(cfg.train, dist.get_world_size())
+
+
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
     """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes (e.g. --lr=1e-6 --weight_mapping=normalized)."""
     single_process_defaults()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    started = start_stage("stage4", "train", run_dir, config, overwrite, overrides)
+    started = start_stage("stage4", "train", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run = started
+    cfg, run, (base, ds_config) = started
     tc = cfg.train
     rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg.model.device)
-    read_manifest(run, "stage3")
-    ds_config = build_ds_config(tc, world)  # inconsistent batch sizes fail here, before any compute
     weights, data_stats = training_weights(run, tc)
     loader = training_loader(run, tc, weights, cfg.model.max_sequence_length, world)
     if rank == 0:
@@ -84,7 +88,6 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
 
     from diffusers import WanTransformer3DModel
 
-    base = base_model_path(cfg.model, run)
     transformer = WanTransformer3DModel.from_pretrained(base / "transformer", torch_dtype=torch.float32)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

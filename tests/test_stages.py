@@ -68,12 +68,15 @@ def test_stage2_killed_midway_finishes_with_every_sample_exactly_once(scored_cop
         np.testing.assert_allclose(resumed[key], original[key], atol=1e-4)
 
 
-def test_missing_model_path_is_a_clear_error_before_any_work(scored_copy):
-    proc = run_stage("stage2", scored_copy, "--overwrite", "--model_path=/nonexistent/wan", check=False)
+def test_missing_model_path_is_a_clear_error_before_any_work(tmp_path):
+    run_stage("stage1", tmp_path)
+    proc = run_stage("stage2", tmp_path, "--model_path=/nonexistent/wan", check=False)
     assert proc.returncode == 2
     assert "Wan2.1 base model not found at /nonexistent/wan" in proc.stderr
     assert "Wan2.1-T2V-1.3B-Diffusers" in proc.stderr and "Traceback" not in proc.stderr
-    assert not list(RunDir(scored_copy).stage("stage2").glob("*.tar"))
+    assert not list(RunDir(tmp_path).stage("stage2").glob("*.tar*"))
+    proc = run_stage("stage2", tmp_path, "--config=wan2.1-t2v-1.3b", check=False)
+    assert proc.returncode == 2 and "no base model: set --model_path" in proc.stderr
 
 
 def test_a_stage_before_its_input_says_what_to_run(tmp_path):
@@ -103,3 +106,12 @@ def test_a_corrupt_video_gets_no_score_and_the_rest_are_scored(scored_copy):
     failures = read_manifest(run, "stage3")["failures"]
     assert [f["key"] for f in failures] == [victim]
     assert os.path.exists(shard)
+
+
+def test_overwrite_with_a_bad_model_path_keeps_the_previous_output(scored_copy):
+    run = RunDir(scored_copy)
+    before = sorted(p.name for p in run.stage("stage2").iterdir())
+    proc = run_stage("stage2", scored_copy, "--overwrite", "--model_path=/nonexistent/wan", check=False)
+    assert proc.returncode == 2 and "not found at /nonexistent/wan" in proc.stderr
+    assert sorted(p.name for p in run.stage("stage2").iterdir()) == before
+    assert run.is_complete("stage2")
