@@ -32,8 +32,10 @@ class Dimension:
     question: str
     scorer: str
     seeds: list[dict]
+    checks: str = ""  # what the verification question must check
     subjects: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
+    excluded: bool = False  # listed for completeness, never targeted (Diversity)
 
 
 def load_dimension(name: str, directory: str | Path = DIMENSIONS_DIR) -> Dimension:
@@ -47,8 +49,8 @@ def load_dimension(name: str, directory: str | Path = DIMENSIONS_DIR) -> Dimensi
         dim = Dimension(name=name, **raw)
     except TypeError as err:
         raise ValueError(f"{path}: {err}") from None
-    if not dim.seeds or any({"subject", "action"} - set(s) for s in dim.seeds):
-        raise ValueError(f"{path}: every seed needs a subject and an action")
+    if not dim.excluded and (len(dim.seeds) < 1 or any({"subject", "action"} - set(s) for s in dim.seeds)):
+        raise ValueError(f"{path}: a dimension needs seeds, each with a subject and an action")
     return dim
 
 
