@@ -22,7 +22,9 @@ from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import rank_and_world  # noqa: E402
 from gigavideo.judge import judge_path, load_judge  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
-from gigavideo.prompts import DIMENSIONS_DIR, load_dimension, template_prompts  # noqa: E402
+from gigavideo.llm import TemplateBackend  # noqa: E402
+from gigavideo.prompt_engine import engine_prompts  # noqa: E402
+from gigavideo.prompts import CAMERAS, LIGHTING, SETTINGS, resolve_dimensions  # noqa: E402
 from gigavideo.rendering import Renderer, seed_for  # noqa: E402
 from gigavideo.schema import index_json, rank_parts, read_manifest, write_json_atomic  # noqa: E402
 from gigavideo.stats import paired_bootstrap  # noqa: E402
@@ -32,12 +34,13 @@ log = logging.getLogger("gigavideo.eval")
 
 
 def held_out_prompts(cfg, training_prompts: set[str]) -> list[dict]:
+    """The template engine with the eval seed, minus any prompt used in training."""
+    backend = TemplateBackend(SETTINGS, CAMERAS, LIGHTING)
     items = []
-    for name in cfg.eval.dimensions:
-        dim = load_dimension(name, cfg.prompts.dimensions_dir or DIMENSIONS_DIR)
-        prompts = [p for p in template_prompts(dim, cfg.eval.prompts_per_dimension * 3, cfg.eval.seed)
+    for dim in resolve_dimensions(cfg.eval.dimensions, cfg.prompts.dimensions_dir):
+        prompts = [p for p in engine_prompts(backend, dim, cfg.eval.prompts_per_dimension * 3, cfg.eval.seed)
                    if p["prompt"] not in training_prompts][: cfg.eval.prompts_per_dimension]
-        items += [{"dimension": name, **p} for p in prompts]
+        items += [{"dimension": dim.name, "prompt": p["prompt"], "question": p["question"]} for p in prompts]
     return items
 
 
@@ -68,7 +71,7 @@ def build_report(cfg, parts: list[dict], judge_name: str) -> dict:
     report = {"judge": judge_name, "protocol": protocol, "dimensions": {},
               "prompts": sorted({(v["dimension"], v["prompt"], v["question"]) for v in videos})}
     report["prompts"] = [dict(zip(("dimension", "prompt", "question"), p)) for p in report["prompts"]]
-    for name in cfg.eval.dimensions:
+    for name in dict.fromkeys(v["dimension"] for v in videos):
         mine = [v for v in videos if v["dimension"] == name]
         if mine:
             report["dimensions"][name] = paired_bootstrap([v["baseline"] for v in mine], [v["finetuned"] for v in mine],

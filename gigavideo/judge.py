@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import check_model_dir, save_atomic, torch_dtype
+from .models import build_word_tokenizer, check_model_dir, save_atomic, torch_dtype
 from .schema import RunDir
 
 ANSWER_SUFFIX = " Answer yes or no."
@@ -27,17 +27,11 @@ _TINY_CHAT_TEMPLATE = (
 
 def build_tiny_judge(judge_cfg: dict):
     """(model, processor): a random LLaVA (tiny CLIP vision tower + tiny Qwen2) with an offline tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config)
+                              LlavaProcessor, Qwen2Config)
 
-    specials = ["<pad>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + _TINY_JUDGE_WORDS)}
-    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[2:]})
+    tokenizer = build_word_tokenizer(_TINY_JUDGE_WORDS, ["<image>", "<|im_start|>", "<|im_end|>"])
+    tokenizer.image_token = "<image>"
     size, patch = int(judge_cfg["tiny_image_size"]), int(judge_cfg["tiny_patch_size"])
     torch.manual_seed(int(judge_cfg["tiny_seed"]))
     config = LlavaConfig(
@@ -46,7 +40,7 @@ def build_tiny_judge(judge_cfg: dict):
         text_config=Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                 max_position_embeddings=1024),
-        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
     processor = LlavaProcessor(

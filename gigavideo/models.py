@@ -49,6 +49,21 @@ def build_tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def build_word_tokenizer(words: list[str], special_tokens: list[str], eos: str | None = None):
+    """A word-level fast tokenizer built offline (for tiny judges and chat models)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", *special_tokens]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + list(words)))}
+    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token=eos)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return tokenizer
+
+
 def build_tiny_pipeline(model_cfg: dict):
     """A random-initialised WanPipeline with the real architecture classes, sized for CPU."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel

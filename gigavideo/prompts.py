@@ -3,13 +3,12 @@
 A dimension is a small TOML file in `configs/dimensions/` (or any folder given by flag):
 title, description, a prompt template, a verification-question template whose "yes" means the
 video passes, seed examples ({subject, action}), and pools of subjects and actions for analogies.
-The engine follows the paper's steps: analogy from a seed -> augmentation into a full video
-prompt -> a yes/no verification question.
+The engine's steps live in `prompt_engine.py`; the offline template backend (`llm.py`) builds
+its answers from a dimension's seeds and pools and the setting/camera/lighting lists here.
 """
 
 from __future__ import annotations
 
-import random
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,33 +53,14 @@ def load_dimension(name: str, directory: str | Path = DIMENSIONS_DIR) -> Dimensi
     return dim
 
 
-def template_prompts(dim: Dimension, count: int, seed: int) -> list[dict]:
-    """Deterministic prompts for one dimension: same (dimension, count, seed), same list."""
-    rng = random.Random(f"{dim.name}:{seed}")
-    subjects = [s["subject"] for s in dim.seeds] + dim.subjects
-    actions = [s["action"] for s in dim.seeds] + dim.actions
-    out, seen = [], set()
-    attempts = 0
-    while len(out) < count and attempts < count * 50:
-        attempts += 1
-        seed_index = rng.randrange(len(dim.seeds))
-        example = dim.seeds[seed_index]
-        # Analogy: keep one half of the seed, replace the other from the dimension's pools.
-        if rng.random() < 0.5:
-            subject, action = rng.choice(subjects), example["action"]
-        else:
-            subject, action = example["subject"], rng.choice(actions)
-        core = dim.prompt.format(subject=subject, action=action)
-        # Augmentation: setting, camera and lighting make it a full video prompt.
-        setting, camera, light = rng.choice(SETTINGS), rng.choice(CAMERAS), rng.choice(LIGHTING)
-        prompt = f"{setting[0].upper()}{setting[1:]}: {core}. {camera[0].upper()}{camera[1:]}, {light}."
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        out.append({
-            "prompt": prompt,
-            "question": dim.question.format(subject=subject, action=action),
-            "lineage": {"seed_index": seed_index, "seed": example, "subject": subject, "action": action,
-                        "steps": ["analogy", "augmentation", "question"]},
-        })
-    return out
+def resolve_dimensions(names: list[str], directory: str | Path = "") -> list[Dimension]:
+    """Load the named dimensions; ["all"] is every dimension file not marked excluded."""
+    directory = Path(directory or DIMENSIONS_DIR)
+    if list(names) == ["all"]:
+        names = sorted(p.stem for p in directory.glob("*.toml"))
+        return [d for d in (load_dimension(n, directory) for n in names) if not d.excluded]
+    dims = [load_dimension(n, directory) for n in names]
+    excluded = [d.name for d in dims if d.excluded]
+    if excluded:
+        raise ValueError(f"dimensions {excluded} are excluded from targeting (see their files)")
+    return dims

@@ -19,6 +19,8 @@ written as `NAME.tar.tmp` and renamed when complete; `manifest.json` is written 
 the stage complete. Fields per stage (`*` = optional):
 
     stage1: json {prompt, dimension, source, question, lineage, generator}, real.mp4* (source=real)
+            (stage1/candidates/ holds the engine's raw output per work unit: json {dimension, unit,
+            candidates, dropped}; the final prompts are selected from it once every unit is done)
     stage2: json {prompt, dimension, source, question, seed, render, model, seconds},
             mp4 (rendered video, or the real clip at training shape for source=real),
             latents.npy (normalised VAE latents, C,T,H,W), prompt_embeds.npy (tokens, dim; unpadded)
@@ -40,11 +42,13 @@ import numpy as np
 
 STAGES = ("stage1", "stage2", "stage3")
 REQUIRED_FILES = {
+    "stage1_units": ("json",),
     "stage1": ("json",),
     "stage2": ("json", "mp4", "latents.npy", "prompt_embeds.npy"),
     "stage3": ("json",),
 }
 REQUIRED_JSON = {
+    "stage1_units": ("dimension", "unit", "candidates", "dropped"),
     "stage1": ("prompt", "dimension", "source", "question", "lineage"),
     "stage2": ("prompt", "dimension", "source", "question", "seed", "render"),
     "stage3": ("status", "reward"),
@@ -241,15 +245,34 @@ def completed_keys(stage_dir: Path) -> set[str]:
     return done
 
 
-def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[dict] | None:
-    """Record this rank's result; return every rank's result once all ranks have recorded theirs.
+def current_run_id() -> str:
+    """Identifies one launch of a stage: torchrun's run id (+ SLURM requeue count), else this process."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return f"pid{os.getpid()}-{time.time_ns()}"
+    return f"{run_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
-    No collective is needed: the last rank to finish sees all parts and completes the stage.
+
+_RUN_ID = current_run_id()
+
+
+def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[dict] | None:
+    """Record this rank's result; return every rank's result to exactly one rank once all are in.
+
+    No collective is needed, so ranks may finish hours apart: parts from an earlier launch do not
+    count, and of the ranks that see all parts, only the one that claims the finalize file gets them.
     """
     parts = Path(stage_dir) / "_parts"
-    write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", info)
-    done = sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))
-    return [json.loads(p.read_text()) for p in done] if len(done) == world_size else None
+    write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", {**info, "run_id": _RUN_ID})
+    done = [json.loads(p.read_text()) for p in sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))]
+    done = [d for d in done if d.get("run_id") == _RUN_ID]
+    if len(done) < world_size:
+        return None
+    try:
+        os.close(os.open(parts / f"finalize-{_RUN_ID}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    return done
 
 
 def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: dict) -> bool:

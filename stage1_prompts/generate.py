@@ -1,9 +1,16 @@
 #!/usr/bin/env python
 """Stage 1: the weakness-targeted prompt data engine.
 
-For each weak dimension, analogous prompts are made from the dimension's seed examples, augmented
-into full video prompts, and given a yes/no verification question. Captions of real videos are
-mixed in and keep their video, for stage 4's realism constraint. Writes RUN_DIR/stage1/.
+For each weak dimension a text backend (template grammar, local chat model, or OpenAI-compatible
+server) makes analogous prompts from the dimension's description and seed examples, augments
+each into a full video prompt, and writes a yes/no verification question. Filters drop malformed,
+too short or too long output, prompts too close to a held-out evaluation set, and near-duplicates;
+per-dimension quotas cap the rest. Captions of real videos are mixed in and keep their video,
+for stage 4's realism constraint. Writes RUN_DIR/stage1/.
+
+Work units (one analogy call and its follow-ups) are split over ranks and written to
+RUN_DIR/stage1/candidates/ as they finish, so a killed run resumes; once every unit is done, one
+rank selects the final prompts (deterministically) and writes the manifest.
 """
 
 from __future__ import annotations
@@ -11,45 +18,67 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gigavideo.cli import run_cli, start_stage  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
+from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
+from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend  # noqa: E402
+from gigavideo.models import torch_dtype  # noqa: E402
 from gigavideo.procedural import make_clip  # noqa: E402
-from gigavideo.prompts import DIMENSIONS_DIR, load_dimension, template_prompts  # noqa: E402
-from gigavideo.schema import ShardWriter, write_manifest  # noqa: E402
+from gigavideo.prompt_engine import Similarity, run_unit, select  # noqa: E402
+from gigavideo.prompts import CAMERAS, LIGHTING, SETTINGS, resolve_dimensions  # noqa: E402
+from gigavideo.schema import (ShardWriter, iter_shard, rank_parts, rank_prefix, resume_rank,  # noqa: E402
+                              write_manifest)
 from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage1")
 
 
-def synthetic_samples(cfg):
-    for name in cfg.prompts.dimensions:
-        dim = load_dimension(name, cfg.prompts.dimensions_dir or DIMENSIONS_DIR)
-        prompts = template_prompts(dim, cfg.prompts.per_dimension, cfg.prompts.seed)
-        if len(prompts) < cfg.prompts.per_dimension:
-            log.warning("%s: only %d distinct prompts (asked for %d)", name, len(prompts), cfg.prompts.per_dimension)
-        for i, p in enumerate(prompts):
-            yield {"__key__": f"syn-{name}-{i:06d}",
-                   "json": {"prompt": p["prompt"], "question": p["question"], "dimension": name,
-                            "source": "synthetic", "lineage": p["lineage"],
-                            "generator": {"engine": cfg.prompts.engine, "seed": cfg.prompts.seed}}}
+def make_backend(pc, device):
+    if pc.engine == "template":
+        return TemplateBackend(SETTINGS, CAMERAS, LIGHTING)
+    if pc.engine == "transformers":
+        return TransformersBackend(pc.llm_path, device, torch_dtype(pc.llm_dtype), pc.llm_batch_size,
+                                   pc.llm_max_new_tokens, pc.llm_temperature)
+    if pc.engine == "openai":
+        return OpenAIBackend(pc.llm_base_url, pc.llm_model, pc.llm_api_key_env, pc.llm_concurrency,
+                             pc.llm_http_retries, pc.llm_timeout, pc.llm_temperature, backoff=pc.llm_backoff)
+    raise ValueError(f"prompt engine {pc.engine!r} not in (template, transformers, openai)")
+
+
+def read_heldout(path: str) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line)["prompt"] if line.startswith("{") else line for line in lines]
+
+
+# ---------------------------------------------------------------- real captions
 
 
 def real_caption_pairs(spec: str):
-    """(caption, mp4 bytes, origin) from "procedural:N" or a JSONL/CSV file of {caption, video}."""
+    """(caption, mp4 bytes or None, origin) from "procedural:N", "wds:SHARDS", or a JSONL/CSV file."""
     if spec.startswith("procedural:"):
         for i in range(int(spec.split(":", 1)[1])):
             frames, caption = make_clip(i)
             yield caption, encode_mp4(frames, fps=8), f"procedural:{i}"
         return
+    if spec.startswith("wds:"):
+        import braceexpand
+
+        for url in braceexpand.braceexpand(spec[4:]):
+            for sample in iter_shard(url):
+                caption = sample.get("txt") or (sample.get("json") or {}).get("caption")
+                yield caption, sample.get("mp4"), f"{url}:{sample['__key__']}"
+        return
     path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"real captions file {path} not found (expected JSONL or CSV with caption, video)")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f)) if path.suffix == ".csv" else [json.loads(l) for l in f if l.strip()]
+        rows = list(csv.DictReader(f)) if path.suffix == ".csv" else [json.loads(line) for line in f if line.strip()]
     for n, row in enumerate(rows):
         if "caption" not in row or "video" not in row:
             raise ValueError(f"{path} row {n + 1}: needs 'caption' and 'video', has {sorted(row)}")
@@ -57,53 +86,133 @@ def real_caption_pairs(spec: str):
         yield row["caption"], video.read_bytes() if video.is_file() else None, str(video)
 
 
-def real_samples(cfg, failures: list):
-    if not cfg.prompts.real_captions:
-        return
-    for i, (caption, data, origin) in enumerate(real_caption_pairs(cfg.prompts.real_captions)):
+def real_samples(pc, limit: int | None, failures: list):
+    kept = 0
+    for i, (caption, data, origin) in enumerate(real_caption_pairs(pc.real_captions)):
+        if limit is not None and kept >= limit:
+            return
         key = f"real-{i:06d}"
         try:
+            if not caption or not str(caption).strip():
+                raise VideoError(f"{origin}: empty caption")
             if data is None:
-                raise VideoError(f"{origin}: file not found")
+                raise VideoError(f"{origin}: no video found")
             decode_mp4(data, origin)  # verify now: a bad real video is dropped here, not in stage 4
         except VideoError as err:
             log.warning("dropping real caption %s: %s", key, err)
             failures.append({"key": key, "reason": str(err)})
             continue
+        kept += 1
         yield {"__key__": key, "real.mp4": data,
-               "json": {"prompt": caption, "question": "", "dimension": "real", "source": "real",
+               "json": {"prompt": str(caption).strip(), "question": "", "dimension": "real", "source": "real",
                         "lineage": {"video": origin}, "generator": {"engine": "real_captions"}}}
 
 
-def preflight(cfg, run) -> None:
-    if cfg.prompts.engine != "template":
-        raise ValueError(f"prompt engine {cfg.prompts.engine!r} is not available yet; use 'template'")
-    for name in cfg.prompts.dimensions:
-        load_dimension(name, cfg.prompts.dimensions_dir or DIMENSIONS_DIR)
-    spec = cfg.prompts.real_captions
-    if spec and not spec.startswith("procedural:") and not Path(spec).is_file():
+# ---------------------------------------------------------------- final selection
+
+
+def finalize(cfg, run, dims, units_dir) -> dict:
+    """Select every dimension's prompts from all units (in key order, so the result is deterministic)."""
+    pc = cfg.prompts
+    out = run.stage("stage1")
+    for stale in out.glob("*.tar*"):
+        stale.unlink()
+    units = sorted((s for p in sorted(units_dir.glob("*.tar")) for s in iter_shard(str(p))),
+                   key=lambda s: s["__key__"])
+    similarity = Similarity(pc.embedder_path)
+    lexical = similarity.model is None
+    limits = {"min_words": pc.min_words, "max_words": pc.max_words,
+              "dedup_threshold": pc.lexical_dedup_threshold if lexical else pc.dedup_threshold,
+              "heldout_threshold": pc.lexical_heldout_threshold if lexical else pc.heldout_threshold}
+    heldout = similarity.embed(read_heldout(pc.heldout_file)) if pc.heldout_file else []
+    summary, failures = {}, []
+    generator = {"engine": pc.engine, "seed": pc.seed, "similarity": similarity.kind,
+                 "model": pc.llm_path or pc.llm_model or None, "temperature": pc.llm_temperature}
+    with ShardWriter(out, "stage1", "prompts", pc.samples_per_shard) as writer:
+        for dim in dims:
+            drops = Counter()
+            candidates = []
+            for unit in (u["json"] for u in units if u["json"]["dimension"] == dim.name):
+                drops.update(unit["dropped"])
+                candidates += [c | {"unit": unit["unit"]} for c in unit["candidates"]]
+            kept = select(candidates, pc.num_per_dimension, similarity, limits, heldout, drops)
+            for c in kept:
+                seed = dim.seeds[c["seed_index"]] if isinstance(c.get("seed_index"), int) else None
+                writer.write({"__key__": f"syn-{dim.name}-{c['unit']:05d}-{c['index']:02d}",
+                              "json": {"prompt": c["prompt"], "question": c["question"], "dimension": dim.name,
+                                       "source": "synthetic", "generator": generator,
+                                       "lineage": {"seed": seed, "subject": c["subject"], "action": c["action"],
+                                                   "unit": c["unit"], "steps": ["analogy", "augment", "question"]}}})
+            summary[dim.name] = {"kept": len(kept), "candidates": len(candidates), "dropped": dict(sorted(drops.items()))}
+            if len(kept) < pc.num_per_dimension:
+                log.warning("%s: kept %d of the %d asked for; raise --oversample", dim.name, len(kept),
+                            pc.num_per_dimension)
+        n_synthetic = sum(s["kept"] for s in summary.values())
+        limit = None if pc.real_per_synthetic < 0 else math.floor(pc.real_per_synthetic * n_synthetic)
+        real = list(real_samples(pc, limit, failures)) if pc.real_captions else []
+        for sample in real:
+            writer.write(sample)
+    summary["real"] = {"kept": len(real), "dropped": dict(Counter(f["reason"].split(":")[-1].strip() for f in failures))}
+    write_manifest(out, "stage1", {"summary": summary, "failures": failures, "generator": generator,
+                                   "config": dict(pc)})
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"{'dimension':32s} {'kept':>6s} {'dropped':>8s}  reasons")
+    for name, s in summary.items():
+        dropped = sum(s["dropped"].values())
+        reasons = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "-"
+        print(f"{name:32s} {s['kept']:6d} {dropped:8d}  {reasons}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def preflight(cfg, run):
+    pc = cfg.prompts
+    dims = resolve_dimensions(pc.dimensions, pc.dimensions_dir)
+    if pc.engine == "transformers" and not Path(pc.llm_path or "/nonexistent").is_dir():
+        raise FileNotFoundError(f"--llm_path={pc.llm_path!r}: the transformers engine needs a local chat model folder")
+    if pc.engine == "openai":
+        OpenAIBackend(pc.llm_base_url, pc.llm_model)  # checks the flags
+    elif pc.engine != "template":
+        make_backend(pc, "cpu")  # raises on an unknown engine
+    for path in (pc.heldout_file,):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"held-out prompts file {path} not found")
+    spec = pc.real_captions
+    if spec and not spec.startswith(("procedural:", "wds:")) and not Path(spec).is_file():
         raise FileNotFoundError(f"real captions file {spec} not found (expected JSONL or CSV with caption, video)")
+    return dims
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1 (e.g. --per_dimension=100 --real_captions=pairs.jsonl)."""
+    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1 (e.g. --num_per_dimension=200 --engine=openai)."""
     started = start_stage("stage1", "prompts", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run, _ = started
-    # Stage 1 is cheap and deterministic: a rerun redoes it whole rather than resuming.
-    for stale in run.stage("stage1").glob("*.tar*"):
-        stale.unlink()
-    failures: list = []
-    counts: dict = {}
-    with ShardWriter(run.stage("stage1"), "stage1", "prompts", cfg.prompts.samples_per_shard) as writer:
-        for sample in [*synthetic_samples(cfg), *real_samples(cfg, failures)]:
-            writer.write(sample)
-            dim = sample["json"]["dimension"]
-            counts[dim] = counts.get(dim, 0) + 1
-    manifest = write_manifest(run.stage("stage1"), "stage1",
-                              {"per_dimension": counts, "failures": failures, "config": dict(cfg.prompts)})
-    log.info("stage1: %d samples (%s), %d dropped", manifest["num_samples"], counts, len(failures))
+    cfg, run, dims = started
+    pc = cfg.prompts
+    rank, world = rank_and_world()
+    units_per_dimension = math.ceil(pc.num_per_dimension * pc.oversample / pc.prompts_per_call)
+    units = {f"unit-{d.name}-{u:05d}": (d, u) for d in dims for u in range(units_per_dimension)}
+    units_dir = run.stage("stage1") / "candidates"
+    done = resume_rank(units_dir, rank)
+    todo = [k for k in my_slice(list(units), rank, world) if k not in done]
+    log.info("stage1: %d work units (%d per dimension), %d for this rank still to do",
+             len(units), units_per_dimension, len(todo))
+    if todo:
+        backend = make_backend(pc, pick_device(cfg.model.device))
+        with ShardWriter(units_dir, "stage1_units", rank_prefix(rank), pc.units_per_shard) as writer:
+            for key in tqdm(todo, desc=f"prompts rank {rank}", unit="call", position=rank):
+                dim, unit = units[key]
+                writer.write({"__key__": key, "json": run_unit(backend, dim, unit, pc.prompts_per_call, pc.seed,
+                                                                pc.max_retries)})
+    if rank_parts(units_dir, rank, world, {"units": len(todo)}) is None:
+        return  # another rank selects the final prompts
+    summary = finalize(cfg, run, dims, units_dir)
+    print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/render.py",
            "stage3": "stage3_score/score.py", "stage4": "stage4_train/train.py", "eval": "eval/evaluate.py"}
 # Small enough for seconds per stage, large enough for several shards per stage.
-SMALL = {"stage1": ["--per_dimension=3", "--real_captions=procedural:3"], "stage2": [], "stage3": [],
+SMALL = {"stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"], "stage2": [], "stage3": [],
          "stage4": ["--max_steps=4", "--save_every=2"], "eval": ["--prompts_per_dimension=2"]}
 
 
 def run_stage(stage: str, run_dir: Path, *args: str, check: bool = True, env: dict | None = None,
               timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / SCRIPTS[stage]), f"--run_dir={run_dir}", *SMALL[stage], *args]
+    given = {a.split("=", 1)[0] for a in args}
+    defaults = [a for a in SMALL[stage] if a.split("=", 1)[0] not in given]
+    cmd = [sys.executable, str(REPO / SCRIPTS[stage]), f"--run_dir={run_dir}", *defaults, *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
         full_env.pop(var, None)

@@ -1,0 +1,82 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 for the openai backend's tests.
+
+It answers the engine's three steps deterministically from the request text, and can be told to
+fail: `failures` is a list of what to do with the first requests (429, 500, "timeout", "garbage").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ANIMALS = ["a fox", "a heron", "a goat", "a seal", "an otter", "a lynx", "a crane", "a mule", "a badger", "a moose"]
+PLACES = ["in a misty valley at dawn", "on a frozen lake at noon", "in a desert at dusk", "beside a waterfall",
+          "in a city park at night", "on a windy beach", "inside a barn", "on a mountain ridge in fog"]
+CAMERAS = ["wide shot, static camera", "close-up, handheld", "aerial view, slow pan", "low angle, tracking shot"]
+VERBS = ["leaps over a log", "wades through a stream", "climbs a rocky slope", "rolls in the snow", "shakes off water",
+         "slides down a muddy bank", "balances on a fence", "digs under a root", "swims against the current"]
+
+
+def answer(text: str, seed: int = 0) -> dict:
+    """Deterministic in (text, seed), as a sampling LLM with a fixed seed would be."""
+    digest = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest(), 16)
+    if "new, varied prompts" in text:
+        count = int(re.search(r"Write (\d+) new", text).group(1))
+        return {"prompts": [{"subject": ANIMALS[(digest >> (4 * i)) % len(ANIMALS)],
+                             "action": VERBS[(digest >> (4 * i + 2)) % len(VERBS)]} for i in range(count)]}
+    if "detailed prompt" in text:
+        subject = re.search(r"Subject: (.*)", text).group(1)
+        action = re.search(r"Action: (.*)", text).group(1)
+        return {"prompt": f"{subject.capitalize()} {action} {PLACES[digest % len(PLACES)]}; "
+                          f"{CAMERAS[(digest >> 8) % len(CAMERAS)]}, variant {digest % 997}."}
+    prompt = re.search(r"Prompt: (.*)", text).group(1)
+    return {"question": f"Does the video clearly show this: {prompt[:60]}?"}
+
+
+class ChatServer:
+    def __init__(self, failures=(), delay: float = 0.0):
+        self.failures, self.delay, self.requests = list(failures), delay, 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests += 1
+                    action = server.failures.pop(0) if server.failures else None
+                if server.delay:
+                    time.sleep(server.delay)
+                if action in (429, 500):
+                    self.send_response(action)
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                if action == "timeout":
+                    time.sleep(3)
+                content = "I cannot help with that." if action == "garbage" else \
+                    "```json\n" + json.dumps(answer(body["messages"][-1]["content"], body.get("seed", 0))) + "\n```"
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
