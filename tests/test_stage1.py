@@ -206,3 +206,24 @@ def test_killed_midway_and_rerun_every_prompt_exactly_once_and_as_uninterrupted(
     whole, resumed = synthetic(tmp_path / "whole"), synthetic(tmp_path / "killed")
     assert resumed == whole and len(whole) >= 16
     assert read_manifest(RunDir(tmp_path / "killed"), "stage1")["num_samples"] == len(whole)
+
+
+def test_real_captions_from_a_video_webdataset_and_from_csv(tmp_path):
+    from gigavideo.schema import ShardWriter, iter_samples
+
+    clips = [make_clip(i) for i in range(3)]
+    with ShardWriter(tmp_path / "videos", "stage1_units", "videos", 2) as writer:  # any tar writer will do
+        for i, (frames, caption) in enumerate(clips):
+            writer.write({"__key__": f"clip{i}", "mp4": encode_mp4(frames, 8), "txt": caption,
+                          "json": {"dimension": "-", "unit": i, "candidates": [], "dropped": {}}})
+    run_stage("stage1", tmp_path / "wds", "--dimensions=mechanics", "--num_per_dimension=2",
+              f"--real_captions=wds:{tmp_path}/videos/videos-{{00000..00001}}.tar")
+    real = [s for s in iter_samples(RunDir(tmp_path / "wds"), "stage1") if s["json"]["source"] == "real"]
+    assert [s["json"]["prompt"] for s in real] == [c for _, c in clips]
+    assert real[1]["real.mp4"] == encode_mp4(clips[1][0], 8)
+    (tmp_path / "a.mp4").write_bytes(encode_mp4(clips[0][0], 8))
+    (tmp_path / "pairs.csv").write_text(f"caption,video\n\"{clips[0][1]}\",a.mp4\n")
+    run_stage("stage1", tmp_path / "csv", "--dimensions=mechanics", "--num_per_dimension=2",
+              f"--real_captions={tmp_path / 'pairs.csv'}")
+    real = [s for s in iter_samples(RunDir(tmp_path / "csv"), "stage1") if s["json"]["source"] == "real"]
+    assert [s["json"]["prompt"] for s in real] == [clips[0][1]]
