@@ -70,13 +70,13 @@ def build_tiny_pipeline(model_cfg: dict):
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(int(model_cfg["tiny_seed"]))
-    arch = dict(model_cfg["tiny_transformer"])
+    arch = dict(model_cfg["arch_transformer"])
     arch["patch_size"] = tuple(arch["patch_size"])
     transformer = WanTransformer3DModel(**arch)
-    vae = AutoencoderKLWan(**model_cfg["tiny_vae"])
+    vae = AutoencoderKLWan(**model_cfg["arch_vae"])
     tokenizer = build_tiny_tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["tiny_text_encoder"]))
+        vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["arch_text_encoder"]))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=float(model_cfg["flow_shift"]))
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,

@@ -37,14 +37,44 @@ def trim_padding(embeds: torch.Tensor) -> np.ndarray:
     return embeds[:length].float().cpu().numpy()
 
 
+CACHES = ("none", "first_block", "taylorseer")
+
+
+def configure_pipeline(pipe, render_cfg: dict, flow_shift: float, device) -> None:
+    """The sampler's shift, memory savers and step caching, as the flags ask."""
+    from diffusers import UniPCMultistepScheduler
+
+    if isinstance(pipe.scheduler, UniPCMultistepScheduler):
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=float(flow_shift))
+    if render_cfg.get("vae_tiling"):
+        pipe.vae.enable_tiling()
+    if render_cfg.get("vae_slicing"):
+        pipe.vae.enable_slicing()
+    if render_cfg.get("cpu_offload"):
+        pipe.enable_model_cpu_offload(device=device)
+    cache = render_cfg.get("cache", "none")
+    if cache not in CACHES:
+        raise ValueError(f"--cache={cache!r} not in {CACHES}")
+    if cache == "first_block":
+        from diffusers import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(render_cfg["cache_threshold"])))
+    elif cache == "taylorseer":
+        from diffusers import TaylorSeerCacheConfig
+
+        pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=int(render_cfg["cache_interval"])))
+
+
 class Renderer:
-    def __init__(self, pipe, render_cfg: dict, max_sequence_length: int, device):
+    def __init__(self, pipe, render_cfg: dict, max_sequence_length: int, device, flow_shift: float | None = None):
         check_frames(render_cfg["num_frames"])
+        if flow_shift is not None:
+            configure_pipeline(pipe, render_cfg, flow_shift, device)
         self.pipe, self.cfg, self.device = pipe, render_cfg, device
         self.max_sequence_length = int(max_sequence_length)
 
     def settings(self) -> dict:
-        keys = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "negative_prompt")
+        keys = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "negative_prompt", "cache")
         return {k: self.cfg[k] for k in keys} | {"flow_shift": getattr(self.pipe.scheduler.config, "flow_shift", None),
                                                   "scheduler": type(self.pipe.scheduler).__name__,
                                                   "max_sequence_length": self.max_sequence_length}

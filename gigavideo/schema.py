@@ -284,8 +284,10 @@ def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: d
     if parts is None:
         return False
     failures = [f for part in parts for f in part.get("failures", [])]
+    seconds = {r: s for part in parts for r, s in part.get("device_seconds", {}).items()}
     discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
-    write_manifest(stage_dir, stage, {**info, "failures": failures, "world_size": world_size})
+    write_manifest(stage_dir, stage, {**info, "failures": failures, "world_size": world_size,
+                                      **({"device_seconds": seconds} if seconds else {})})
     return True
 
 

@@ -21,22 +21,39 @@ from tqdm import tqdm  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
-from gigavideo.rendering import Renderer, seed_for  # noqa: E402
-from gigavideo.schema import (ShardWriter, finish_rank, iter_samples, rank_prefix, read_manifest,  # noqa: E402
-                              resume_rank)
+from gigavideo.rendering import CACHES, Renderer, check_frames, seed_for  # noqa: E402
+from gigavideo.schema import (ShardWriter, finish_rank, index_json, iter_samples, rank_prefix,  # noqa: E402
+                              read_manifest, resume_rank)
 from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage2")
 
 
-def batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def fixed_batches(keys: list[str], size: int) -> list[list[str]]:
+    """Batches cut from the rank's whole slice, so a resumed run batches every key as before
+    (and so renders it bit-identically)."""
+    return [keys[i:i + size] for i in range(0, len(keys), size)]
+
+
+def render_batch(renderer, keys, prompts, seeds, failures) -> list[dict | None]:
+    """A batch; if it fails, each sample alone, so one bad sample fails only itself."""
+    try:
+        return renderer.render(keys, prompts, seeds)
+    except (RuntimeError, ValueError) as err:
+        if len(keys) == 1:
+            log.error("render failed for %s: %s", keys[0], err)
+            failures.append({"key": keys[0], "reason": f"render: {err}"})
+            return [None]
+        log.warning("batch %s failed (%s); rendering its samples one by one", keys, err)
+        return [render_batch(renderer, [k], [p], [s], failures)[0] for k, p, s in zip(keys, prompts, seeds)]
 
 
 def preflight(cfg, run):
     """Stage 1's output and the base model must exist before any work (or any --overwrite)."""
     read_manifest(run, "stage1")
+    check_frames(cfg.render.num_frames)
+    if cfg.render.cache not in CACHES:
+        raise ValueError(f"--cache={cfg.render.cache!r} not in {CACHES}")
     return base_model_path(cfg.model, run)
 
 
@@ -49,52 +66,52 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     rank, world = rank_and_world()
     out = run.stage("stage2")
     done = resume_rank(out, rank)
-    samples = {s["__key__"]: s for s in iter_samples(run, "stage1")}
-    todo = [k for k in my_slice(list(samples), rank, world) if k not in done]
-    log.info("stage2: %d samples in stage1, %d for this rank still to render", len(samples), len(todo))
+    prompts = index_json(run, "stage1")
+    mine = my_slice(list(prompts), rank, world)
+    synthetic_batches = [b for b in fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"],
+                                                  int(cfg.render.batch_size)) if set(b) - done]
+    real_todo = {k for k in mine if prompts[k]["source"] == "real" and k not in done}
+    todo = sum(len(set(b) - done) for b in synthetic_batches) + len(real_todo)
+    log.info("stage2: %d samples in stage1, %d for this rank still to render", len(prompts), todo)
 
     device = pick_device(cfg.model.device)
-    pipe = load_pipeline(model_path, cfg.model.dtype, device)
-    renderer = Renderer(pipe, cfg.render, cfg.model.max_sequence_length, device)
+    renderer = Renderer(load_pipeline(model_path, cfg.model.dtype, device), cfg.render,
+                        cfg.model.max_sequence_length, device, flow_shift=cfg.model.flow_shift)
     settings = renderer.settings()
     model_id = {"path": str(model_path), "dtype": cfg.model.dtype}
     failures, seconds_total = [], 0.0
-    synthetic = [k for k in todo if samples[k]["json"]["source"] == "synthetic"]
-    real = [k for k in todo if samples[k]["json"]["source"] == "real"]
-    progress = tqdm(total=len(todo), desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
+
+    def write(writer, key, result, seed, seconds):
+        meta = prompts[key] | {"seed": seed, "render": settings, "model": model_id, "seconds": round(seconds, 3)}
+        writer.write({"__key__": key, "json": meta, "mp4": encode_mp4(result["frames"], cfg.render.fps),
+                      "latents.npy": result["latents"], "prompt_embeds.npy": result["prompt_embeds"]})
+
+    progress = tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
     with ShardWriter(out, "stage2", rank_prefix(rank), cfg.render.samples_per_shard) as writer:
-        for keys in batches(synthetic, int(cfg.render.batch_size)):
-            prompts = [samples[k]["json"]["prompt"] for k in keys]
+        for keys in synthetic_batches:
             seeds = [seed_for(k, cfg.render.seed) for k in keys]
-            try:
-                results = renderer.render(keys, prompts, seeds)
-            except (RuntimeError, ValueError) as err:  # one bad batch must not stop the stage
-                log.error("render failed for %s: %s", keys, err)
-                failures += [{"key": k, "reason": f"render: {err}"} for k in keys]
-                progress.update(len(keys))
-                continue
+            results = render_batch(renderer, keys, [prompts[k]["prompt"] for k in keys], seeds, failures)
             for key, seed, result in zip(keys, seeds, results):
-                seconds_total += result["seconds"]
-                meta = samples[key]["json"] | {"seed": seed, "render": settings, "model": model_id,
-                                                "seconds": round(result["seconds"], 3)}
-                writer.write({"__key__": key, "json": meta, "mp4": encode_mp4(result["frames"], cfg.render.fps),
-                              "latents.npy": result["latents"], "prompt_embeds.npy": result["prompt_embeds"]})
-            progress.update(len(keys))
-        for key in real:
+                if key in done:
+                    continue  # rendered again only to keep the batch as it was
+                if result is not None:
+                    seconds_total += result["seconds"]
+                    write(writer, key, result, seed, result["seconds"])
+                progress.update(1)
+        for sample in iter_samples(run, "stage1") if real_todo else []:
+            key = sample["__key__"]
+            if key not in real_todo:
+                continue
             start = time.time()
             try:
-                frames, _ = decode_mp4(samples[key]["real.mp4"], f"{key} (real video)")
-                result = renderer.encode_real(frames, samples[key]["json"]["prompt"])
+                frames, _ = decode_mp4(sample["real.mp4"], f"{key} (real video)")
+                result = renderer.encode_real(frames, sample["json"]["prompt"])
             except VideoError as err:
                 log.error("%s", err)
                 failures.append({"key": key, "reason": str(err)})
-                progress.update(1)
-                continue
-            seconds_total += time.time() - start
-            meta = samples[key]["json"] | {"seed": None, "render": settings, "model": model_id,
-                                            "seconds": round(time.time() - start, 3)}
-            writer.write({"__key__": key, "json": meta, "mp4": encode_mp4(result["frames"], cfg.render.fps),
-                          "latents.npy": result["latents"], "prompt_embeds.npy": result["prompt_embeds"]})
+            else:
+                seconds_total += time.time() - start
+                write(writer, key, result, None, time.time() - start)
             progress.update(1)
     progress.close()
     info = {"render": settings, "model": model_id, "failures": failures,

@@ -64,3 +64,22 @@ def test_sbatch_stage1_splits_llm_calls_over_two_ranks_disjointly_and_completely
     assert by_rank[0] | by_rank[1] == expected
     summary = read_manifest(RunDir(run_dir), "stage1")["summary"]
     assert sum(sum(s["dropped"].values()) for s in summary.values()) == 8  # garbage: every unit counted
+
+
+def test_sbatch_stage2_renders_on_two_ranks_disjointly_and_completely(tmp_path):
+    from conftest import run_stage
+    from gigavideo.schema import index_json, shard_keys
+
+    run_dir = tmp_path / "run"
+    run_stage("stage1", run_dir)
+    job_id, proc = sbatch("slurm/stage2.sh", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          f"--output={tmp_path}/stage2-%j.out", args=["--samples_per_shard=2"],
+                          env={"RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1"})
+    output = (tmp_path / f"stage2-{job_id}.out").read_text() if job_id else ""
+    assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
+    assert f"launch: job {job_id}, 2 torchrun agents" in output
+    folder = RunDir(run_dir).stage("stage2")
+    by_rank = [{k for p in folder.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
+    assert by_rank[0] | by_rank[1] == set(index_json(RunDir(run_dir), "stage1"))
+    assert read_manifest(RunDir(run_dir), "stage2")["world_size"] == 2
