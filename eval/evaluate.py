@@ -20,7 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import rank_and_world  # noqa: E402
-from gigavideo.judge import judge_path, load_judge  # noqa: E402
+from gigavideo.judge import judge_path, load_judge, normalized_reward  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
 from gigavideo.llm import TemplateBackend  # noqa: E402
 from gigavideo.prompt_engine import engine_prompts  # noqa: E402
@@ -59,7 +59,10 @@ def render_and_score(label, renderer, items, cfg, judge, out_dir) -> list[float]
             path = out_dir / label / item["dimension"] / video_name(item["prompt"], index)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encode_mp4(result["frames"], cfg.render.fps))
-            scores.append(judge.score(result["frames"], item["question"])[0])
+            judged = judge.score_many([(result["frames"], item["question"])])[0]
+            if isinstance(judged, Exception):
+                raise ValueError(f"the judge gave no score for {path.name}: {judged}")
+            scores.append(normalized_reward(judged["p_yes"], judged["p_no"]))
     return scores
 
 
@@ -94,7 +97,8 @@ def write_markdown(path: Path, report: dict) -> None:
 def preflight(cfg, run):
     """The export, the judge and the base model must exist before any work (or any --overwrite)."""
     read_manifest(run, "stage4")
-    judge_path(cfg.score, run)
+    if cfg.score.judge != "openai":
+        judge_path(cfg.score, run)
     return base_model_path(cfg.model, run)
 
 

@@ -19,8 +19,10 @@ def tag_for(step: int) -> str:
     return f"step{step:07d}"
 
 
-def save(engine, directory: Path, step: int, client_state: dict, keep_last: int) -> None:
-    engine.save_checkpoint(str(directory), tag=tag_for(step), client_state={"step": step, **client_state})
+def save(engine, directory: Path, step: int, client_state: dict, keep_last: int, trainable_only: bool = False) -> None:
+    """All ranks call this. trainable_only (LoRA) leaves the frozen base weights out of the checkpoint."""
+    engine.save_checkpoint(str(directory), tag=tag_for(step), client_state={"step": step, **client_state},
+                           exclude_frozen_parameters=trainable_only)
     if dist.is_initialized():
         dist.barrier()
     if engine.global_rank == 0:
@@ -30,11 +32,11 @@ def save(engine, directory: Path, step: int, client_state: dict, keep_last: int)
         log.info("saved checkpoint %s", Path(directory) / tag_for(step))
 
 
-def resume(engine, directory: Path) -> dict | None:
+def resume(engine, directory: Path, trainable_only: bool = False) -> dict | None:
     """Load the newest checkpoint, if any; returns its client state."""
     if not (Path(directory) / "latest").is_file():
         return None
-    path, client_state = engine.load_checkpoint(str(directory))
+    path, client_state = engine.load_checkpoint(str(directory), load_module_strict=not trainable_only)
     if path is None:
         raise FileNotFoundError(f"{directory}/latest names a checkpoint that cannot be loaded")
     log.info("resumed from %s at step %d", path, client_state["step"])

@@ -64,8 +64,13 @@ def collate(samples: list[dict]) -> dict:
             "is_real": torch.tensor([s["is_real"] for s in samples])}
 
 
-def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_length: int, world_size: int):
-    """Shards split over ranks, then over dataloader workers; a shuffle buffer; deterministic seeds."""
+def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_length: int, world_size: int,
+                    epoch: int):
+    """One epoch of this rank's batches, in an order fixed by (seed, epoch).
+
+    Shards are split over ranks, then over dataloader workers; shard order and a shuffle buffer
+    are seeded per epoch, so a resumed run can replay an epoch up to where it stopped.
+    """
     shards = shard_paths(run, "stage2")
     workers = int(train_cfg["num_workers"])
     needed = world_size * max(1, workers)
@@ -73,11 +78,41 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
         raise SchemaError(f"stage2 has {len(shards)} shards but {world_size} ranks x {max(1, workers)} workers "
                           f"need at least {needed}: rerun stage 2 with a smaller --samples_per_shard, "
                           f"or lower --num_workers")
-    seed = int(train_cfg["seed"])
+    seed = int(train_cfg["seed"]) * 100003 + epoch
     dataset = (wds.WebDataset(shards, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                              shardshuffle=len(shards), detshuffle=True, seed=seed, empty_check=False)
+                              shardshuffle=len(shards), seed=seed, empty_check=False)
                .select(lambda s: s["__key__"] in weights)
                .shuffle(int(train_cfg["shuffle_buffer"]), seed=seed)
                .map(lambda s: _decode(s, weights, max_sequence_length))
                .batched(int(train_cfg["micro_batch_size"]), collation_fn=collate, partial=False))
-    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+
+
+class DataPosition:
+    """Where a rank is in its data: (epoch, batches taken in that epoch); saved in every checkpoint."""
+
+    def __init__(self, make_loader, epoch: int = 0, batches: int = 0):
+        self.make_loader, self.epoch, self.batches = make_loader, epoch, batches
+        self._iter = self._open(skip=batches)
+
+    def _open(self, skip: int):
+        it = iter(self.make_loader(self.epoch))
+        for _ in range(skip):  # replay the epoch up to the saved position
+            next(it)
+        return it
+
+    def next(self) -> dict:
+        for _ in range(2):
+            try:
+                batch = next(self._iter)
+                self.batches += 1
+                return batch
+            except StopIteration:
+                if self.batches == 0:
+                    break
+                self.epoch, self.batches = self.epoch + 1, 0
+                self._iter = self._open(skip=0)
+        raise RuntimeError("this rank's shards gave no full batch; lower --micro_batch_size")
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}

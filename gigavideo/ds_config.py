@@ -35,6 +35,10 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
         ds["bf16"]["enabled"] = bf16
     elif bool(ds["bf16"]["enabled"]) != bf16:
         raise ValueError(f"{path}: bf16.enabled={ds['bf16']['enabled']} contradicts --precision={train_cfg['precision']}")
+    params = ds.get("optimizer", {}).get("params", {})
+    for key, flag in (("lr", "lr"), ("weight_decay", "weight_decay")):
+        if params.get(key) == "auto":
+            params[key] = float(train_cfg[flag])
     if ds.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{path}: fp16 is not supported for Wan training; use bf16")
     return ds

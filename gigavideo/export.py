@@ -1,8 +1,12 @@
-"""Export the fine-tuned transformer as a complete diffusers pipeline folder.
+"""Export what stage 4 trained in the formats stock diffusers loads.
 
-RUN_DIR/stage4/export/ holds the fine-tuned `transformer/` and the base model's other components
-(hard links where the filesystem allows, else copies), so `WanPipeline.from_pretrained(export)`
-loads it with stock diffusers.
+- full fine-tune: RUN_DIR/stage4/export/ is a complete pipeline folder, the fine-tuned
+  `transformer/` beside the base model's other components (hard links where the filesystem
+  allows, else copies): `WanPipeline.from_pretrained(export)`.
+- LoRA: RUN_DIR/stage4/export/pytorch_lora_weights.safetensors in diffusers' format:
+  `WanPipeline.from_pretrained(base).load_lora_weights(export)`.
+
+Under ZeRO-3 the parameters are gathered from all ranks first, so every rank must call this.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+import torch.distributed as dist
 
 from .models import save_atomic
 
@@ -30,3 +36,34 @@ def export_pipeline(transformer, base_path: Path, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     return save_atomic(save, target)
+
+
+def export_lora(transformer, target: Path) -> Path:
+    from diffusers import WanPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    def save(directory: Path):
+        WanPipeline.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                      safe_serialization=True)
+
+    if target.exists():
+        shutil.rmtree(target)
+    return save_atomic(save, target)
+
+
+def export_model(engine, mode: str, base_path: Path, target: Path) -> Path:
+    """Gather (ZeRO-3) and write on rank 0; returns the export folder."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    zero3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            if mode == "lora":
+                export_lora(module, target)
+            else:
+                export_pipeline(module, base_path, target)
+    if dist.is_initialized():
+        dist.barrier()
+    return target

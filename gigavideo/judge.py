@@ -8,6 +8,8 @@ the tiny preset builds a random LLaVA of the real architecture and loads it the 
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,8 @@ def judge_path(score_cfg: dict, run: RunDir) -> Path:
                                "Give a local folder of a llava-hf vision-language model "
                                "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf) with --judge_path.")
     if score_cfg.get("judge") != "tiny":
-        raise FileNotFoundError(f"judge {score_cfg.get('judge')!r} needs --judge_path to a local model folder")
+        raise FileNotFoundError(f"judge {score_cfg.get('judge')!r} needs --judge_path to a local model folder "
+                                "(or --judge=openai with --judge_base_url and --judge_model)")
 
     def save(directory):
         model, processor = build_tiny_judge(score_cfg)
@@ -67,16 +70,42 @@ def judge_path(score_cfg: dict, run: RunDir) -> Path:
     return save_atomic(save, run.models / "judge")
 
 
-class TransformersJudge:
-    """score(frames, question) -> (P(yes) in [0, 1], answer text)."""
+class JudgeAnswerError(ValueError):
+    """The judge answered neither yes nor no."""
 
-    def __init__(self, path: str | Path, device="cpu", dtype: str = "float32", num_frames: int = 8):
+
+def yes_no(text: str) -> str | None:
+    """'yes' or 'no' from the start of an answer, else None."""
+    words = re.findall(r"[a-z]+", text.lower())[:3]
+    return next((w for w in words if w in ("yes", "no")), None)
+
+
+def normalized_reward(p_yes: float, p_no: float) -> float:
+    """P(yes | the answer is yes or no): the reward."""
+    return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5
+
+
+def sample_frames(frames: np.ndarray, count: int) -> list[np.ndarray]:
+    idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
+    return [frames[i] for i in idx]
+
+
+class TransformersJudge:
+    """A local vision-language model; frames are given as images; batched with left padding.
+
+    score_many([(frames, question), ...]) -> [{p_yes, p_no, answer}, ...], where P(yes) and P(no)
+    are the full next-token probabilities of the answer words (so P(yes) + P(no) <= 1).
+    """
+
+    def __init__(self, path: str | Path, device="cpu", dtype: str = "float32", num_frames: int = 8,
+                 batch_size: int = 4):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(str(path))
+        self.processor.tokenizer.padding_side = "left"  # the last position is every row's next token
         self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype(dtype))
         self.model.to(device).eval()
-        self.device, self.num_frames, self.name = device, int(num_frames), str(path)
+        self.device, self.num_frames, self.batch_size, self.name = device, int(num_frames), int(batch_size), str(path)
         tokenizer = self.processor.tokenizer
         self.yes_ids = self._answer_ids(tokenizer, ("yes", "Yes", " yes", " Yes"))
         self.no_ids = self._answer_ids(tokenizer, ("no", "No", " no", " No"))
@@ -91,20 +120,92 @@ class TransformersJudge:
         return sorted(ids)
 
     @torch.no_grad()
-    def score(self, frames: np.ndarray, question: str) -> tuple[float, str]:
-        idx = np.linspace(0, len(frames) - 1, min(self.num_frames, len(frames))).round().astype(int)
-        images = [frames[i] for i in idx]
-        messages = [{"role": "user", "content": [{"type": "image"}] * len(images)
-                     + [{"type": "text", "text": question + ANSWER_SUFFIX}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(images=images, text=[text], return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        logits = self.model(**inputs).logits[0, -1].float()
-        answer_logits = torch.logsumexp(logits[self.yes_ids], 0), torch.logsumexp(logits[self.no_ids], 0)
-        p_yes = torch.softmax(torch.stack(answer_logits), 0)[0].item()
-        return p_yes, "yes" if p_yes >= 0.5 else "no"
+    def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict]:
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            batch = items[i:i + self.batch_size]
+            texts, images = [], []
+            for frames, question in batch:
+                chosen = sample_frames(frames, self.num_frames)
+                messages = [{"role": "user", "content": [{"type": "image"}] * len(chosen)
+                             + [{"type": "text", "text": question + ANSWER_SUFFIX}]}]
+                texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+                images += chosen
+            inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            probs = torch.softmax(self.model(**inputs).logits[:, -1].float(), dim=-1)
+            for row in probs:
+                p_yes, p_no = row[self.yes_ids].sum().item(), row[self.no_ids].sum().item()
+                out.append({"p_yes": p_yes, "p_no": p_no, "answer": "yes" if p_yes >= p_no else "no"})
+        return out
 
 
-def load_judge(score_cfg: dict, run: RunDir, device) -> TransformersJudge:
+class OpenAIJudge:
+    """An OpenAI-compatible server with a vision model (e.g. vLLM): frames go as PNG images.
+
+    P(yes), P(no) come from the answer token's log-probabilities when the server returns them;
+    otherwise the answer text decides (1 or 0); an answer that is neither is an error for that sample.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", num_frames: int = 8,
+                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0):
+        from .llm import ChatHTTP
+
+        if not base_url or not model:
+            raise ValueError("the openai judge needs --judge_base_url and --judge_model")
+        self.http = ChatHTTP(base_url, api_key_env, timeout, max_retries, backoff)
+        self.model, self.num_frames, self.concurrency = model, int(num_frames), int(concurrency)
+        self.name = f"openai:{model}@{base_url}"
+
+    def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict | JudgeAnswerError]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda item: self._one(*item), items))
+
+    def _one(self, frames, question):
+        import base64
+        import io
+
+        from PIL import Image
+
+        content = []
+        for frame in sample_frames(frames, self.num_frames):
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        content.append({"type": "text", "text": question + ANSWER_SUFFIX})
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
+                "temperature": 0.0, "logprobs": True, "top_logprobs": 20}
+        response = self.http.post(body, "judge")
+        if response is None:
+            return JudgeAnswerError("the judge server kept failing")
+        try:
+            choice = response["choices"][0]
+            text = choice["message"]["content"] or ""
+            top = (choice.get("logprobs") or {}).get("content") or []
+        except (KeyError, IndexError, TypeError):
+            return JudgeAnswerError(f"unexpected response shape: {str(response)[:200]}")
+        if top:
+            probs = {"yes": 0.0, "no": 0.0}
+            for cand in top[0].get("top_logprobs", []):
+                word = cand["token"].strip().lower()
+                if word in probs:
+                    probs[word] += math.exp(cand["logprob"])
+            if probs["yes"] + probs["no"] > 0:
+                return {"p_yes": probs["yes"], "p_no": probs["no"],
+                        "answer": "yes" if probs["yes"] >= probs["no"] else "no"}
+        answer = yes_no(text)
+        if answer is None:
+            return JudgeAnswerError(f"answer is neither yes nor no: {text[:80]!r}")
+        return {"p_yes": float(answer == "yes"), "p_no": float(answer == "no"), "answer": answer}
+
+
+def load_judge(score_cfg: dict, run: RunDir, device):
+    if score_cfg["judge"] == "openai":
+        return OpenAIJudge(score_cfg["judge_base_url"], score_cfg["judge_model"], score_cfg["judge_api_key_env"],
+                           score_cfg["num_frames"], score_cfg["judge_concurrency"], score_cfg["judge_timeout"],
+                           score_cfg["judge_http_retries"], score_cfg["judge_backoff"])
     return TransformersJudge(judge_path(score_cfg, run), device=device, dtype=score_cfg["dtype"],
-                             num_frames=score_cfg["num_frames"])
+                             num_frames=score_cfg["num_frames"], batch_size=score_cfg["batch_size"])

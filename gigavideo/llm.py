@@ -105,19 +105,16 @@ class TransformersBackend:
 
 
 class OpenAIBackend:
-    """POST {base_url}/chat/completions; retries 429, 5xx, timeouts and dropped connections with backoff."""
-
-    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+    """Chat completions from an OpenAI-compatible server, `concurrency` requests at a time."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  max_retries: int = 5, timeout: float = 60.0, temperature: float = 0.8, json_mode: bool = True,
                  backoff: float = 1.0):
         if not base_url or not model:
             raise ValueError("the openai backend needs --llm_base_url and --llm_model")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, os.environ.get(api_key_env, "")  # never logged
-        self.concurrency, self.max_retries, self.timeout = int(concurrency), int(max_retries), float(timeout)
-        self.temperature, self.json_mode, self.backoff = float(temperature), bool(json_mode), float(backoff)
+        self.http = ChatHTTP(base_url, api_key_env, timeout, max_retries, backoff)
+        self.model, self.concurrency = model, int(concurrency)
+        self.temperature, self.json_mode = float(temperature), bool(json_mode)
         self.name = f"openai:{model}@{base_url}"
 
     def complete(self, requests: list[Request]) -> list[str | None]:
@@ -129,19 +126,40 @@ class OpenAIBackend:
                 "seed": request.seed}
         if self.json_mode:
             body["response_format"] = {"type": "json_object"}
+        response = self.http.post(body, request.step)
+        try:
+            return response["choices"][0]["message"]["content"] if response is not None else None
+        except (KeyError, IndexError, TypeError) as err:
+            log.warning("%s: unexpected response shape (%s)", self.http.url, err)
+            return None
+
+
+class ChatHTTP:
+    """POST to {base_url}/chat/completions with retries on 429, 5xx, timeouts and dropped connections."""
+
+    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+    def __init__(self, base_url: str, api_key_env: str, timeout: float, max_retries: int, backoff: float):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key = os.environ.get(api_key_env, "")  # never logged
+        self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
+
+    def post(self, body: dict, what: str) -> dict | None:
+        """The decoded JSON answer, or None once the retries are spent (or on an answer not worth retrying)."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode()
+        reason = ""
         for attempt in range(self.max_retries + 1):
             wait = self.backoff * 2**attempt * (0.5 + random.random() / 2)
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"]
+                    return json.loads(response.read())
             except urllib.error.HTTPError as err:
                 if err.code not in self.RETRY_STATUS:
-                    log.error("%s answered %d for a %s request; not retried", self.url, err.code, request.step)
+                    log.error("%s answered %d for a %s request; not retried", self.url, err.code, what)
                     return None
                 retry_after = err.headers.get("Retry-After")
                 if retry_after and retry_after.replace(".", "", 1).isdigit():
@@ -149,14 +167,14 @@ class OpenAIBackend:
                 reason = f"HTTP {err.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 reason = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-            except (KeyError, IndexError, ValueError) as err:
-                log.warning("%s: unexpected response shape (%s)", self.url, err)
+            except ValueError as err:
+                log.warning("%s: the answer is not JSON (%s)", self.url, err)
                 return None
             if attempt < self.max_retries:
-                log.info("%s request failed (%s); retry %d/%d in %.1fs", request.step, reason, attempt + 1,
+                log.info("%s request failed (%s); retry %d/%d in %.1fs", what, reason, attempt + 1,
                          self.max_retries, wait)
                 time.sleep(wait)
-        log.warning("%s request failed after %d retries (%s)", request.step, self.max_retries, reason)
+        log.warning("%s request failed after %d retries (%s)", what, self.max_retries, reason)
         return None
 
 

@@ -70,3 +70,17 @@ def per_sample_flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor
 def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of w_i * l_i."""
     return (weights.to(per_sample) * per_sample).mean()
+
+
+def batch_loss(model, z0: torch.Tensor, prompt_embeds: torch.Tensor, weights: torch.Tensor, t: torch.Tensor,
+               noise: torch.Tensor, dtype=torch.float32):
+    """The objective on one batch: (weighted loss, per-sample flow-matching losses).
+
+    The transformer sees z_t and the timestep t * 1000 (Wan's convention) and predicts eps - z_0.
+    """
+    device = weights.device
+    z_t, target = noisy_latents_and_target(z0, noise, t)
+    prediction = model(hidden_states=z_t.to(device, dtype), timestep=(t * 1000).to(device),
+                       encoder_hidden_states=prompt_embeds.to(device, dtype), return_dict=False)[0]
+    per_sample = per_sample_flow_matching_loss(prediction, target.to(device))
+    return weighted_loss(per_sample, weights), per_sample

@@ -5,6 +5,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
+#SBATCH --requeue
 # Stage 2: render every prompt with the frozen base model; each process takes a disjoint slice and resumes.
 #   sbatch slurm/stage2.sh [--model_path=/models/Wan2.1-T2V-1.3B-Diffusers ...]   (from the repository root)
 #   PRESET=tiny bash slurm/stage2.sh        (no SLURM: runs on this machine)

@@ -5,6 +5,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=12:00:00
+#SBATCH --requeue
 # Stage 3: the frozen judge scores every rendered video; distributed and resumable like stage 2.
 #   sbatch slurm/stage3.sh [--judge_path=/models/llava ...]   (from the repository root)
 #   PRESET=tiny bash slurm/stage3.sh        (no SLURM: runs on this machine)

@@ -1,74 +1,145 @@
 #!/usr/bin/env python
 """Stage 3: automatic feedback, computed once, offline.
 
-A frozen vision-language model answers each synthetic video's yes/no verification question;
-P(yes) is the sample's reward (stage 4 maps rewards to training weights). A video that cannot be
-scored gets status "failed" with its reason and no reward; the stage goes on. Writes RUN_DIR/stage3/.
+A frozen vision-language model answers each synthetic video's yes/no verification questions;
+where the dimension names a specialist (camera motion from dense optical flow, instance counts
+from a detector) that scores the video too. Raw scores are kept per question and scorer; the
+sample's reward aggregates them (stage 4 maps rewards to training weights). A video that cannot
+be scored (corrupt, too short, an answer that is neither yes nor no, a server that keeps failing)
+gets status "failed" with its reason and no reward; the stage goes on. Writes RUN_DIR/stage3/,
+with report.json and a reward histogram per dimension.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from gigavideo import camera_motion, instances  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
-from gigavideo.judge import judge_path, load_judge  # noqa: E402
+from gigavideo.judge import JudgeAnswerError, OpenAIJudge, judge_path, load_judge, normalized_reward  # noqa: E402
+from gigavideo.prompts import DIMENSIONS_DIR, load_dimension  # noqa: E402
+from gigavideo.report import histogram_png  # noqa: E402
 from gigavideo.schema import (ShardWriter, finish_rank, index_json, iter_samples, rank_prefix,  # noqa: E402
                               read_manifest, resume_rank, write_json_atomic)
 from gigavideo.video import VideoError, decode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage3")
 MIN_FRAMES = 2
+AGGREGATES = ("specialist_first", "mean", "min")
 
 
-def score_sample(judge, sample) -> dict:
-    meta = sample["json"]
-    record = {"dimension": meta["dimension"], "question": meta["question"], "judge": judge.name,
-              "status": "failed", "reason": None, "p_yes": None, "answer": None, "reward": None}
-    try:
-        frames, _ = decode_mp4(sample["mp4"], f"{sample['__key__']} in {sample['__url__']}")
-        if len(frames) < MIN_FRAMES:
-            raise VideoError(f"{sample['__key__']}: only {len(frames)} frames (need {MIN_FRAMES})")
-    except VideoError as err:
-        return record | {"reason": f"video: {err}"}
-    p_yes, answer = judge.score(frames, meta["question"])
-    return record | {"status": "ok", "p_yes": p_yes, "answer": answer, "reward": p_yes}
+def questions_of(meta: dict) -> list[str]:
+    return meta.get("questions") or [meta["question"]]
+
+
+def specialist_scores(scorer: str, frames, meta, sc, detector) -> dict:
+    if scorer == "camera_motion":
+        motion = camera_motion.global_motion(frames)
+        label = camera_motion.classify(motion, sc.camera_translation, sc.camera_zoom)
+        wanted = camera_motion.expected_motion(meta["prompt"])
+        if wanted is None:
+            return {}
+        return {"camera_motion": {"score": float(label == wanted), "measured": label, "expected": wanted, **motion}}
+    if scorer == "instance_preservation":
+        text = meta.get("lineage", {}).get("subject") or meta["prompt"]
+        value, evidence = instances.score(detector, frames, text)
+        return {"instance_preservation": {"score": value, **evidence}}
+    return {}
+
+
+def aggregate(scores: dict, how: str) -> float:
+    vlm = [s["reward"] for name, s in scores.items() if name.startswith("vlm")]
+    special = [s["score"] for name, s in scores.items() if not name.startswith("vlm")]
+    if how == "specialist_first":
+        return float(np.mean(special if special else vlm))
+    return float(np.mean(vlm + special) if how == "mean" else min(vlm + special))
+
+
+def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
+    """Records for a list of stage-2 samples; the judge sees all their questions in one batch."""
+    records, decoded = {}, []
+    for sample in chunk:
+        key, meta = sample["__key__"], sample["json"]
+        records[key] = {"dimension": meta["dimension"], "question": meta["question"], "questions": questions_of(meta),
+                        "judge": judge.name, "status": "failed", "reason": None, "scores": {}, "reward": None}
+        try:
+            frames, _ = decode_mp4(sample["mp4"], f"{key} in {sample['__url__']}")
+            if len(frames) < MIN_FRAMES:
+                raise VideoError(f"{key}: only {len(frames)} frames (need {MIN_FRAMES})")
+        except VideoError as err:
+            records[key]["reason"] = f"video: {err}"
+            continue
+        decoded.append((key, meta, frames))
+    items = [(frames, q) for _, meta, frames in decoded for q in questions_of(meta)]
+    answers = iter(judge.score_many(items) if items else [])
+    for key, meta, frames in decoded:
+        record = records[key]
+        judged = list(islice(answers, len(questions_of(meta))))
+        failed = next((a for a in judged if isinstance(a, JudgeAnswerError)), None)
+        if failed is not None:
+            record["reason"] = f"answer: {failed}"
+            continue
+        for i, a in enumerate(judged):
+            record["scores"][f"vlm:{i}"] = a | {"reward": normalized_reward(a["p_yes"], a["p_no"])}
+        record["scores"].update(specialist_scores(dims[meta["dimension"]].scorer, frames, meta, sc, detector))
+        first = record["scores"]["vlm:0"]
+        record.update(status="ok", p_yes=first["p_yes"], p_no=first["p_no"], answer=first["answer"],
+                      reward=aggregate(record["scores"], sc.aggregate))
+    return [records[s["__key__"]] for s in chunk]
 
 
 def summarize(run) -> dict:
-    """Per dimension: count, mean reward, failures by reason."""
-    summary: dict = {}
+    """Per dimension: count, mean reward, failures by reason; a histogram PNG of the rewards."""
+    summary, rewards = {}, {}
     for record in index_json(run, "stage3").values():
-        dim = summary.setdefault(record["dimension"], {"scored": 0, "failed": {}, "reward_sum": 0.0})
+        dim = summary.setdefault(record["dimension"], {"scored": 0, "failed": {}})
         if record["status"] == "ok":
             dim["scored"] += 1
-            dim["reward_sum"] += record["reward"]
+            rewards.setdefault(record["dimension"], []).append(record["reward"])
         else:
             reason = record["reason"].split(":", 1)[0]
             dim["failed"][reason] = dim["failed"].get(reason, 0) + 1
-    for dim in summary.values():
-        dim["mean_reward"] = dim.pop("reward_sum") / dim["scored"] if dim["scored"] else None
+    for name, dim in summary.items():
+        values = rewards.get(name, [])
+        dim["mean_reward"] = float(np.mean(values)) if values else None
+        if values:
+            dim["histogram"] = histogram_png(values, run.stage("stage3") / f"rewards-{name}.png",
+                                             f"{name}: reward of {len(values)} videos")
     return summary
 
 
 def preflight(cfg, run):
-    """Stage 2's output and the judge must exist before any work (or any --overwrite)."""
+    """Stage 2's output, the judge, the detector and the dimensions must be there before any work."""
     read_manifest(run, "stage2")
-    return judge_path(cfg.score, run)
+    sc = cfg.score
+    if sc.aggregate not in AGGREGATES:
+        raise ValueError(f"--aggregate={sc.aggregate!r} not in {AGGREGATES}")
+    if sc.judge == "openai":
+        OpenAIJudge(sc.judge_base_url, sc.judge_model)  # checks the flags
+    else:
+        judge_path(sc, run)
+    names = {m["dimension"] for m in index_json(run, "stage2").values() if m["source"] == "synthetic"}
+    dims = {n: load_dimension(n, cfg.prompts.dimensions_dir or DIMENSIONS_DIR) for n in sorted(names)}
+    needs_detector = any(d.scorer == "instance_preservation" for d in dims.values())
+    detector = instances.load_detector(sc.detector, sc.detector_weights) if needs_detector else None
+    return dims, detector
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Score every synthetic stage-2 video with the judge into RUN_DIR/stage3 (e.g. --judge_path=/models/llava --num_frames=16)."""
+    """Score every synthetic stage-2 video into RUN_DIR/stage3 (e.g. --judge_path=/models/llava --num_frames=16)."""
     started = start_stage("stage3", "score", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run, _ = started
+    cfg, run, (dims, detector) = started
     rank, world = rank_and_world()
     out = run.stage("stage3")
     videos = {k: m for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic"}
@@ -77,17 +148,16 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     mine = set(k for k in my_slice(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
     failures = []
+    todo = (s for s in iter_samples(run, "stage2") if s["__key__"] in mine)
     with ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer, \
             tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress:
-        for sample in iter_samples(run, "stage2"):
-            if sample["__key__"] not in mine:
-                continue
-            record = score_sample(judge, sample)
-            if record["status"] != "ok":
-                log.warning("%s: no score (%s)", sample["__key__"], record["reason"])
-                failures.append({"key": sample["__key__"], "reason": record["reason"]})
-            writer.write({"__key__": sample["__key__"], "json": record})
-            progress.update(1)
+        while chunk := list(islice(todo, int(cfg.score.batch_size))):
+            for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector)):
+                if record["status"] != "ok":
+                    log.warning("%s: no score (%s)", sample["__key__"], record["reason"])
+                    failures.append({"key": sample["__key__"], "reason": record["reason"]})
+                writer.write({"__key__": sample["__key__"], "json": record})
+            progress.update(len(chunk))
     if finish_rank(out, "stage3", rank, world, {"judge": judge.name, "failures": failures}):
         summary = summarize(run)
         write_json_atomic(out / "report.json", summary)

@@ -1,19 +1,26 @@
 #!/usr/bin/env python
 """Stage 4: reward-weighted flow-matching fine-tuning with DeepSpeed ZeRO.
 
-    loss = mean_i w_i * || v_theta(z_t, p, t) - (eps - z_0) ||^2
+    loss = mean_i w_i * || v_theta(z_t, p, t) - (eps - z_0) ||^2,   z_t = (1 - t) z_0 + t eps
 
 w_i is the stage-3 reward of a synthetic sample mapped to a weight (--weight_mapping), or the
 realism weight for a real video paired with its real caption (--realism_weight, 0 disables it).
-Launch with torchrun (or slurm/stage4.sh). Checkpoints go to RUN_DIR/stage4/checkpoints and a
-rerun resumes from the newest; TensorBoard to RUN_DIR/stage4/tensorboard; the fine-tuned model
-to RUN_DIR/stage4/export as a diffusers pipeline folder.
+Full fine-tuning or LoRA (--mode). Launch with torchrun (or slurm/stage4.sh). Checkpoints go to
+RUN_DIR/stage4/checkpoints and a rerun resumes exactly (model, optimizer, scheduler, each rank's
+data position; noise and timesteps are a function of the step). SIGUSR1, or the file
+RUN_DIR/stage4/stop-request (what slurm/stage4.sh creates on SLURM's warning before preemption),
+makes every rank save a checkpoint and exit with code 3. A sample with non-finite
+latents or embeddings gets weight 0 and is counted (too many stop the run); a non-finite loss
+stops the run with the step and the samples named. TensorBoard goes to
+RUN_DIR/stage4/tensorboard; the model to RUN_DIR/stage4/export in diffusers format.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,47 +38,77 @@ from tqdm import tqdm  # noqa: E402
 
 from gigavideo import checkpoint  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
+from gigavideo.data import DataPosition, training_loader, training_weights  # noqa: E402
 from gigavideo.distributed import single_process_defaults  # noqa: E402
-from gigavideo.data import training_loader, training_weights  # noqa: E402
 from gigavideo.ds_config import build_ds_config  # noqa: E402
-from gigavideo.export import export_pipeline  # noqa: E402
-from gigavideo.loss import (noisy_latents_and_target, per_sample_flow_matching_loss, sample_timesteps,  # noqa: E402
-                            weighted_loss)
+from gigavideo.export import export_model  # noqa: E402
+from gigavideo.loss import batch_loss, sample_timesteps  # noqa: E402
 from gigavideo.models import base_model_path  # noqa: E402
 from gigavideo.schema import read_manifest, write_manifest  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage4")
+PREEMPTED_EXIT_CODE = 3
+STOP_FILE = "stop-request"  # created by slurm/stage4.sh on SLURM's preemption warning
+_stop_requested = False
 
 
-def forever(loader):
-    """Each rank cycles over its shards, so every rank runs exactly max_steps steps."""
-    epoch = 0
-    while True:
-        count = 0
-        for batch in loader:
-            count += 1
-            yield epoch, batch
-        if count == 0:
-            raise RuntimeError("this rank's shards gave no full batch; lower --micro_batch_size")
-        epoch += 1
+def _request_stop(signum, _frame):
+    global _stop_requested
+    _stop_requested = True
+    log.warning("received signal %d: saving a checkpoint at the end of this step, then exiting", signum)
 
 
-def mean_over_ranks(values: list[float]) -> list[float]:
+def all_ranks(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def sanitize(batch: dict) -> torch.Tensor:
+    """Zero the inputs and the weight of samples with non-finite latents or embeddings; True where fine."""
+    ok = (torch.isfinite(batch["latents"].flatten(1)).all(1) & torch.isfinite(batch["prompt_embeds"].flatten(1)).all(1))
+    if not ok.all():
+        batch["latents"][~ok] = 0
+        batch["prompt_embeds"][~ok] = 0
+        batch["weights"][~ok] = 0
+    return ok
+
+
+def gather_positions(position: DataPosition) -> list[dict]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, position.state())
+    return out
+
+
+def build_model(cfg, base: Path):
+    from diffusers import WanTransformer3DModel
+
+    tc = cfg.train
+    transformer = WanTransformer3DModel.from_pretrained(base / "transformer", torch_dtype=torch.float32)
+    if tc.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if tc.mode == "lora":
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=int(tc.lora_rank), lora_alpha=float(tc.lora_alpha),
+                                           init_lora_weights="gaussian", target_modules=list(tc.lora_targets)))
+    elif tc.mode != "full":
+        raise ValueError(f"--mode={tc.mode!r} not in (full, lora)")
+    return transformer.train()
 
 
 def preflight(cfg, run):
     """Inputs and an inconsistent DeepSpeed config fail here, before any compute (or any --overwrite)."""
     read_manifest(run, "stage3")
+    if cfg.train.mode not in ("full", "lora"):
+        raise ValueError(f"--mode={cfg.train.mode!r} not in (full, lora)")
     return base_model_path(cfg.model, run), build_ds_config(cfg.train, dist.get_world_size())
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes (e.g. --lr=1e-6 --weight_mapping=normalized)."""
+    """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes (e.g. --lr=1e-6 --mode=lora)."""
     single_process_defaults()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     started = start_stage("stage4", "train", run_dir, config, overwrite, overrides, preflight)
@@ -81,88 +118,135 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     tc = cfg.train
     rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg.model.device)
+    signal.signal(signal.SIGUSR1, _request_stop)
+    stop_file = run.stage("stage4") / STOP_FILE
+    if rank == 0:
+        stop_file.unlink(missing_ok=True)  # a request from a previous (preempted) run is done
+    dist.barrier()
     weights, data_stats = training_weights(run, tc)
-    loader = training_loader(run, tc, weights, cfg.model.max_sequence_length, world)
     if rank == 0:
         log.info("training data: %s", data_stats)
 
-    from diffusers import WanTransformer3DModel
-
-    transformer = WanTransformer3DModel.from_pretrained(base / "transformer", torch_dtype=torch.float32)
-    if tc.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    transformer = build_model(cfg, base)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    # A torch AdamW needs no compiled ops; a config with its own "optimizer" (e.g. CPU offload) gets DeepSpeed's.
+    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(trainable, lr=tc.lr,
+                                                                        weight_decay=tc.weight_decay)
     warmup = max(1, int(tc.warmup_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    engine, _, _, _ = deepspeed.initialize(model=transformer, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    state = checkpoint.resume(engine, run.checkpoints) or {"step": 0}
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=transformer, optimizer=optimizer, model_parameters=trainable, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)))
+    lora = tc.mode == "lora"
+    state = checkpoint.resume(engine, run.checkpoints, trainable_only=lora) or {"step": 0}
     step = state["step"]
+    positions = state.get("data_positions")
+    if positions and len(positions) != world:
+        log.warning("resuming with %d ranks from a checkpoint of %d: each rank restarts its epoch", world,
+                    len(positions))
+        positions = None
+    mine = positions[rank] if positions else {"epoch": 0, "batches": 0}
+    data = DataPosition(lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
+                        mine["epoch"], mine["batches"])
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run.tensorboard))
+        writer = SummaryWriter(str(run.tensorboard), purge_step=step + 1 if step else None)
     compute_dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
     progress = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
-    data = forever(loader)
-    last_log = time.time()
+    skipped = 0
+    last = time.time()
+    stopped = False
     while step < tc.max_steps:
-        sums = {"loss": 0.0, "synthetic": 0.0, "real": 0.0, "n_synthetic": 0.0, "n_real": 0.0, "weight": 0.0}
-        for _ in range(tc.grad_accum):
-            epoch, batch = next(data)
-            # Noise and timesteps depend only on (seed, step, rank, micro step): resume replays them.
-            gen = torch.Generator().manual_seed(hash((tc.seed, step, rank, engine.micro_steps)) % (2**63))
+        sums = dict.fromkeys(("loss", "synthetic", "real", "n_synthetic", "n_real", "w_sum", "w_sq", "tokens"), 0.0)
+        w_min, w_max = math.inf, -math.inf
+        for micro in range(tc.grad_accum):
+            batch = data.next()
+            finite_inputs = sanitize(batch)
+            if not finite_inputs.all():
+                bad = [k for k, ok in zip(batch["keys"], finite_inputs.tolist()) if not ok]
+                log.warning("step %d: non-finite latents or embeddings in %s; weight set to 0", step + 1, bad)
+                skipped += len(bad)
+            # Noise and timesteps depend only on (seed, step, rank, micro step): a resumed run replays them.
+            gen = torch.Generator().manual_seed(hash((tc.seed, step, rank, micro)) % (2**63))
             z0 = batch["latents"]
             t = sample_timesteps(len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean, tc.logit_std)
             noise = torch.randn(z0.shape, generator=gen)
-            z_t, target = noisy_latents_and_target(z0, noise, t)
-            prediction = engine(hidden_states=z_t.to(device, compute_dtype), timestep=(t * 1000).to(device),
-                                encoder_hidden_states=batch["prompt_embeds"].to(device, compute_dtype),
-                                return_dict=False)[0]
-            per_sample = per_sample_flow_matching_loss(prediction, target.to(device))
-            if not torch.isfinite(per_sample).all():
-                bad = [k for k, v in zip(batch["keys"], per_sample.tolist()) if v != v or abs(v) == float("inf")]
-                raise FloatingPointError(f"non-finite loss at step {step} for samples {bad}")
-            loss = weighted_loss(per_sample, batch["weights"].to(device))
+            loss, per_sample = batch_loss(engine, z0, batch["prompt_embeds"], batch["weights"].to(device), t, noise,
+                                          compute_dtype)
+            # Every rank learns whether any rank diverged, before any gradient is reduced.
+            if all_ranks([0.0 if torch.isfinite(per_sample).all() else 1.0])[0] > 0:
+                raise FloatingPointError(f"step {step + 1}: the flow-matching loss is not finite on some rank "
+                                         f"(this rank's samples: {batch['keys']}); the model diverged. Resume "
+                                         f"from the last checkpoint with a lower --lr.")
             engine.backward(loss)
-            engine.step()
-            real = batch["is_real"].to(device)
+            real = batch["is_real"]
+            w = batch["weights"]
             sums["loss"] += loss.item() / tc.grad_accum
-            sums["synthetic"] += per_sample[~real].sum().item()
-            sums["real"] += per_sample[real].sum().item()
+            sums["synthetic"] += per_sample[~real.to(device)].sum().item()
+            sums["real"] += per_sample[real.to(device)].sum().item()
             sums["n_synthetic"] += (~real).sum().item()
             sums["n_real"] += real.sum().item()
-            sums["weight"] += batch["weights"][~real.cpu()].sum().item()
+            sums["w_sum"] += w[~real].sum().item()
+            sums["w_sq"] += (w[~real] ** 2).sum().item()
+            sums["tokens"] += z0[0].numel() / z0.shape[1] / 4 * len(z0)  # latent patches (1x2x2) per sample
+            if (~real).any():
+                w_min, w_max = min(w_min, w[~real].min().item()), max(w_max, w[~real].max().item())
+            engine.step()
         step += 1
         progress.update(1)
-        loss, syn, real_loss, n_syn, n_real, w = mean_over_ranks(
-            [sums["loss"], sums["synthetic"], sums["real"], sums["n_synthetic"], sums["n_real"], sums["weight"]])
+        if skipped > tc.max_bad_samples:
+            raise FloatingPointError(f"{skipped} samples had non-finite latents or embeddings (more than "
+                                     f"--max_bad_samples={tc.max_bad_samples}); rerun stage 2 for them")
+        totals = all_ranks([sums[k] for k in ("loss", "synthetic", "real", "n_synthetic", "n_real", "w_sum", "w_sq",
+                                              "tokens")])
+        loss_all, syn, real_loss, n_syn, n_real, w_sum, w_sq, tokens = totals
+        w_min, w_max = all_ranks([w_min], dist.ReduceOp.MIN)[0], all_ranks([w_max], dist.ReduceOp.MAX)[0]
+        elapsed, last = time.time() - last, time.time()
         if writer and step % tc.log_every == 0:
-            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/loss", loss_all / world, step)
             if n_syn:
                 writer.add_scalar("train/fm_loss_synthetic", syn / n_syn, step)
-                writer.add_scalar("train/mean_reward_weight", w / n_syn, step)
+                writer.add_scalar("weights/mean", w_sum / n_syn, step)
+                writer.add_scalar("weights/min", w_min, step)
+                writer.add_scalar("weights/max", w_max, step)
+                writer.add_scalar("weights/effective_sample_fraction", w_sum**2 / max(w_sq, 1e-12) / n_syn, step)
             if n_real:
                 writer.add_scalar("train/fm_loss_real", real_loss / n_real, step)
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            writer.add_scalar("train/epoch", epoch, step)
-            writer.add_scalar("perf/seconds_per_step", time.time() - last_log, step)
-            progress.set_postfix(loss=f"{loss:.4f}")
-        last_log = time.time()
-        if step % tc.save_every == 0 or step == tc.max_steps:
-            checkpoint.save(engine, run.checkpoints, step, {"config": dict(tc)}, tc.keep_last)
+            writer.add_scalar("train/epoch", data.epoch, step)
+            writer.add_scalar("train/non_finite_samples", skipped, step)
+            writer.add_scalar("perf/samples_per_second", (n_syn + n_real) / max(elapsed, 1e-9), step)
+            writer.add_scalar("perf/tokens_per_second", tokens / max(elapsed, 1e-9), step)
+            if torch.cuda.is_available():
+                writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
+            progress.set_postfix(loss=f"{loss_all / world:.4f}")
+        stop = all_ranks([1.0 if _stop_requested or stop_file.exists() else 0.0])[0] > 0
+        if step % tc.save_every == 0 or step == tc.max_steps or stop:
+            checkpoint.save(engine, run.checkpoints, step, {"config": dict(tc), "data_positions": gather_positions(data)},
+                            tc.keep_last, trainable_only=lora)
+        if stop and step < tc.max_steps:
+            stopped = True
+            break
     progress.close()
-
-    if rank == 0:
-        export_pipeline(engine.module, base, run.export)
+    if writer:
         writer.close()
-        write_manifest(run.stage("stage4"), "stage4", {"steps": step, "final_loss": loss, "world_size": world,
+    if stopped:
+        log.warning("stopped at step %d on request; rerun (or the requeued job) resumes from there", step)
+        dist.barrier()
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+    exported = export_model(engine, tc.mode, base, run.export)
+    if rank == 0:
+        write_manifest(run.stage("stage4"), "stage4", {"steps": step, "final_loss": loss_all / world,
+                                                       "non_finite_samples": skipped, "world_size": world,
                                                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                                                       "export": str(run.export), "data": data_stats,
-                                                       "config": dict(tc)})
-        log.info("stage4 complete: exported %s", run.export)
+                                                       "mode": tc.mode, "export": str(exported),
+                                                       "data": data_stats, "config": dict(tc)})
+        log.info("stage4 complete: exported %s", exported)
     dist.barrier()
 
 

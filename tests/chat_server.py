@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -37,9 +38,27 @@ def answer(text: str, seed: int = 0) -> dict:
     return {"question": f"Does the video clearly show this: {prompt[:60]}?"}
 
 
+def judge_answer(body: dict, with_logprobs: bool) -> dict:
+    """A vision judge: frames arrive as image parts; the answer depends only on the question text."""
+    content = body["messages"][-1]["content"]
+    images = [c for c in content if c["type"] == "image_url"]
+    assert images and all(c["image_url"]["url"].startswith("data:image/png;base64,") for c in images)
+    question = next(c["text"] for c in content if c["type"] == "text")
+    p_yes = int(hashlib.sha256(question.encode()).hexdigest(), 16) % 1000 / 1000 * 0.9
+    p_no = 0.95 - p_yes
+    message = {"role": "assistant", "content": "Yes" if p_yes >= p_no else "No"}
+    choice = {"message": message}
+    if with_logprobs:
+        top = [{"token": "Yes", "logprob": math.log(p_yes)}, {"token": "No", "logprob": math.log(p_no)},
+               {"token": "Maybe", "logprob": math.log(0.05)}]
+        choice["logprobs"] = {"content": [{"token": message["content"], "logprob": 0.0, "top_logprobs": top}]}
+    return {"choices": [choice]}
+
+
 class ChatServer:
-    def __init__(self, failures=(), delay: float = 0.0):
+    def __init__(self, failures=(), delay: float = 0.0, judge_logprobs: bool = True):
         self.failures, self.delay, self.requests = list(failures), delay, 0
+        self.judge_logprobs = judge_logprobs
         self.lock = threading.Lock()
         server = self
 
@@ -61,9 +80,15 @@ class ChatServer:
                     return
                 if action == "timeout":
                     time.sleep(3)
-                content = "I cannot help with that." if action == "garbage" else \
-                    "```json\n" + json.dumps(answer(body["messages"][-1]["content"], body.get("seed", 0))) + "\n```"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                if isinstance(body["messages"][-1]["content"], list):
+                    reply = judge_answer(body, server.judge_logprobs)
+                    if action == "garbage":
+                        reply = {"choices": [{"message": {"role": "assistant", "content": "Perhaps."}}]}
+                else:
+                    content = "I cannot help with that." if action == "garbage" else \
+                        "```json\n" + json.dumps(answer(body["messages"][-1]["content"], body.get("seed", 0))) + "\n```"
+                    reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+                data = json.dumps(reply).encode()
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")

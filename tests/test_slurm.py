@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,3 +84,66 @@ def test_sbatch_stage2_renders_on_two_ranks_disjointly_and_completely(tmp_path):
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     assert by_rank[0] | by_rank[1] == set(index_json(RunDir(run_dir), "stage1"))
     assert read_manifest(RunDir(run_dir), "stage2")["world_size"] == 2
+
+
+def test_sbatch_stage3_scores_on_two_ranks_disjointly_and_completely(scored_copy, tmp_path):
+    from gigavideo.schema import index_json, shard_keys
+
+    job_id, proc = sbatch("slurm/stage3.sh", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          f"--output={tmp_path}/stage3-%j.out", args=["--overwrite", "--samples_per_shard=2"],
+                          env={"RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"})
+    output = (tmp_path / f"stage3-{job_id}.out").read_text() if job_id else ""
+    assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
+    assert f"launch: job {job_id}, 2 torchrun agents" in output
+    folder = RunDir(scored_copy).stage("stage3")
+    by_rank = [{k for p in folder.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
+    synthetic = {k for k, m in index_json(RunDir(scored_copy), "stage2").items() if m["source"] == "synthetic"}
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1] and by_rank[0] | by_rank[1] == synthetic
+    assert read_manifest(RunDir(scored_copy), "stage3")["world_size"] == 2
+
+
+def job_field(job_id, field):
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    for token in out.split():
+        if token.startswith(field + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def wait_for(predicate, seconds, what):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_usr1_before_preemption_checkpoints_requeues_and_the_job_completes(scored_copy, tmp_path):
+    from test_stage4 import loss_curve
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"PYTHON": sys.executable, "RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"})
+    log = tmp_path / "stage4.out"
+    job_id = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks=1", "--cpus-per-task=2",
+                             f"--output={log}", "--open-mode=append", "slurm/stage4.sh", "--max_steps=300",
+                             "--save_every=10"], cwd=REPO, env=env, capture_output=True, text=True,
+                            check=True).stdout.strip().split(";")[0]
+    latest = RunDir(scored_copy).checkpoints / "latest"
+    wait_for(latest.is_file, 300, "the first checkpoint")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    wait_for(lambda: job_field(job_id, "Restarts") == "1" and job_field(job_id, "JobState") == "PENDING", 300,
+             "the job to requeue")
+    stopped_at = int(latest.read_text().strip()[4:])
+    assert 10 <= stopped_at < 300
+    # Skip SLURM's requeue delay, once the first run has left the node (starting earlier races its cleanup).
+    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
+             == "idle", 120, "the node to be idle")
+    time.sleep(5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    wait_for(lambda: job_field(job_id, "JobState") == "COMPLETED", 600, "the requeued job to complete")
+    output = log.read_text()
+    assert "preemption warning" in output and f"requeueing job {job_id}" in output
+    manifest = read_manifest(RunDir(scored_copy), "stage4")
+    assert manifest["steps"] == 300 and manifest["slurm_job_id"] == job_id
+    assert [s for s, _ in loss_curve(scored_copy)] == list(range(1, 301))

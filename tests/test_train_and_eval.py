@@ -34,7 +34,8 @@ def test_training_logs_tensorboard_scalars_and_keeps_the_last_checkpoints(traine
     events.Reload()
     losses = events.Scalars("train/loss")
     assert [e.step for e in losses] == [1, 2, 3, 4] and all(e.value > 0 for e in losses)
-    assert {"train/fm_loss_synthetic", "train/lr", "train/mean_reward_weight"} <= set(events.Tags()["scalars"])
+    assert {"train/fm_loss_synthetic", "train/fm_loss_real", "train/lr", "train/grad_norm", "weights/mean",
+            "weights/effective_sample_fraction", "perf/samples_per_second"} <= set(events.Tags()["scalars"])
     tags = sorted(p.name for p in run.checkpoints.glob("step*"))
     assert tags == ["step0000002", "step0000004"]
     assert (run.checkpoints / "latest").read_text().strip() == "step0000004"

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Stage-4 step cost, every number measured in this one run on this one device.
+
+    python bench/train_step.py               # tiny preset on CPU
+    python bench/train_step.py --device=cuda # same measurements on a GPU, bf16
+
+Prints: (1) the stage-4 step (DeepSpeed engine, the reward-weighted objective) divided by a bare
+PyTorch forward + backward + AdamW step of the same model on the same batch (target <= 1.10);
+(2) a step on precomputed latents and embeddings vs encoding the video and the prompt on the fly
+(target >= 3x); (3) per-rank optimizer-state memory under ZeRO-0/2/3 with two ranks (the
+`--memory_probe` subprocesses, launched with torchrun).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from gigavideo.config import load_config  # noqa: E402
+from gigavideo.distributed import single_process_defaults  # noqa: E402
+from gigavideo.ds_config import build_ds_config  # noqa: E402
+from gigavideo.loss import batch_loss  # noqa: E402
+from gigavideo.models import build_tiny_pipeline, encode_video  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def timed(fn, steps: int, device) -> float:
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+@torch.no_grad()
+def make_batch(pipe, batch: int, frames: int, size: int, device):
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(batch, frames, size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    latents = torch.stack([encode_video(pipe.vae, p, device) for p in pixels])
+    embeds, _ = pipe.encode_prompt(["a red square moves left"] * batch, do_classifier_free_guidance=False,
+                                   max_sequence_length=128, device=device)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    return pixels, latents, embeds, noise
+
+
+def engine_for(model, train_cfg, world_size=1):
+    import deepspeed
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_ds_config(train_cfg, world_size))
+    return engine
+
+
+def memory_probe(zero: int) -> None:
+    """One rank of a two-rank run: report this rank's optimizer-state bytes after one step."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = load_config("tiny", "train", {"micro_batch_size": 1, "grad_accum": 1,
+                                        "ds_config": f"ds_configs/zero{zero}.json" if zero else "ds_configs/zero2.json"})
+    model = build_tiny_pipeline(cfg.model).transformer.train()
+    ds = build_ds_config(cfg.train, dist.get_world_size())
+    ds["zero_optimization"]["stage"] = zero
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    z0 = torch.randn(1, 16, 3, 8, 8)
+    loss, _ = batch_loss(engine, z0, torch.randn(1, 16, 32), torch.ones(1), torch.tensor([0.5]), torch.randn_like(z0))
+    engine.backward(loss)
+    engine.step()
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
+    if dist.get_rank() == 0:
+        print(json.dumps({"zero": zero, "optimizer_state_bytes_rank0": state}))
+
+
+def main(device: str = "cpu", steps: int = 10, batch: int = 2, frames: int = 33, size: int = 128,
+         memory_probe_zero: int = -1):
+    """See the module docstring."""
+    if memory_probe_zero >= 0:
+        return memory_probe(memory_probe_zero)
+    import deepspeed
+
+    single_process_defaults()
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    dev = torch.device(device)
+    cfg = load_config("tiny", "train", {"micro_batch_size": batch, "grad_accum": 1})
+    pipe = build_tiny_pipeline(cfg.model).to(dev)
+    pixels, latents, embeds, noise = make_batch(pipe, batch, frames, size, dev)
+    t, weights = torch.full((batch,), 0.5), torch.ones(batch, device=dev)
+
+    bare_model = build_tiny_pipeline(cfg.model).transformer.to(dev).train()
+    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-5)
+
+    def bare_step():
+        loss, _ = batch_loss(bare_model, latents, embeds, weights, t, noise)
+        loss.backward()
+        bare_opt.step()
+        bare_opt.zero_grad()
+
+    engine = engine_for(build_tiny_pipeline(cfg.model).transformer.to(dev).train(), cfg.train)
+
+    def stage4_step():
+        loss, _ = batch_loss(engine, latents, embeds, weights, t, noise)
+        engine.backward(loss)
+        engine.step()
+
+    def on_the_fly_step():
+        with torch.no_grad():
+            z0 = torch.stack([encode_video(pipe.vae, p, dev) for p in pixels])
+            e, _ = pipe.encode_prompt(["a red square moves left"] * batch, do_classifier_free_guidance=False,
+                                      max_sequence_length=128, device=dev)
+        loss, _ = batch_loss(engine, z0, e, weights, t, noise)
+        engine.backward(loss)
+        engine.step()
+
+    bare, stage4, fly = (timed(f, steps, dev) for f in (bare_step, stage4_step, on_the_fly_step))
+    print(f"device {device}, tiny preset, batch {batch} of {frames}x{size}x{size} videos, {steps} steps each")
+    print(f"bare forward+backward+AdamW: {bare * 1000:8.1f} ms/step")
+    print(f"stage-4 step (DeepSpeed):    {stage4 * 1000:8.1f} ms/step   ratio {stage4 / bare:.2f} (target <= 1.10)")
+    print(f"encoding on the fly:         {fly * 1000:8.1f} ms/step   precomputed is {fly / stage4:.1f}x faster "
+          f"(target >= 3x)")
+    for zero in (0, 2, 3):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              __file__, f"--memory_probe_zero={zero}"], cwd=REPO, capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1]) if lines else {"error": out.stderr[-300:]}
+        print(f"ZeRO-{zero}, 2 ranks: optimizer state on rank 0: "
+              f"{result.get('optimizer_state_bytes_rank0', 0) / 2**20:.3f} MiB {result.get('error', '')}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

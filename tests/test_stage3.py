@@ -1,0 +1,111 @@
+"""Stage 3's judges and specialist scorers."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from chat_server import ChatServer
+from conftest import run_stage
+from gigavideo import camera_motion, instances
+from gigavideo.procedural import make_clip
+from gigavideo.schema import RunDir, index_json, read_manifest
+
+
+def test_the_tiny_vlm_scores_stage2_videos_deterministically_through_the_real_code_path(scored_run, scored_copy):
+    first = index_json(RunDir(scored_run), "stage3")
+    for record in first.values():
+        vlm = record["scores"]["vlm:0"]
+        assert 0 < vlm["p_yes"] and 0 < vlm["p_no"] and vlm["p_yes"] + vlm["p_no"] <= 1
+        assert vlm["reward"] == pytest.approx(vlm["p_yes"] / (vlm["p_yes"] + vlm["p_no"]))
+        assert record["judge"].endswith("models/judge")
+    run_stage("stage3", scored_copy, "--overwrite", "--batch_size=1")  # no batching, no padding
+    again = index_json(RunDir(scored_copy), "stage3")
+    for key, record in first.items():
+        assert again[key]["scores"]["vlm:0"]["p_yes"] == pytest.approx(record["scores"]["vlm:0"]["p_yes"], rel=1e-4)
+        assert again[key]["reward"] == pytest.approx(record["reward"], rel=1e-4)
+
+
+def test_camera_dimension_gets_the_optical_flow_score_as_its_reward(scored_run):
+    for record in index_json(RunDir(scored_run), "stage3").values():
+        if record["dimension"] == "camera_motion":
+            cam = record["scores"]["camera_motion"]
+            assert cam["measured"] in camera_motion.LABELS and cam["expected"] in camera_motion.LABELS
+            assert record["reward"] == cam["score"]  # specialist_first
+    summary = read_manifest(RunDir(scored_run), "stage3")
+    assert summary["num_samples"] == 9
+    assert (RunDir(scored_run).stage("stage3") / "rewards-camera_motion.png").is_file()
+
+
+def test_openai_judge_uses_logprobs_or_the_answer_text_and_reports_unparseable_answers(scored_copy):
+    args = ["--overwrite", "--judge=openai", "--judge_model=vlm", "--judge_backoff=0.01", "--judge_timeout=2"]
+    server = ChatServer(failures=["garbage", 503])
+    try:
+        run_stage("stage3", scored_copy, *args, f"--judge_base_url={server.url}", "--judge_concurrency=1")
+    finally:
+        server.close()
+    records = index_json(RunDir(scored_copy), "stage3")
+    failed = [r for r in records.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and "neither yes nor no: 'Perhaps.'" in failed[0]["reason"]
+    for record in records.values():
+        if record["status"] == "ok":
+            p_yes = int(hashlib.sha256((record["question"] + " Answer yes or no.").encode()).hexdigest(), 16)
+            p_yes = p_yes % 1000 / 1000 * 0.9
+            assert record["scores"]["vlm:0"]["p_yes"] == pytest.approx(p_yes)
+            assert record["scores"]["vlm:0"]["p_no"] == pytest.approx(0.95 - p_yes)
+    server = ChatServer(judge_logprobs=False)
+    try:
+        run_stage("stage3", scored_copy, *args, f"--judge_base_url={server.url}")
+    finally:
+        server.close()
+    for record in index_json(RunDir(scored_copy), "stage3").values():
+        assert record["status"] == "ok" and record["scores"]["vlm:0"]["p_yes"] in (0.0, 1.0)
+
+
+def textured_clip(kind, rng, speed, zoom, frames=9, size=64):
+    texture = rng.random((160, 160))
+    for _ in range(3):
+        texture = (texture + sum(np.roll(texture, s, a) for s in (1, -1) for a in (0, 1))) / 5
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    texture = (np.stack([texture, texture**2, 1 - texture], -1) * 255).astype(np.uint8)
+    out = []
+    for t in range(frames):
+        if kind.startswith("zoom"):
+            half = size / 2 / (zoom if kind == "zoom_in" else 1 / zoom) ** t
+            ys = xs = np.linspace(80 - half, 80 + half, size)
+        else:  # the camera moves over a fixed scene
+            dx = {"pan_left": -speed, "pan_right": speed}.get(kind, 0) * t
+            dy = {"tilt_up": -speed, "tilt_down": speed}.get(kind, 0) * t
+            ys, xs = np.arange(size) + 48 + dy, np.arange(size) + 48 + dx
+        yy, xx = np.meshgrid(ys.round().astype(int).clip(0, 159), xs.round().astype(int).clip(0, 159), indexing="ij")
+        out.append(texture[yy, xx])
+    return np.stack(out)
+
+
+def test_optical_flow_classifies_synthetic_camera_motion_with_at_least_95_percent_accuracy():
+    rng = np.random.default_rng(0)
+    cases = [(kind, speed, zoom) for kind in camera_motion.LABELS for speed, zoom in
+             ((0.6, 1.015), (1.5, 1.03), (2.5, 1.04), (4.0, 1.06))] * 2
+    correct = sum(camera_motion.classify(camera_motion.global_motion(textured_clip(k, rng, s, z))) == k
+                  for k, s, z in cases)
+    assert correct / len(cases) >= 0.95, f"{correct}/{len(cases)}"
+
+
+def test_camera_motion_is_read_from_the_prompt():
+    assert camera_motion.expected_motion("A castle, the camera moves: pan to the left. Wide shot") == "pan_left"
+    assert camera_motion.expected_motion("the camera slowly zooms in on a flower") == "zoom_in"
+    assert camera_motion.expected_motion("A red square moves left, static camera.") == "static"
+    assert camera_motion.expected_motion("a dog runs") is None
+
+
+def test_instance_counts_must_hold_in_every_frame():
+    frames, _ = make_clip(0, num_frames=9)
+    detector = instances.BlobDetector()
+    assert instances.score(detector, frames, "one square")[0] == 1.0
+    doubled = frames.copy()
+    doubled[4:, 2:8, 2:8] = (220, 40, 40)  # a second object appears halfway
+    value, evidence = instances.score(detector, doubled, "one square moves")
+    assert evidence["counts"][:4] == [1] * 4 and evidence["counts"][4:] == [2] * 5 and value == pytest.approx(4 / 9)
+    assert instances.expected_count("three red balloons rise") == (3, "balloon")
+    with pytest.raises(FileNotFoundError, match="YOLO-World weights"):
+        instances.load_detector("yolo_world", "/nonexistent.pt")
