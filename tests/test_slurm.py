@@ -26,6 +26,24 @@ def sbatch(script, *options, args=(), env=None, timeout=900):
     return proc.stdout.strip().split(";")[0], proc
 
 
+def sbatch_two_ranks(script, tmp_path, run_dir, args=()):
+    """Submit a stage on two SLURM tasks (two torchrun agents of one process each) and wait for it."""
+    name = script.split("/")[-1].removesuffix(".sh")
+    job_id, proc = sbatch(script, "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          f"--output={tmp_path}/{name}-%j.out", args=args,
+                          env={"RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1"})
+    output = (tmp_path / f"{name}-{job_id}.out").read_text() if job_id else ""
+    assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
+    assert f"launch: job {job_id}, 2 torchrun agents x 1 processes" in output
+    return job_id
+
+
+def keys_by_rank(folder):
+    from gigavideo.schema import shard_keys
+
+    return [{k for p in folder.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
+
+
 def test_sbatch_stage4_trains_on_two_processes_and_exports(scored_copy, tmp_path):
     log = tmp_path / "stage4-%j.out"
     job_id, proc = sbatch("slurm/stage4.sh", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
@@ -43,23 +61,16 @@ def test_sbatch_stage4_trains_on_two_processes_and_exports(scored_copy, tmp_path
 
 def test_sbatch_stage1_splits_llm_calls_over_two_ranks_disjointly_and_completely(tmp_path):
     from gigavideo.llm import build_tiny_chat_model
-    from gigavideo.schema import shard_keys
 
     model, tokenizer = build_tiny_chat_model(["a", "fox", "{", "}"])
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     run_dir = tmp_path / "run"
-    job_id, proc = sbatch("slurm/stage1.sh", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
-                          f"--output={tmp_path}/stage1-%j.out",
-                          args=["--engine=transformers", f"--llm_path={tmp_path / 'lm'}", "--llm_dtype=float32",
-                                "--llm_max_new_tokens=8", "--dimensions=mechanics,camera_motion",
-                                "--num_per_dimension=8", "--real_captions="],
-                          env={"RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1"})
-    output = (tmp_path / f"stage1-{job_id}.out").read_text() if job_id else ""
-    assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
-    assert f"launch: job {job_id}, 2 torchrun agents" in output
-    units = run_dir / "stage1" / "candidates"
-    by_rank = [{k for p in units.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
+    sbatch_two_ranks("slurm/stage1.sh", tmp_path, run_dir,
+                     ["--engine=transformers", f"--llm_path={tmp_path / 'lm'}", "--llm_dtype=float32",
+                      "--llm_max_new_tokens=8", "--dimensions=mechanics,camera_motion", "--num_per_dimension=8",
+                      "--real_captions="])
+    by_rank = keys_by_rank(run_dir / "stage1" / "candidates")
     expected = {f"unit-{d}-{u:05d}" for d in ("mechanics", "camera_motion") for u in range(4)}
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     assert by_rank[0] | by_rank[1] == expected
@@ -69,34 +80,22 @@ def test_sbatch_stage1_splits_llm_calls_over_two_ranks_disjointly_and_completely
 
 def test_sbatch_stage2_renders_on_two_ranks_disjointly_and_completely(tmp_path):
     from conftest import run_stage
-    from gigavideo.schema import index_json, shard_keys
+    from gigavideo.schema import index_json
 
     run_dir = tmp_path / "run"
     run_stage("stage1", run_dir)
-    job_id, proc = sbatch("slurm/stage2.sh", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
-                          f"--output={tmp_path}/stage2-%j.out", args=["--samples_per_shard=2"],
-                          env={"RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1"})
-    output = (tmp_path / f"stage2-{job_id}.out").read_text() if job_id else ""
-    assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
-    assert f"launch: job {job_id}, 2 torchrun agents" in output
-    folder = RunDir(run_dir).stage("stage2")
-    by_rank = [{k for p in folder.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
+    sbatch_two_ranks("slurm/stage2.sh", tmp_path, run_dir, ["--samples_per_shard=2"])
+    by_rank = keys_by_rank(RunDir(run_dir).stage("stage2"))
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     assert by_rank[0] | by_rank[1] == set(index_json(RunDir(run_dir), "stage1"))
     assert read_manifest(RunDir(run_dir), "stage2")["world_size"] == 2
 
 
 def test_sbatch_stage3_scores_on_two_ranks_disjointly_and_completely(scored_copy, tmp_path):
-    from gigavideo.schema import index_json, shard_keys
+    from gigavideo.schema import index_json
 
-    job_id, proc = sbatch("slurm/stage3.sh", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
-                          f"--output={tmp_path}/stage3-%j.out", args=["--overwrite", "--samples_per_shard=2"],
-                          env={"RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"})
-    output = (tmp_path / f"stage3-{job_id}.out").read_text() if job_id else ""
-    assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
-    assert f"launch: job {job_id}, 2 torchrun agents" in output
-    folder = RunDir(scored_copy).stage("stage3")
-    by_rank = [{k for p in folder.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
+    sbatch_two_ranks("slurm/stage3.sh", tmp_path, scored_copy, ["--overwrite", "--samples_per_shard=2"])
+    by_rank = keys_by_rank(RunDir(scored_copy).stage("stage3"))
     synthetic = {k for k, m in index_json(RunDir(scored_copy), "stage2").items() if m["source"] == "synthetic"}
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1] and by_rank[0] | by_rank[1] == synthetic
     assert read_manifest(RunDir(scored_copy), "stage3")["world_size"] == 2
