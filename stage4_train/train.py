@@ -12,7 +12,8 @@ RUN_DIR/stage4/stop-request (what slurm/stage4.sh creates on SLURM's warning bef
 makes every rank save a checkpoint and exit with code 3. A sample with non-finite
 latents or embeddings gets weight 0 and is counted (too many stop the run); a non-finite loss
 stops the run with the step and the samples named. TensorBoard goes to
-RUN_DIR/stage4/tensorboard; the model to RUN_DIR/stage4/export in diffusers format.
+RUN_DIR/stage4/tensorboard, with validation videos and drift monitors every --sample_every steps;
+the model to RUN_DIR/stage4/export in diffusers format.
 """
 
 from __future__ import annotations
@@ -153,6 +154,12 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
 
         writer = SummaryWriter(str(run.tensorboard), purge_step=step + 1 if step else None)
     compute_dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+    validation = None
+    if tc.sample_every > 0:
+        from gigavideo.validation import Validation
+
+        validation = Validation(run, base, tc.sample_count, tc.sample_steps, cfg.render.fps,
+                                cfg.model.max_sequence_length, device, rank)
     progress = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
     skipped = 0
     last = time.time()
@@ -224,6 +231,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             if torch.cuda.is_available():
                 writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
             progress.set_postfix(loss=f"{loss_all / world:.4f}")
+        if validation is not None and step % tc.sample_every == 0:
+            validation.run(engine.module, writer, step)
         stop = all_ranks([1.0 if _stop_requested or stop_file.exists() else 0.0])[0] > 0
         if step % tc.save_every == 0 or step == tc.max_steps or stop:
             checkpoint.save(engine, run.checkpoints, step, {"config": dict(tc), "data_positions": gather_positions(data)},

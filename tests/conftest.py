@@ -15,7 +15,7 @@ SCRIPTS = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/rend
            "stage3": "stage3_score/score.py", "stage4": "stage4_train/train.py", "eval": "eval/evaluate.py"}
 # Small enough for seconds per stage, large enough for several shards per stage.
 SMALL = {"stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"], "stage2": [], "stage3": [],
-         "stage4": ["--max_steps=4", "--save_every=2"], "eval": ["--prompts_per_dimension=2"]}
+         "stage4": ["--max_steps=4", "--save_every=2", "--sample_every=2"], "eval": ["--prompts_per_dimension=2"]}
 
 
 def run_stage(stage: str, run_dir: Path, *args: str, check: bool = True, env: dict | None = None,

@@ -36,6 +36,8 @@ def test_training_logs_tensorboard_scalars_and_keeps_the_last_checkpoints(traine
     assert [e.step for e in losses] == [1, 2, 3, 4] and all(e.value > 0 for e in losses)
     assert {"train/fm_loss_synthetic", "train/fm_loss_real", "train/lr", "train/grad_norm", "weights/mean",
             "weights/effective_sample_fraction", "perf/samples_per_second"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("drift/brightness")] == [2, 4]  # validation videos every 2 steps
+    assert len(events.Tags()["images"]) == 2 and all(0 < e.value < 1 for e in events.Scalars("drift/saturation"))
     tags = sorted(p.name for p in run.checkpoints.glob("step*"))
     assert tags == ["step0000002", "step0000004"]
     assert (run.checkpoints / "latest").read_text().strip() == "step0000004"

@@ -1,0 +1,69 @@
+"""Validation videos during training: fixed stage-2 prompts rendered by the model being trained.
+
+Every rank runs the sampler (under ZeRO-3 each forward gathers parameters from all ranks); rank 0
+decodes, logs the videos to TensorBoard as animated GIFs, and logs drift monitors (brightness,
+contrast, saturation, motion) so that reward hacking shows up while training runs. Prompt
+embeddings come from the stage-2 shards, so no text encoder is loaded; the VAE is loaded only
+when validation is on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .models import decode_latents
+from .schema import iter_samples
+from .video import gif_bytes, video_statistics
+
+
+class Validation:
+    def __init__(self, run, base_path, keys_wanted: int, steps: int, fps: int, max_sequence_length: int, device,
+                 rank: int):
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+        self.samples = []
+        for sample in iter_samples(run, "stage2", fields=("json", "prompt_embeds.npy", "latents.npy")):
+            if sample["json"]["source"] == "synthetic":
+                self.samples.append(sample)
+        self.samples = sorted(self.samples, key=lambda s: s["__key__"])[:keys_wanted]
+        self.steps, self.fps, self.device, self.rank = int(steps), int(fps), device, rank
+        self.max_sequence_length = int(max_sequence_length)
+        self.scheduler_config = UniPCMultistepScheduler.load_config(base_path / "scheduler")
+        self.vae = AutoencoderKLWan.from_pretrained(base_path / "vae").to(device).eval() if rank == 0 else None
+
+    @torch.no_grad()
+    def run(self, transformer, writer, step: int) -> None:
+        from diffusers import UniPCMultistepScheduler, WanPipeline
+
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                           scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config))
+        pipe.set_progress_bar_config(disable=True)
+        stats = []
+        was_training = transformer.training
+        transformer.eval()
+        for i, sample in enumerate(self.samples):
+            embeds = np.zeros((self.max_sequence_length, sample["prompt_embeds.npy"].shape[1]), np.float32)
+            embeds[: len(sample["prompt_embeds.npy"])] = sample["prompt_embeds.npy"][: self.max_sequence_length]
+            c, t, h, w = sample["latents.npy"].shape
+            latents = pipe(prompt_embeds=torch.from_numpy(embeds)[None].to(self.device, transformer.dtype),
+                           height=h * 8, width=w * 8, num_frames=(t - 1) * 4 + 1, guidance_scale=1.0,
+                           num_inference_steps=self.steps, output_type="latent",
+                           generator=torch.Generator().manual_seed(i)).frames
+            if self.rank == 0:
+                frames = decode_latents(self.vae, latents.float())[0]
+                stats.append(video_statistics(frames))
+                if writer is not None:
+                    _add_gif(writer, f"samples/{sample['__key__']}", frames, self.fps, step)
+        transformer.train(was_training)
+        if writer is not None and stats:
+            for name in stats[0]:
+                writer.add_scalar(f"drift/{name}", float(np.mean([s[name] for s in stats])), step)
+
+
+def _add_gif(writer, tag: str, frames: np.ndarray, fps: int, step: int) -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
+                          encoded_image_string=gif_bytes(frames, fps))
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
