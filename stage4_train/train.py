@@ -10,8 +10,9 @@ RUN_DIR/stage4/checkpoints and a rerun resumes exactly (model, optimizer, schedu
 data position; noise and timesteps are a function of the step). SIGUSR1, or the file
 RUN_DIR/stage4/stop-request (what slurm/stage4.sh creates on SLURM's warning before preemption),
 makes every rank save a checkpoint and exit with code 3. A sample with non-finite
-latents or embeddings gets weight 0 and is counted (too many stop the run); a non-finite loss
-stops the run with the step and the samples named. TensorBoard goes to
+latents or embeddings gets weight 0 and is counted (too many stop the run); a micro-batch whose
+loss is not finite on any rank is skipped on every rank and counted, and --max_bad_steps in a row
+stop the run with a message. TensorBoard goes to
 RUN_DIR/stage4/tensorboard, with validation videos and drift monitors every --sample_every steps;
 the model to RUN_DIR/stage4/export in diffusers format.
 """
@@ -161,31 +162,42 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         validation = Validation(run, base, tc.sample_count, tc.sample_steps, cfg.render.fps,
                                 cfg.model.max_sequence_length, device, rank)
     progress = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
-    skipped = 0
+    skipped = non_finite_losses = bad_in_a_row = 0
     last = time.time()
     stopped = False
     while step < tc.max_steps:
         sums = dict.fromkeys(("loss", "synthetic", "real", "n_synthetic", "n_real", "w_sum", "w_sq", "tokens"), 0.0)
         w_min, w_max = math.inf, -math.inf
         for micro in range(tc.grad_accum):
-            batch = data.next()
-            finite_inputs = sanitize(batch)
-            if not finite_inputs.all():
-                bad = [k for k, ok in zip(batch["keys"], finite_inputs.tolist()) if not ok]
-                log.warning("step %d: non-finite latents or embeddings in %s; weight set to 0", step + 1, bad)
-                skipped += len(bad)
-            # Noise and timesteps depend only on (seed, step, rank, micro step): a resumed run replays them.
-            gen = torch.Generator().manual_seed(hash((tc.seed, step, rank, micro)) % (2**63))
-            z0 = batch["latents"]
-            t = sample_timesteps(len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean, tc.logit_std)
-            noise = torch.randn(z0.shape, generator=gen)
-            loss, per_sample = batch_loss(engine, z0, batch["prompt_embeds"], batch["weights"].to(device), t, noise,
-                                          compute_dtype)
-            # Every rank learns whether any rank diverged, before any gradient is reduced.
-            if all_ranks([0.0 if torch.isfinite(per_sample).all() else 1.0])[0] > 0:
-                raise FloatingPointError(f"step {step + 1}: the flow-matching loss is not finite on some rank "
-                                         f"(this rank's samples: {batch['keys']}); the model diverged. Resume "
-                                         f"from the last checkpoint with a lower --lr.")
+            while True:
+                batch = data.next()
+                finite_inputs = sanitize(batch)
+                if not finite_inputs.all():
+                    bad = [k for k, ok in zip(batch["keys"], finite_inputs.tolist()) if not ok]
+                    log.warning("step %d: non-finite latents or embeddings in %s; weight set to 0", step + 1, bad)
+                    skipped += len(bad)
+                # Noise and timesteps depend only on (seed, step, rank, micro step, retry): a resume replays them.
+                gen = torch.Generator().manual_seed(hash((tc.seed, step, rank, micro, bad_in_a_row)) % (2**63))
+                z0 = batch["latents"]
+                t = sample_timesteps(len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean,
+                                     tc.logit_std)
+                noise = torch.randn(z0.shape, generator=gen)
+                loss, per_sample = batch_loss(engine, z0, batch["prompt_embeds"], batch["weights"].to(device), t,
+                                              noise, compute_dtype)
+                # Every rank learns whether any rank's loss is not finite before any gradient exists: then all
+                # ranks drop this micro-batch (no backward, so nothing non-finite reaches the weights).
+                if all_ranks([0.0 if torch.isfinite(per_sample).all() else 1.0])[0] == 0:
+                    bad_in_a_row = 0
+                    break
+                bad_in_a_row += 1
+                non_finite_losses += 1
+                log.warning("step %d: non-finite loss (this rank's samples: %s); the micro-batch is skipped",
+                            step + 1, batch["keys"])
+                del loss, per_sample
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise FloatingPointError(f"{bad_in_a_row} micro-batches in a row had a non-finite loss (step "
+                                             f"{step + 1}); the model diverged. Resume from the last checkpoint "
+                                             f"with a lower --lr.")
             engine.backward(loss)
             real = batch["is_real"]
             w = batch["weights"]
@@ -226,6 +238,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
             writer.add_scalar("train/epoch", data.epoch, step)
             writer.add_scalar("train/non_finite_samples", skipped, step)
+            writer.add_scalar("train/non_finite_losses", non_finite_losses, step)
             writer.add_scalar("perf/samples_per_second", (n_syn + n_real) / max(elapsed, 1e-9), step)
             writer.add_scalar("perf/tokens_per_second", tokens / max(elapsed, 1e-9), step)
             if torch.cuda.is_available():
@@ -251,7 +264,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     exported = export_model(engine, tc.mode, base, run.export)
     if rank == 0:
         write_manifest(run.stage("stage4"), "stage4", {"steps": step, "final_loss": loss_all / world,
-                                                       "non_finite_samples": skipped, "world_size": world,
+                                                       "non_finite_samples": skipped, "non_finite_losses": non_finite_losses, "world_size": world,
                                                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                                                        "mode": tc.mode, "export": str(exported),
                                                        "data": data_stats, "config": dict(tc)})

@@ -104,3 +104,35 @@ def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_ru
     run_stage("stage4", killed, *args)
     assert loss_curve(killed) == loss_curve(whole)
     assert [s for s, _ in loss_curve(killed)] == list(range(1, 401))
+
+
+def test_non_finite_inputs_get_no_weight_and_a_diverging_run_stops_with_a_message(scored_copy):
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from gigavideo.schema import shard_paths
+
+    run = RunDir(scored_copy)
+    shard = shard_paths(run, "stage2")[0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name.split(".")[0] for m, _ in members if m.name.startswith("syn-"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == f"{victim}.latents.npy":
+                array = np.load(io.BytesIO(data))
+                array[0, 0, 0, 0] = np.nan
+                buf = io.BytesIO()
+                np.save(buf, array)
+                data = buf.getvalue()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    proc = run_stage("stage4", scored_copy, "--max_steps=8", "--sample_every=0")
+    assert f"non-finite latents or embeddings in ['{victim}']" in proc.stderr
+    assert read_manifest(run, "stage4")["non_finite_samples"] >= 1
+    proc = run_stage("stage4", scored_copy, "--overwrite", "--max_steps=40", "--lr=1e12", "--sample_every=0",
+                     check=False)
+    assert proc.returncode == 2 and "5 micro-batches in a row had a non-finite loss" in proc.stderr
+    assert "the micro-batch is skipped" in proc.stderr
