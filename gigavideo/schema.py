@@ -326,10 +326,11 @@ def shard_paths(run: RunDir, stage: str) -> list[str]:
 NOT_LOADED = object()  # a field present in the shard but not read (see `fields`)
 
 
-def iter_shard(path: str, fields: Iterable[str] | None = None) -> Iterator[dict]:
+def iter_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | None = None) -> Iterator[dict]:
     """Samples of one shard, decoded; a sample's files must be contiguous, as WebDataset requires.
 
     With `fields`, only those are read; the others are marked NOT_LOADED (their presence still counts).
+    With `keys`, only those samples are yielded (the others are skipped unread).
     """
     current: dict | None = None
     with tarfile.open(path) as tar:
@@ -337,6 +338,8 @@ def iter_shard(path: str, fields: Iterable[str] | None = None) -> Iterator[dict]
             if not member.isfile():
                 continue
             key, _, field = member.name.partition(".")
+            if keys is not None and key not in keys:
+                continue
             if current is not None and current["__key__"] != key:
                 yield current
                 current = None
@@ -350,10 +353,11 @@ def iter_shard(path: str, fields: Iterable[str] | None = None) -> Iterator[dict]
         yield current
 
 
-def iter_samples(run: RunDir, stage: str, fields: Iterable[str] | None = None) -> Iterator[dict]:
-    """Every sample of a completed stage, validated against the stage's schema."""
+def iter_samples(run: RunDir, stage: str, fields: Iterable[str] | None = None,
+                 keys: set[str] | None = None) -> Iterator[dict]:
+    """Every sample (or those in `keys`) of a completed stage, validated against the stage's schema."""
     for path in shard_paths(run, stage):
-        for sample in iter_shard(path, fields):
+        for sample in iter_shard(path, fields, keys):
             yield validate(sample, stage)
 
 

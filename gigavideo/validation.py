@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .models import decode_latents
-from .schema import iter_samples
+from .schema import index_json, iter_samples
 from .video import gif_bytes, video_statistics
 
 
@@ -22,11 +22,8 @@ class Validation:
                  rank: int):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
-        self.samples = []
-        for sample in iter_samples(run, "stage2", fields=("json", "prompt_embeds.npy", "latents.npy")):
-            if sample["json"]["source"] == "synthetic":
-                self.samples.append(sample)
-        self.samples = sorted(self.samples, key=lambda s: s["__key__"])[:keys_wanted]
+        chosen = sorted(k for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic")[:keys_wanted]
+        self.samples = sorted(iter_samples(run, "stage2", keys=set(chosen)), key=lambda s: s["__key__"])
         self.steps, self.fps, self.device, self.rank = int(steps), int(fps), device, rank
         self.max_sequence_length = int(max_sequence_length)
         self.scheduler_config = UniPCMultistepScheduler.load_config(base_path / "scheduler")

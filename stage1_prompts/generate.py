@@ -39,6 +39,7 @@ from gigavideo.schema import (ShardWriter, iter_shard, rank_parts, rank_prefix, 
 from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage1")
+ENGINES = ("template", "transformers", "openai")
 
 
 def make_backend(pc, device):
@@ -50,7 +51,7 @@ def make_backend(pc, device):
     if pc.engine == "openai":
         return OpenAIBackend(pc.llm_base_url, pc.llm_model, pc.llm_api_key_env, pc.llm_concurrency,
                              pc.llm_http_retries, pc.llm_timeout, pc.llm_temperature, backoff=pc.llm_backoff)
-    raise ValueError(f"prompt engine {pc.engine!r} not in (template, transformers, openai)")
+    raise ValueError(f"prompt engine {pc.engine!r} not in {ENGINES}")
 
 
 def read_heldout(path: str) -> list[str]:
@@ -176,11 +177,10 @@ def preflight(cfg, run):
         raise FileNotFoundError(f"--llm_path={pc.llm_path!r}: the transformers engine needs a local chat model folder")
     if pc.engine == "openai":
         OpenAIBackend(pc.llm_base_url, pc.llm_model)  # checks the flags
-    elif pc.engine != "template":
-        make_backend(pc, "cpu")  # raises on an unknown engine
-    for path in (pc.heldout_file,):
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"held-out prompts file {path} not found")
+    elif pc.engine not in ENGINES:
+        raise ValueError(f"prompt engine {pc.engine!r} not in {ENGINES}")
+    if pc.heldout_file and not Path(pc.heldout_file).is_file():
+        raise FileNotFoundError(f"held-out prompts file {pc.heldout_file} not found")
     spec = pc.real_captions
     if spec and not spec.startswith(("procedural:", "wds:")) and not Path(spec).is_file():
         raise FileNotFoundError(f"real captions file {spec} not found (expected JSONL or CSV with caption, video)")

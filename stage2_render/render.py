@@ -98,10 +98,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                     seconds_total += result["seconds"]
                     write(writer, key, result, seed, result["seconds"])
                 progress.update(1)
-        for sample in iter_samples(run, "stage1") if real_todo else []:
+        for sample in iter_samples(run, "stage1", keys=real_todo) if real_todo else []:
             key = sample["__key__"]
-            if key not in real_todo:
-                continue
             start = time.time()
             try:
                 frames, _ = decode_mp4(sample["real.mp4"], f"{key} (real video)")

@@ -148,7 +148,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     mine = set(k for k in my_slice(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
     failures = []
-    todo = (s for s in iter_samples(run, "stage2") if s["__key__"] in mine)
+    todo = iter_samples(run, "stage2", keys=mine)
     with ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer, \
             tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress:
         while chunk := list(islice(todo, int(cfg.score.batch_size))):
