@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# VBench-2.0's prompt suite for the eval; --no-deps because the package pins ~200 heavy evaluator deps.
+	$(VENV)/bin/pip install -q --no-deps vbench2==0.1.1
 	touch $(STAMP)
 
 demo: setup

@@ -1,147 +1,265 @@
 #!/usr/bin/env python
-"""Eval: the baseline and the fine-tuned model on held-out prompts, per dimension.
+"""Eval: the baseline and the fine-tuned model on the same prompts and seeds, per dimension.
 
-Held-out prompts come from the prompt engine with the eval seed, minus any prompt used in
-training. Both models render every prompt with the same per-video seeds; videos are saved in
-VBench-2.0's layout (`videos/{model}/{dimension}/{prompt[:180]}-{index}.mp4`); the stage-3 judge
-scores both, and the report gives the paired difference with a bootstrap 95% interval.
-Writes RUN_DIR/eval/report.json and report.md.
+Prompt suites (--suites):
+- `heldout`: the template engine with the eval seed; any prompt that is a near-duplicate of a
+  training prompt (stage 1's similarity: MiniLM embeddings, or word 3-grams) is left out.
+- `vbench2`: VBench-2.0's standard prompts, read from the installed `vbench2` package, 3 videos
+  per prompt; its camera-motion and instance expectations go to our specialist scorers.
+
+Both models render every (prompt, index) with the same seed into VBench-2.0's layout,
+`RUN_DIR/eval/videos/{baseline,finetuned}/{suite}/{Dimension}/{prompt[:180]}-{index}.mp4`. The
+stage-3 judge (and specialist) scores each saved video, and drift statistics are measured on the
+same frames. Where VBench-2.0's evaluator is installed (--official), it scores the vbench2 folders
+too. Writes RUN_DIR/eval/report.json, report.md, chart-{suite}.png and TensorBoard scalars.
+Resumable: videos are renamed into place when complete and each scored video is appended to
+this rank's record file, so a rerun renders and scores only what is missing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from gigavideo import instances, vbench2  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import rank_and_world  # noqa: E402
-from gigavideo.judge import judge_path, load_judge, normalized_reward  # noqa: E402
-from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
+from gigavideo.export import load_exported  # noqa: E402
+from gigavideo.eval_report import LABELS, dimension_summary, write_outputs  # noqa: E402
+from gigavideo.judge import judge_path, load_judge  # noqa: E402
 from gigavideo.llm import TemplateBackend  # noqa: E402
-from gigavideo.prompt_engine import engine_prompts  # noqa: E402
+from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
+from gigavideo.prompt_engine import Similarity, engine_prompts  # noqa: E402
 from gigavideo.prompts import CAMERAS, LIGHTING, SETTINGS, resolve_dimensions  # noqa: E402
 from gigavideo.rendering import Renderer, seed_for  # noqa: E402
+from gigavideo.scoring import score_videos  # noqa: E402
 from gigavideo.schema import index_json, rank_parts, read_manifest, write_json_atomic  # noqa: E402
-from gigavideo.stats import paired_bootstrap  # noqa: E402
-from gigavideo.video import encode_mp4  # noqa: E402
+from gigavideo.video import VideoError, decode_mp4, encode_mp4, video_statistics  # noqa: E402
 
 log = logging.getLogger("gigavideo.eval")
+SUITES = ("heldout", "vbench2")
+OFFICIAL = ("auto", "on", "off")
 
 
-def held_out_prompts(cfg, training_prompts: set[str]) -> list[dict]:
-    """The template engine with the eval seed, minus any prompt used in training."""
-    backend = TemplateBackend(SETTINGS, CAMERAS, LIGHTING)
-    items = []
-    for dim in resolve_dimensions(cfg.eval.dimensions, cfg.prompts.dimensions_dir):
-        prompts = [p for p in engine_prompts(backend, dim, cfg.eval.prompts_per_dimension * 3, cfg.eval.seed)
-                   if p["prompt"] not in training_prompts][: cfg.eval.prompts_per_dimension]
-        items += [{"dimension": dim.name, "prompt": p["prompt"], "question": p["question"]} for p in prompts]
-    return items
+def near_duplicates(similarity: Similarity, prompts: list[str], training, threshold: float) -> list[bool]:
+    if not prompts or not len(training):
+        return [False] * len(prompts)
+    return list(similarity.matrix(similarity.embed(prompts), training).max(axis=1) >= threshold)
 
 
-def video_name(prompt: str, index: int) -> str:
-    """VBench-2.0's file name: the prompt's first 180 characters, '-', the sample index."""
-    return f"{prompt[:180].replace('/', ' ')}-{index}.mp4"
+def eval_videos(cfg, dims, training_prompts: list[str]) -> tuple[list[dict], dict]:
+    """Every (suite, dimension, prompt, index) to render, in a fixed order, and notes for the report."""
+    similarity = Similarity(cfg.prompts.embedder_path)
+    threshold = cfg.prompts.heldout_threshold if similarity.model is not None else cfg.prompts.lexical_heldout_threshold
+    training = similarity.embed(training_prompts)
+    videos, notes = [], {suite: [] for suite in cfg.eval.suites}
+    for suite in cfg.eval.suites:
+        for dim in dims:
+            if suite == "heldout":
+                candidates = engine_prompts(TemplateBackend(SETTINGS, CAMERAS, LIGHTING), dim,
+                                            cfg.eval.prompts_per_dimension * 3, cfg.eval.seed)
+                close = near_duplicates(similarity, [c["prompt"] for c in candidates], training, threshold)
+                items = [c for c, near in zip(candidates, close) if not near][: cfg.eval.prompts_per_dimension]
+                notes[suite].append(f"{dim.name}: {sum(close)} of {len(candidates)} candidate prompts left out as "
+                                    f"near-duplicates of training prompts ({similarity.kind} >= {threshold})")
+                samples, folder = cfg.eval.samples_per_prompt, dim.name
+            else:
+                items = vbench2.suite_prompts(dim.name, cfg.eval.vbench2_prompts_per_dimension)
+                close = sum(near_duplicates(similarity, [i["prompt"] for i in items], training, threshold))
+                if close:
+                    notes[suite].append(f"{dim.name}: {close} VBench-2.0 prompts are near-duplicates of training "
+                                        "prompts: the benchmark has leaked into training")
+                samples, folder = vbench2.samples_per_prompt(dim.name), vbench2.vbench_name(dim.name)
+            for item in items:
+                for index in range(samples):
+                    key = f"{suite}/{dim.name}/{index}/{item['prompt']}"
+                    videos.append(item | {"key": key, "suite": suite, "dimension": dim.name, "index": index,
+                                          "scorer": dim.scorer, "seed": seed_for(key, cfg.eval.seed),
+                                          "path": f"{suite}/{folder}/{vbench2.video_name(item['prompt'], index)}"})
+    return videos, notes
 
 
-def render_and_score(label, renderer, items, cfg, judge, out_dir) -> list[float]:
-    """One score per (prompt, sample index), in that order; the mp4s go to VBench-2.0's layout."""
-    scores = []
-    for item in tqdm(items, desc=f"eval {label}", unit="prompt"):
-        for index in range(cfg.eval.samples_per_prompt):
-            key = f"eval-{item['dimension']}-{index}-{item['prompt']}"
-            result = renderer.render([key], [item["prompt"]], [seed_for(key, cfg.eval.seed)])[0]
-            path = out_dir / label / item["dimension"] / video_name(item["prompt"], index)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode_mp4(result["frames"], cfg.render.fps))
-            judged = judge.score_many([(result["frames"], item["question"])])[0]
-            if isinstance(judged, Exception):
-                raise ValueError(f"the judge gave no score for {path.name}: {judged}")
-            scores.append(normalized_reward(judged["p_yes"], judged["p_no"]))
-    return scores
+def load_records(records_dir: Path) -> dict:
+    """(label, key) -> record, from every rank's record file (a line cut short by a kill is ignored)."""
+    records = {}
+    for path in sorted(records_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[(record["label"], record["key"])] = record
+    return records
 
 
-def build_report(cfg, parts: list[dict], judge_name: str) -> dict:
-    videos = sorted((v for part in parts for v in part["videos"]), key=lambda v: (v["dimension"], v["prompt"], v["index"]))
-    settings = parts[0]["settings"]
-    protocol = {"samples_per_prompt": cfg.eval.samples_per_prompt, "prompt_seed": cfg.eval.seed,
-                "video_seed": "sha256(eval seed, dimension, index, prompt)", "level": 0.95, **settings}
-    report = {"judge": judge_name, "protocol": protocol, "dimensions": {},
-              "prompts": sorted({(v["dimension"], v["prompt"], v["question"]) for v in videos})}
-    report["prompts"] = [dict(zip(("dimension", "prompt", "question"), p)) for p in report["prompts"]]
-    for name in dict.fromkeys(v["dimension"] for v in videos):
-        mine = [v for v in videos if v["dimension"] == name]
-        if mine:
-            report["dimensions"][name] = paired_bootstrap([v["baseline"] for v in mine], [v["finetuned"] for v in mine],
-                                                          cfg.eval.bootstrap_samples, cfg.eval.seed)
+def write_video_atomic(path: Path, data: bytes, partial_dir: Path) -> None:
+    """Complete files only, and nothing but videos in VBench-2.0's folders (the temp file lives elsewhere)."""
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir / f"{os.getpid()}-{abs(hash(str(path)))}.mp4"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def render_settings(renderer: Renderer, label: str, run) -> dict:
+    """The settings this label renders with; a rerun must use the ones the videos on disk were made with."""
+    path, settings = run.eval / f"settings-{label}.json", renderer.settings()
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise ValueError(f"{path}: the eval in {run.eval} was started with other render settings "
+                         f"({path.read_text().strip()}); pass --overwrite to start it again with these")
+    write_json_atomic(path, settings)
+    return settings
+
+
+def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, records_file) -> None:
+    """Render the videos of `todo` that are not on disk yet, then score every one of them from its file."""
+    renderer = Renderer(pipe, cfg.render, cfg.model.max_sequence_length, device, flow_shift=cfg.model.flow_shift)
+    render_settings(renderer, label, run)
+    root = run.eval / "videos" / label
+    batches = iter(todo)
+    if records_file.is_file() and (data := records_file.read_bytes()) and not data.endswith(b"\n"):
+        with open(records_file, "ab") as out:
+            out.write(b"\n")  # end the line a kill cut short, so the next record starts on its own line
+    with tqdm(total=len(todo), desc=f"eval {label}", unit="video") as progress, open(records_file, "a") as out:
+        while chunk := list(islice(batches, int(cfg.render.batch_size))):
+            missing = [v for v in chunk if not (root / v["path"]).exists()]
+            if missing:
+                rendered = renderer.render([v["key"] for v in missing], [v["prompt"] for v in missing],
+                                           [v["seed"] for v in missing])
+                for v, result in zip(missing, rendered):
+                    write_video_atomic(root / v["path"], encode_mp4(result["frames"], cfg.render.fps),
+                                       run.eval / "partial")
+            for v in chunk:
+                record = {"label": label, "key": v["key"], "reward": None}
+                try:
+                    frames, _ = decode_mp4((root / v["path"]).read_bytes(), str(root / v["path"]))
+                    result = score_videos([(frames, v, v["scorer"])], judge, cfg.score, detector)[0]
+                    record |= {"stats": video_statistics(frames)} | (
+                        {"reason": result} if isinstance(result, str) else {"reward": result["reward"]})
+                except VideoError as err:
+                    record["reason"] = f"video: {err}"
+                if record["reward"] is None:
+                    log.warning("%s %s: no score (%s)", label, v["path"], record["reason"])
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            progress.update(len(chunk))
+
+
+def official_scores(cfg, videos, run) -> dict:
+    """{dimension: {baseline, finetuned} or {error}} from VBench-2.0's own evaluator, where it runs."""
+    if "vbench2" not in cfg.eval.suites or cfg.eval.official == "off":
+        return {}
+    why_not = vbench2.evaluator_available() or (None if torch.cuda.is_available() else "no CUDA device")
+    if why_not:
+        log.info("VBench-2.0's evaluator not run: %s", why_not)
+        return {}
+    results = {}
+    for name in dict.fromkeys(v["dimension"] for v in videos if v["suite"] == "vbench2"):
+        folder = vbench2.vbench_name(name)
+        try:
+            results[name] = {label: vbench2.evaluate(run.eval / "videos" / label / "vbench2" / folder, name,
+                                                     run.eval / "vbench2_results", f"{label}_{folder}")["score"]
+                             for label in LABELS}
+        except RuntimeError as err:
+            log.error("%s", err)
+            results[name] = {"error": str(err)}
+    return results
+
+
+def build_report(cfg, videos, records, notes, protocol, official, dims) -> dict:
+    report = {"judge": protocol["judge"], "protocol": protocol, "suites": {}}
+    for suite in cfg.eval.suites:
+        body = report["suites"][suite] = {"notes": notes[suite], "dimensions": {},
+                                          "prompts": [], "failed": []}
+        for dim in dims:
+            mine = [v for v in videos if v["suite"] == suite and v["dimension"] == dim.name]
+            result = dimension_summary(mine, records, cfg.eval.bootstrap_samples, cfg.eval.seed)
+            if suite == "vbench2" and dim.name in official:
+                result["vbench2"] = official[dim.name]
+            body["dimensions"][dim.name] = result
+            body["prompts"] += [{"dimension": dim.name, "prompt": v["prompt"], "questions": v.get("questions")
+                                 or [v["question"]]} for v in mine if v["index"] == 0]
+            body["failed"] += [{"label": label, "video": v["path"], "reason": records[(label, v["key"])]["reason"]}
+                               for v in mine for label in LABELS if records[(label, v["key"])]["reward"] is None]
     return report
 
 
-def write_markdown(path: Path, report: dict) -> None:
-    lines = ["# GigaVideo-1 eval: baseline vs fine-tuned", "",
-             f"Judge: `{report['judge']}`. Paired over held-out prompts x samples; "
-             f"{int(report['protocol']['level'] * 100)}% bootstrap interval of the difference.", "",
-             "| dimension | n | baseline | fine-tuned | difference | 95% interval |", "|---|---|---|---|---|---|"]
-    for name, r in report["dimensions"].items():
-        lines.append(f"| {name} | {r['n']} | {r['baseline']:.4f} | {r['finetuned']:.4f} | "
-                     f"{r['difference']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] |")
-    lines += ["", "Protocol:", "", "```", *(f"{k}: {v}" for k, v in report["protocol"].items()), "```", ""]
-    path.write_text("\n".join(lines))
-
-
 def preflight(cfg, run):
-    """The export, the judge and the base model must exist before any work (or any --overwrite)."""
+    """The export, the judge, the base model and the suites must exist before any work (or any --overwrite)."""
     read_manifest(run, "stage4")
+    ev = cfg.eval
+    if not ev.suites or set(ev.suites) - set(SUITES):
+        raise ValueError(f"--suites={ev.suites}: choose from {SUITES}")
+    if ev.official not in OFFICIAL:
+        raise ValueError(f"--official={ev.official!r} not in {OFFICIAL}")
+    dims = resolve_dimensions(ev.dimensions, cfg.prompts.dimensions_dir)
+    if "vbench2" in ev.suites:
+        for dim in dims:
+            vbench2.suite_prompts(dim.name, 1)  # the package is installed and knows the dimension
+        if ev.official == "on" and (why_not := vbench2.evaluator_available()):
+            raise RuntimeError(f"--official=on but VBench-2.0's evaluator does not import: {why_not}")
     if cfg.score.judge != "openai":
         judge_path(cfg.score, run)
-    return base_model_path(cfg.model, run)
+    return dims, base_model_path(cfg.model, run)
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Compare the base model with RUN_DIR/stage4/export on held-out prompts into RUN_DIR/eval (e.g. --prompts_per_dimension=50)."""
+    """Compare the base model with RUN_DIR/stage4/export into RUN_DIR/eval (e.g. --suites='[heldout,vbench2]')."""
     started = start_stage("eval", "eval", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run, base = started
+    cfg, run, (dims, base) = started
     device = pick_device(cfg.model.device)
-    training_prompts = {m["prompt"] for m in index_json(run, "stage1").values()}
-    items = held_out_prompts(cfg, training_prompts)
+    training_prompts = sorted({m["prompt"] for m in index_json(run, "stage1").values()})
+    videos, notes = eval_videos(cfg, dims, training_prompts)
     judge = load_judge(cfg.score, run, device)
+    needs_detector = any(d.scorer == "instance_preservation" for d in dims)
+    detector = instances.load_detector(cfg.score.detector, cfg.score.detector_weights) if needs_detector else None
     rank, world = rank_and_world()
-    mine = items[rank::world]
-    scores, settings = {}, {}
-    for label, path in (("baseline", base), ("finetuned", run.export)):
-        renderer = Renderer(load_pipeline(path, cfg.model.dtype, device), cfg.render, cfg.model.max_sequence_length,
-                            device)
-        settings[label] = renderer.settings()
-        scores[label] = render_and_score(label, renderer, mine, cfg, judge, run.eval / "videos")
-        del renderer
+    records_dir = run.eval / "records"
+    records_dir.mkdir(parents=True, exist_ok=True)
+    done = load_records(records_dir)
+    for label in LABELS:
+        todo = [v for v in videos[rank::world] if (label, v["key"]) not in done]
+        log.info("eval %s: %d of this rank's %d videos still to render or score", label, len(todo),
+                 len(videos[rank::world]))
+        if todo:
+            pipe = (load_pipeline(base, cfg.model.dtype, device) if label == "baseline"
+                    else load_exported(run.export, base, cfg.model.dtype, device))
+            render_and_score(label, pipe, todo, cfg, judge, detector, run, device, records_dir / f"rank{rank:05d}.jsonl")
+            del pipe
+    if rank_parts(run.eval, rank, world, {"videos": len(videos[rank::world])}) is None:
+        return  # another rank completes the report
+    records = load_records(records_dir)
+    missing = [v["path"] for v in videos for label in LABELS if (label, v["key"]) not in records]
+    if missing:
+        raise RuntimeError(f"{len(missing)} eval videos have no record (first: {missing[0]}); rerun to finish them")
+    settings = {label: json.loads((run.eval / f"settings-{label}.json").read_text()) for label in LABELS}
     if settings["baseline"] != settings["finetuned"]:
         raise ValueError(f"baseline and fine-tuned render settings differ: {settings}")
-    per_video = [item | {"index": i} for item in mine for i in range(cfg.eval.samples_per_prompt)]
-    videos = [{"dimension": v["dimension"], "prompt": v["prompt"], "question": v["question"], "index": v["index"],
-               "baseline": b, "finetuned": f} for v, b, f in zip(per_video, scores["baseline"], scores["finetuned"])]
-    info = {"settings": settings["baseline"] | {"baseline": str(base), "finetuned": str(run.export)},
-            "videos": videos}
-    parts = rank_parts(run.eval, rank, world, info)
-    if parts is None:
-        return  # another rank completes the report
-    report = build_report(cfg, parts, judge.name)
+    protocol = {"suites": list(cfg.eval.suites), "dimensions": [d.name for d in dims],
+                "samples_per_prompt": {"heldout": cfg.eval.samples_per_prompt, "vbench2": "3 (20 for diversity)"},
+                "prompt_seed": cfg.eval.seed, "video_seed": "seed_for('{suite}/{dimension}/{index}/{prompt}', "
+                f"{cfg.eval.seed}): first 8 bytes of sha256('{cfg.eval.seed}:' + key), little-endian, mod 2**63",
+                "prompt_variant": "heldout: template-engine prompts as written; vbench2: prompt_en of "
+                "VBench2_full_info.json, no prompt extension", "dtype": cfg.model.dtype,
+                "judge": judge.name, "judge_frames": cfg.score.num_frames, "aggregate": cfg.score.aggregate,
+                "baseline": str(base), "finetuned": str(run.export), "level": 0.95, **settings["baseline"]}
+    report = build_report(cfg, videos, records, notes, protocol, official_scores(cfg, videos, run), dims)
+    write_outputs(report, run.eval, {d.name: d.paper for d in dims})
     write_json_atomic(run.eval / "report.json", report)
-    write_markdown(run.eval / "report.md", report)
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(run.eval / "tensorboard")) as writer:
-        for name, r in report["dimensions"].items():
-            for label in ("baseline", "finetuned", "difference"):
-                writer.add_scalar(f"eval/{name}/{label}", r[label], 0)
     write_json_atomic(run.manifest("eval"), {"stage": "eval", "report": str(run.eval / "report.json"),
-                                             "world_size": world})
+                                             "videos": len(videos), "world_size": world})
     log.info("eval report: %s\n%s", run.eval / "report.md", (run.eval / "report.md").read_text())
 
 

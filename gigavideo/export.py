@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from .models import save_atomic
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
+
 
 def _link_or_copy(src: str, dst: str) -> None:
     try:
@@ -67,3 +69,14 @@ def export_model(engine, mode: str, base_path: Path, target: Path) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return target
+
+
+def load_exported(export: Path, base_path: Path, dtype: str, device):
+    """The fine-tuned pipeline from either export: a full pipeline folder, or LoRA weights on the base model."""
+    from .models import load_pipeline
+
+    if (Path(export) / LORA_FILE).is_file():
+        pipe = load_pipeline(base_path, dtype, device)
+        pipe.load_lora_weights(str(export))
+        return pipe
+    return load_pipeline(export, dtype, device)

@@ -35,6 +35,7 @@ class Dimension:
     subjects: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
     excluded: bool = False  # listed for completeness, never targeted (Diversity)
+    paper: dict = field(default_factory=dict)  # the paper's VBench-2.0 scores: {wan2_1, gigavideo_1}
 
 
 def load_dimension(name: str, directory: str | Path = DIMENSIONS_DIR) -> Dimension:

@@ -22,46 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from gigavideo import camera_motion, instances  # noqa: E402
+from gigavideo import instances  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
-from gigavideo.judge import JudgeAnswerError, OpenAIJudge, judge_path, load_judge, normalized_reward  # noqa: E402
+from gigavideo.judge import OpenAIJudge, judge_path, load_judge  # noqa: E402
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension  # noqa: E402
 from gigavideo.report import histogram_png  # noqa: E402
+from gigavideo.scoring import AGGREGATES, questions_of, score_videos  # noqa: E402
 from gigavideo.schema import (ShardWriter, finish_rank, index_json, iter_samples, rank_prefix,  # noqa: E402
                               read_manifest, resume_rank, write_json_atomic)
 from gigavideo.video import VideoError, decode_mp4  # noqa: E402
 
 log = logging.getLogger("gigavideo.stage3")
 MIN_FRAMES = 2
-AGGREGATES = ("specialist_first", "mean", "min")
-
-
-def questions_of(meta: dict) -> list[str]:
-    return meta.get("questions") or [meta["question"]]
-
-
-def specialist_scores(scorer: str, frames, meta, sc, detector) -> dict:
-    if scorer == "camera_motion":
-        motion = camera_motion.global_motion(frames)
-        label = camera_motion.classify(motion, sc.camera_translation, sc.camera_zoom)
-        wanted = camera_motion.expected_motion(meta["prompt"])
-        if wanted is None:
-            return {}
-        return {"camera_motion": {"score": float(label == wanted), "measured": label, "expected": wanted, **motion}}
-    if scorer == "instance_preservation":
-        text = meta.get("lineage", {}).get("subject") or meta["prompt"]
-        value, evidence = instances.score(detector, frames, text)
-        return {"instance_preservation": {"score": value, **evidence}}
-    return {}
-
-
-def aggregate(scores: dict, how: str) -> float:
-    vlm = [s["reward"] for name, s in scores.items() if name.startswith("vlm")]
-    special = [s["score"] for name, s in scores.items() if not name.startswith("vlm")]
-    if how == "specialist_first":
-        return float(np.mean(special if special else vlm))
-    return float(np.mean(vlm + special) if how == "mean" else min(vlm + special))
 
 
 def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
@@ -78,22 +51,13 @@ def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
         except VideoError as err:
             records[key]["reason"] = f"video: {err}"
             continue
-        decoded.append((key, meta, frames))
-    items = [(frames, q) for _, meta, frames in decoded for q in questions_of(meta)]
-    answers = iter(judge.score_many(items) if items else [])
-    for key, meta, frames in decoded:
-        record = records[key]
-        judged = list(islice(answers, len(questions_of(meta))))
-        failed = next((a for a in judged if isinstance(a, JudgeAnswerError)), None)
-        if failed is not None:
-            record["reason"] = f"answer: {failed}"
-            continue
-        for i, a in enumerate(judged):
-            record["scores"][f"vlm:{i}"] = a | {"reward": normalized_reward(a["p_yes"], a["p_no"])}
-        record["scores"].update(specialist_scores(dims[meta["dimension"]].scorer, frames, meta, sc, detector))
-        first = record["scores"]["vlm:0"]
-        record.update(status="ok", p_yes=first["p_yes"], p_no=first["p_no"], answer=first["answer"],
-                      reward=aggregate(record["scores"], sc.aggregate))
+        decoded.append((key, (frames, meta, dims[meta["dimension"]].scorer)))
+    results = score_videos([video for _, video in decoded], judge, sc, detector)
+    for (key, _), result in zip(decoded, results):
+        if isinstance(result, str):
+            records[key]["reason"] = result
+        else:
+            records[key].update(status="ok", **result)
     return [records[s["__key__"]] for s in chunk]
 
 

@@ -15,7 +15,8 @@ SCRIPTS = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/rend
            "stage3": "stage3_score/score.py", "stage4": "stage4_train/train.py", "eval": "eval/evaluate.py"}
 # Small enough for seconds per stage, large enough for several shards per stage.
 SMALL = {"stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"], "stage2": [], "stage3": [],
-         "stage4": ["--max_steps=4", "--save_every=2", "--sample_every=2"], "eval": ["--prompts_per_dimension=2"]}
+         "stage4": ["--max_steps=4", "--save_every=2", "--sample_every=2"], "eval": ["--prompts_per_dimension=2", "--suites=[heldout,vbench2]",
+                                                                  "--vbench2_prompts_per_dimension=1"]}
 
 
 def run_stage(stage: str, run_dir: Path, *args: str, check: bool = True, env: dict | None = None,
@@ -56,3 +57,10 @@ def trained_run(scored_run, tmp_path_factory) -> Path:
     run_stage("stage4", run_dir)
     run_stage("eval", run_dir)
     return run_dir
+
+
+@pytest.fixture
+def trained_copy(trained_run, tmp_path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(trained_run, target)
+    return target

@@ -101,6 +101,20 @@ def test_sbatch_stage3_scores_on_two_ranks_disjointly_and_completely(scored_copy
     assert read_manifest(RunDir(scored_copy), "stage3")["world_size"] == 2
 
 
+def test_sbatch_eval_on_two_ranks_writes_one_report(trained_copy, tmp_path):
+    run = RunDir(trained_copy)
+    sbatch_two_ranks("slurm/eval.sh", tmp_path, trained_copy, ["--overwrite", "--suites=[heldout,vbench2]",
+                                                                "--prompts_per_dimension=2",
+                                                                "--vbench2_prompts_per_dimension=1"])
+    assert read_manifest(run, "eval")["world_size"] == 2
+    report = json.loads((run.eval / "report.json").read_text())
+    assert {s: [r["n"] for r in body["dimensions"].values()] for s, body in report["suites"].items()} == \
+        {"heldout": [2, 2, 2], "vbench2": [3, 3, 3]}
+    by_rank = [{json.loads(line)["key"] for line in (run.eval / "records" / f"rank{r:05d}.jsonl").open()} for r in (0, 1)]
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1] and len(by_rank[0] | by_rank[1]) == 6 + 9
+    assert (run.eval / "report.md").is_file() and (run.eval / "chart-heldout.png").is_file()
+
+
 def job_field(job_id, field):
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     for token in out.split():

@@ -1,5 +1,6 @@
 """Stage 4: the objective, ZeRO-2/3 with full and LoRA training, exact resume, exports."""
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,10 @@ def test_zero_stages_train_and_the_export_loads_in_stock_diffusers_and_changes_t
     args["generator"] = torch.Generator().manual_seed(0)
     after = tuned(**args).frames
     assert abs(after - before).mean() > 1e-4
+    if mode == "lora" and zero == "zero2":  # the eval loads a LoRA export on the base model
+        run_stage("eval", scored_copy, "--suites=[heldout]", "--dimensions=[mechanics]", "--prompts_per_dimension=1")
+        drift = json.loads((run.eval / "report.json").read_text())["suites"]["heldout"]["dimensions"]["mechanics"]
+        assert drift["n"] == 1 and abs(drift["drift"]["brightness"]["relative_change"]) > 0
 
 
 def loss_curve(run_dir):

@@ -1,0 +1,97 @@
+"""The eval's report: paired judge scores with bootstrap intervals, drift, VBench-2.0 and the paper, per dimension.
+
+Input is one record per (model, video): its judge reward (or why it has none) and its drift
+statistics. Output is report.json, report.md, one bar chart per suite and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .report import bar_chart_png
+from .stats import paired_bootstrap
+
+LABELS = ("baseline", "finetuned")
+DRIFT_KEYS = ("brightness", "contrast", "saturation", "motion")
+
+
+def drift(base_stats: list[dict], tuned_stats: list[dict]) -> dict:
+    """Per statistic: the mean over baseline videos, over fine-tuned ones, and the relative change."""
+    out = {}
+    for key in DRIFT_KEYS:
+        b, f = float(np.mean([s[key] for s in base_stats])), float(np.mean([s[key] for s in tuned_stats]))
+        out[key] = {"baseline": b, "finetuned": f, "relative_change": (f - b) / b if b else None}
+    return out
+
+
+def dimension_summary(videos: list[dict], records: dict, bootstrap_samples: int, seed: int) -> dict:
+    """videos: {key, dimension, ...}; records: (label, key) -> record. Pairs with a score on both sides count."""
+    paired = [v for v in videos if all(records[(label, v["key"])].get("reward") is not None for label in LABELS)]
+    failed = {label: sum(records[(label, v["key"])].get("reward") is None for v in videos) for label in LABELS}
+    summary = {"videos": len(videos), "failed": failed}
+    if paired:
+        summary |= paired_bootstrap([records[("baseline", v["key"])]["reward"] for v in paired],
+                                    [records[("finetuned", v["key"])]["reward"] for v in paired],
+                                    bootstrap_samples, seed)
+    stats = {label: [records[(label, v["key"])]["stats"] for v in videos if records[(label, v["key"])].get("stats")]
+             for label in LABELS}
+    if all(stats.values()):
+        summary["drift"] = drift(stats["baseline"], stats["finetuned"])
+    return summary
+
+
+def chart_series(name: str, result: dict, paper: dict) -> dict[str, float]:
+    """The bars of one dimension, on VBench-2.0's 0-100 scale."""
+    bars = {"baseline (judge)": 100 * result["baseline"], "fine-tuned (judge)": 100 * result["finetuned"]} \
+        if "baseline" in result else {}
+    official = result.get("vbench2", {})
+    if "baseline" in official and "finetuned" in official:
+        bars |= {"baseline (VBench-2.0)": 100 * official["baseline"],
+                 "fine-tuned (VBench-2.0)": 100 * official["finetuned"]}
+        if paper:
+            bars |= {"paper: Wan2.1": paper["wan2_1"], "paper: GigaVideo-1": paper["gigavideo_1"]}
+    return bars
+
+
+def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
+    """report.json is written by the caller; this writes report.md, the charts and TensorBoard scalars."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    lines = ["# GigaVideo-1 eval: baseline vs fine-tuned", "",
+             f"Judge: `{report['judge']}` (reward in [0, 1]). Differences are paired over the same prompts, "
+             f"samples and seeds; intervals are {int(report['protocol']['level'] * 100)}% percentile bootstrap.", ""]
+    with SummaryWriter(str(out_dir / "tensorboard")) as writer:
+        for suite, body in report["suites"].items():
+            lines += [f"## Suite `{suite}`", "", *(f"- {note}" for note in body.get("notes", [])), "",
+                      "| dimension | pairs | baseline | fine-tuned | difference | 95% interval | VBench-2.0 | paper |",
+                      "|---|---|---|---|---|---|---|---|"]
+            drift_lines = ["| dimension | " + " | ".join(DRIFT_KEYS) + " |", "|---" * (len(DRIFT_KEYS) + 1) + "|"]
+            bars = {}
+            for name, r in body["dimensions"].items():
+                official = r.get("vbench2", {})
+                vb = (f"{official['baseline']:.4f} -> {official['finetuned']:.4f}" if "finetuned" in official
+                      else official.get("error", "not run")[:60])
+                paper = papers.get(name, {})
+                pp = f"{paper['wan2_1']:.2f} -> {paper['gigavideo_1']:.2f}" if paper else "-"
+                if "difference" in r:
+                    lines.append(f"| {name} | {r['n']} | {r['baseline']:.4f} | {r['finetuned']:.4f} | "
+                                 f"{r['difference']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {vb} | {pp} |")
+                    for label in (*LABELS, "difference"):
+                        writer.add_scalar(f"eval/{suite}/{name}/{label}", r[label], 0)
+                else:
+                    lines.append(f"| {name} | 0 | - | - | - | - | {vb} | {pp} |")
+                if "drift" in r:
+                    drift_lines.append(f"| {name} | " + " | ".join(
+                        f"{100 * d['relative_change']:+.1f}%" if d["relative_change"] is not None else "-"
+                        for d in (r["drift"][k] for k in DRIFT_KEYS)) + " |")
+                    for key in DRIFT_KEYS:
+                        writer.add_scalar(f"eval/{suite}/{name}/drift_{key}", r["drift"][key]["finetuned"], 0)
+                bars[name] = chart_series(name, r, paper)
+            chart = bar_chart_png(bars, out_dir / f"chart-{suite}.png", f"{suite}: baseline vs fine-tuned (x100)")
+            body["chart"] = chart
+            lines += ["", "Drift of the fine-tuned videos from the baseline's (relative change of the mean):", "",
+                      *drift_lines, "", f"![{suite}]({chart})", ""]
+    lines += ["## Protocol", "", "```", *(f"{k}: {v}" for k, v in report["protocol"].items()), "```", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))

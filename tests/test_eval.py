@@ -1,0 +1,151 @@
+"""The eval: VBench-2.0's layout checked by VBench-2.0's own matcher, held-out prompts, the report, resume."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import REPO, SCRIPTS
+from gigavideo.config import load_config
+from gigavideo.eval_report import dimension_summary
+from gigavideo.prompts import resolve_dimensions
+from gigavideo.schema import RunDir
+
+DIMS = {"human_anatomy", "mechanics", "camera_motion"}
+
+
+def load_script(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def vbench2_class(monkeypatch, tmp_path):
+    """VBench-2.0's own VBench2 class from the installed package. Its `utils` module imports the
+    evaluator's heavy dependencies (cv2, decord, torchvision ...), none of which the matcher uses, so
+    only that module is replaced, by one with its json helpers."""
+    spec = importlib.util.find_spec("vbench2")
+    package_dir = list(spec.submodule_search_locations)[0]
+    utils = types.ModuleType("vbench2.utils")
+    utils.load_json = lambda path: json.loads(open(path).read())
+    utils.save_json = lambda data, path, indent=4: open(path, "w").write(json.dumps(data, indent=indent))
+    utils.get_prompt_from_filename = utils.init_submodules = None
+    package = types.ModuleType("vbench2")
+    package.__path__, package.__package__, package.__spec__ = [package_dir], "vbench2", spec
+    monkeypatch.setitem(sys.modules, "vbench2", package)
+    monkeypatch.setitem(sys.modules, "vbench2.utils", utils)
+    source = open(os.path.join(package_dir, "__init__.py")).read()
+    exec(compile(source, os.path.join(package_dir, "__init__.py"), "exec"), package.__dict__)
+    return package.VBench2
+
+
+def test_vbench2_folders_pass_vbench2s_own_name_matching(trained_run, vbench2_class, tmp_path):
+    from gigavideo.vbench2 import suite_file, vbench_name
+
+    run = RunDir(trained_run)
+    report = json.loads((run.eval / "report.json").read_text())
+    chosen = {p["prompt"] for p in report["suites"]["vbench2"]["prompts"]}
+    assert len(chosen) == 3  # --vbench2_prompts_per_dimension=1, three dimensions
+    for label in ("baseline", "finetuned"):
+        for name in DIMS:
+            matcher = vbench2_class("cpu", str(suite_file()), str(tmp_path / label))
+            info = json.loads(open(matcher.build_full_info_json(
+                str(run.eval / "videos" / label / "vbench2" / vbench_name(name)), name, [vbench_name(name)])).read())
+            found = {e["prompt_en"]: e["video_list"] for e in info if e["video_list"]}
+            assert set(found) <= chosen and len(found) == 1  # the prompt we rendered, with all its videos
+            assert [len(v) for v in found.values()] == [3]
+
+
+def test_report_compares_both_suites_per_dimension_with_drift_protocol_and_chart(trained_run):
+    run = RunDir(trained_run)
+    report = json.loads((run.eval / "report.json").read_text())
+    assert set(report["suites"]) == {"heldout", "vbench2"}
+    for suite, pairs in (("heldout", 2), ("vbench2", 3)):
+        body = report["suites"][suite]
+        assert set(body["dimensions"]) == DIMS and (run.eval / body["chart"]).is_file()
+        for result in body["dimensions"].values():
+            assert result["n"] == pairs and result["ci_low"] <= result["difference"] <= result["ci_high"]
+            assert set(result["drift"]) == {"brightness", "contrast", "saturation", "motion"}
+    for item in report["suites"]["heldout"]["prompts"]:
+        for label in ("baseline", "finetuned"):
+            assert (run.eval / "videos" / label / "heldout" / item["dimension"] / f"{item['prompt'][:180]}-0.mp4").is_file()
+    protocol = report["protocol"]
+    for key in ("samples_per_prompt", "video_seed", "guidance_scale", "flow_shift", "steps", "height", "width",
+                "num_frames", "prompt_variant"):
+        assert key in protocol
+    assert protocol["flow_shift"] == 3.0 and protocol["steps"] == 4 and protocol["num_frames"] == 9
+    markdown = (run.eval / "report.md").read_text()
+    assert "| human_anatomy | 2 |" in markdown and "85.87 -> 90.18" in markdown and "chart-vbench2.png" in markdown
+    assert not list((run.eval / "videos").rglob("*.tmp")) and not list((run.eval / "partial").glob("*"))
+
+
+def test_heldout_prompts_leave_out_near_duplicates_of_training_prompts():
+    evaluate = load_script("evaluate", REPO / SCRIPTS["eval"])
+    cfg = load_config("tiny", "eval", {"dimensions": ["mechanics"], "prompts_per_dimension": 4})
+    dims = resolve_dimensions(["mechanics"])
+    untouched, _ = evaluate.eval_videos(cfg, dims, [])
+    first, second = untouched[0]["prompt"], untouched[1]["prompt"]
+    # a reworded copy of the first and an exact copy of the second were "trained on"
+    reworded = first.replace("In a", "Inside a").replace("shot", "view")
+    videos, notes = evaluate.eval_videos(cfg, dims, [reworded, second, "A red square moves left."])
+    kept = [v["prompt"] for v in videos]
+    assert first not in kept and second not in kept and len(kept) == 4
+    assert "2 of 12 candidate prompts left out" in notes["heldout"][0]
+
+
+def test_paired_difference_interval_and_drift_on_synthetic_scores():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.6, size=400)
+    videos = [{"key": str(i)} for i in range(400)]
+    records = {}
+    for i, b in enumerate(base):
+        stats = {"brightness": 0.5, "contrast": 0.1, "saturation": 0.4, "motion": 0.2}
+        records[("baseline", str(i))] = {"reward": b, "stats": stats}
+        records[("finetuned", str(i))] = {"reward": b + 0.1 + rng.normal(0, 0.05),
+                                          "stats": stats | {"brightness": 0.55}}
+    records[("finetuned", "7")] = {"reward": None, "reason": "answer: maybe", "stats": None}
+    summary = dimension_summary(videos, records, 4000, 0)
+    assert summary["n"] == 399 and summary["failed"] == {"baseline": 0, "finetuned": 1}
+    assert summary["difference"] == pytest.approx(0.1, abs=0.01)
+    half_width = 1.96 * 0.05 / np.sqrt(399)  # the normal-theory interval of a mean of N(0.1, 0.05^2)
+    assert summary["ci_high"] - summary["ci_low"] == pytest.approx(2 * half_width, rel=0.15)
+    assert summary["drift"]["brightness"]["relative_change"] == pytest.approx(0.1)
+    assert summary["drift"]["motion"]["relative_change"] == pytest.approx(0, abs=1e-9)
+
+
+def test_eval_killed_midway_and_rerun_renders_and_scores_each_video_once(trained_copy):
+    run = RunDir(trained_copy)
+    shutil.rmtree(run.eval)
+    cmd = [sys.executable, str(REPO / SCRIPTS["eval"]), f"--run_dir={trained_copy}",
+           "--suites=[heldout]", "--prompts_per_dimension=3", "--samples_per_prompt=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = run.eval / "records" / "rank00000.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if records.is_file() and records.read_text().count("\n") >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not run.is_complete("eval")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "still to render or score" in done.stderr
+    lines = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    counts = Counter((r["label"], r["key"]) for r in lines)
+    assert len(counts) == 2 * 3 * 3 * 2 and set(counts.values()) == {1}
+    assert len(list((run.eval / "videos").rglob("*.mp4"))) == 36
+    report = json.loads((run.eval / "report.json").read_text())
+    assert all(r["n"] == 6 for r in report["suites"]["heldout"]["dimensions"].values())
