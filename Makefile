@@ -6,12 +6,12 @@ RUN_DIR ?= runs/demo
 PRESET ?= tiny
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test slurm-cluster clean-demo
+.PHONY: setup demo toy test slurm-cluster clean-demo
 
 setup: $(STAMP)
 
 # torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull GBs of CUDA.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	LOCAL=1 PRESET=$(PRESET) RUN_DIR=$(RUN_DIR) PYTHON=$(abspath $(VENV))/bin/python bash slurm/pipeline.sh
+
+# The toy world (README: Toy world): pre-trains its base model (~4 min, cached), then every stage and eval.
+toy: setup
+	LOCAL=1 PRESET=toy RUN_DIR=runs/toy PYTHON=$(abspath $(VENV))/bin/python bash slurm/pipeline.sh
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

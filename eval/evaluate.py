@@ -34,16 +34,16 @@ from gigavideo import instances, vbench2  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import rank_and_world  # noqa: E402
 from gigavideo.export import load_exported  # noqa: E402
-from gigavideo.eval_report import LABELS, dimension_summary, write_outputs  # noqa: E402
+from gigavideo.eval_report import LABELS, dimension_summary, realism, write_outputs  # noqa: E402
 from gigavideo.judge import judge_path, load_judge  # noqa: E402
 from gigavideo.llm import TemplateBackend  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
 from gigavideo.prompt_engine import Similarity, engine_prompts  # noqa: E402
-from gigavideo.prompts import CAMERAS, LIGHTING, SETTINGS, resolve_dimensions  # noqa: E402
+from gigavideo.prompts import load_style, resolve_dimensions  # noqa: E402
 from gigavideo.rendering import Renderer, seed_for  # noqa: E402
 from gigavideo.scoring import score_videos  # noqa: E402
-from gigavideo.schema import index_json, rank_parts, read_manifest, write_json_atomic  # noqa: E402
-from gigavideo.video import VideoError, decode_mp4, encode_mp4, video_statistics  # noqa: E402
+from gigavideo.schema import index_json, iter_samples, rank_parts, read_manifest, write_json_atomic  # noqa: E402
+from gigavideo.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics  # noqa: E402
 
 log = logging.getLogger("gigavideo.eval")
 SUITES = ("heldout", "vbench2")
@@ -65,7 +65,7 @@ def eval_videos(cfg, dims, training_prompts: list[str]) -> tuple[list[dict], dic
     for suite in cfg.eval.suites:
         for dim in dims:
             if suite == "heldout":
-                candidates = engine_prompts(TemplateBackend(SETTINGS, CAMERAS, LIGHTING), dim,
+                candidates = engine_prompts(TemplateBackend(*load_style(cfg.prompts.dimensions_dir)), dim,
                                             cfg.eval.prompts_per_dimension * 3, cfg.eval.seed)
                 close = near_duplicates(similarity, [c["prompt"] for c in candidates], training, threshold)
                 items = [c for c, near in zip(candidates, close) if not near][: cfg.eval.prompts_per_dimension]
@@ -176,11 +176,27 @@ def official_scores(cfg, videos, run) -> dict:
     return results
 
 
-def build_report(cfg, videos, records, notes, protocol, official, dims) -> dict:
+def real_statistics(run, render) -> list[dict]:
+    """Drift statistics of stage 1's real videos at the render size: the reference of the realism distance."""
+    stats = []
+    for sample in iter_samples(run, "stage1", fields=["json", "real.mp4"]):
+        if "real.mp4" in sample:
+            try:
+                frames, _ = decode_mp4(sample["real.mp4"], sample["__key__"])
+            except VideoError:
+                continue
+            stats.append(video_statistics(resize_crop_sample(frames, render.height, render.width, render.num_frames)))
+    return stats
+
+
+def build_report(cfg, videos, records, notes, protocol, official, dims, reference) -> dict:
     report = {"judge": protocol["judge"], "protocol": protocol, "suites": {}}
     for suite in cfg.eval.suites:
         body = report["suites"][suite] = {"notes": notes[suite], "dimensions": {},
                                           "prompts": [], "failed": []}
+        if reference:
+            body["realism"] = realism([v for v in videos if v["suite"] == suite], records, reference)
+            body["realism_reference"] = len(reference)
         for dim in dims:
             mine = [v for v in videos if v["suite"] == suite and v["dimension"] == dim.name]
             result = dimension_summary(mine, records, cfg.eval.bootstrap_samples, cfg.eval.seed)
@@ -255,7 +271,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                 "VBench2_full_info.json, no prompt extension", "dtype": cfg.model.dtype,
                 "judge": judge.name, "judge_frames": cfg.score.num_frames, "aggregate": cfg.score.aggregate,
                 "baseline": str(base), "finetuned": str(run.export), "level": 0.95, **settings["baseline"]}
-    report = build_report(cfg, videos, records, notes, protocol, official_scores(cfg, videos, run), dims)
+    report = build_report(cfg, videos, records, notes, protocol, official_scores(cfg, videos, run), dims,
+                          real_statistics(run, cfg.render))
     write_outputs(report, run.eval, {d.name: d.paper for d in dims})
     write_json_atomic(run.eval / "report.json", report)
     write_json_atomic(run.manifest("eval"), {"stage": "eval", "report": str(run.eval / "report.json"),

@@ -26,6 +26,27 @@ def drift(base_stats: list[dict], tuned_stats: list[dict]) -> dict:
     return out
 
 
+def realism_distance(stats: list[dict], reference: list[dict]) -> float:
+    """How far a set of videos is from real ones: the Frechet distance between diagonal Gaussians fitted
+    to their drift statistics, each statistic in units of its spread over the real videos."""
+    a = np.array([[s[k] for k in DRIFT_KEYS] for s in stats])
+    b = np.array([[s[k] for k in DRIFT_KEYS] for s in reference])
+    scale = np.maximum(b.std(0), 1e-3)
+    a, b = a / scale, b / scale
+    return float(((a.mean(0) - b.mean(0)) ** 2 + (a.std(0) - b.std(0)) ** 2).sum())
+
+
+def realism(videos: list[dict], records: dict, reference: list[dict]) -> dict:
+    """Realism distance of both models' videos to the real clips, and its relative change."""
+    out = {}
+    for label in LABELS:
+        stats = [records[(label, v["key"])]["stats"] for v in videos if records[(label, v["key"])].get("stats")]
+        out[label] = realism_distance(stats, reference) if stats else None
+    if out["baseline"] and out["finetuned"] is not None:
+        out["relative_change"] = (out["finetuned"] - out["baseline"]) / out["baseline"]
+    return out
+
+
 def dimension_summary(videos: list[dict], records: dict, bootstrap_samples: int, seed: int) -> dict:
     """videos: {key, dimension, ...}; records: (label, key) -> record. Pairs with a score on both sides count."""
     paired = [v for v in videos if all(records[(label, v["key"])].get("reward") is not None for label in LABELS)]
@@ -89,6 +110,13 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
                     for key in DRIFT_KEYS:
                         writer.add_scalar(f"eval/{suite}/{name}/drift_{key}", r["drift"][key]["finetuned"], 0)
                 bars[name] = chart_series(name, r, paper)
+            if "realism" in body:
+                r = body["realism"]
+                lines += ["", f"Realism distance to {body['realism_reference']} real clips (Frechet distance of the "
+                          f"drift statistics, lower is closer): baseline {r['baseline']:.3f}, fine-tuned "
+                          f"{r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%)."]
+                writer.add_scalar(f"eval/{suite}/realism_distance/baseline", r["baseline"], 0)
+                writer.add_scalar(f"eval/{suite}/realism_distance/finetuned", r["finetuned"], 0)
             chart = bar_chart_png(bars, out_dir / f"chart-{suite}.png", f"{suite}: baseline vs fine-tuned (x100)")
             body["chart"] = chart
             lines += ["", "Drift of the fine-tuned videos from the baseline's (relative change of the mean):", "",

@@ -58,6 +58,8 @@ def judge_path(score_cfg: dict, run: RunDir) -> Path:
         return check_model_dir(score_cfg["judge_path"], "judge model", ("config.json",),
                                "Give a local folder of a llava-hf vision-language model "
                                "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf) with --judge_path.")
+    if score_cfg.get("judge") == "toy":
+        return Path("toy")
     if score_cfg.get("judge") != "tiny":
         raise FileNotFoundError(f"judge {score_cfg.get('judge')!r} needs --judge_path to a local model folder "
                                 "(or --judge=openai with --judge_base_url and --judge_model)")
@@ -203,6 +205,10 @@ class OpenAIJudge:
 
 
 def load_judge(score_cfg: dict, run: RunDir, device):
+    if score_cfg["judge"] == "toy":
+        from .toy import ToyJudge
+
+        return ToyJudge()  # the toy world: answers from the pixels, no model
     if score_cfg["judge"] == "openai":
         return OpenAIJudge(score_cfg["judge_base_url"], score_cfg["judge_model"], score_cfg["judge_api_key_env"],
                            score_cfg["num_frames"], score_cfg["judge_concurrency"], score_cfg["judge_timeout"],

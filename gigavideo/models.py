@@ -6,6 +6,7 @@ Every stage loads the base model through `base_model_path`, so the tiny preset g
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -73,10 +74,17 @@ def build_tiny_pipeline(model_cfg: dict):
     arch = dict(model_cfg["arch_transformer"])
     arch["patch_size"] = tuple(arch["patch_size"])
     transformer = WanTransformer3DModel(**arch)
-    vae = AutoencoderKLWan(**model_cfg["arch_vae"])
+    arch_vae = dict(model_cfg["arch_vae"])
+    if arch_vae.pop("pixel", False):
+        from .toy import pixel_vae
+
+        vae = pixel_vae(**arch_vae)  # the toy world: identity on RGB, the transformer works on pixels
+    else:
+        vae = AutoencoderKLWan(**arch_vae)
     tokenizer = build_tiny_tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["arch_text_encoder"]))
+    text_encoder.eval()  # no dropout: embed text here as every later `from_pretrained` copy of it will
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=float(model_cfg["flow_shift"]))
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
@@ -113,7 +121,19 @@ def base_model_path(model_cfg: dict, run: RunDir) -> Path:
                                WAN_DOWNLOAD_HINT)
     if not model_cfg.get("tiny"):
         raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
-    return save_atomic(lambda d: build_tiny_pipeline(model_cfg).save_pretrained(d), run.models / "base")
+
+    def build(directory):
+        pipe = build_tiny_pipeline(model_cfg)
+        pretrain = model_cfg.get("pretrain") or {}
+        if int(pretrain.get("steps", 0)) > 0:  # the toy preset: pre-train on the toy world's clips, once
+            from .toy import pretrain_base
+
+            summary = pretrain_base(pipe, pretrain, int(model_cfg["max_sequence_length"]), float(model_cfg["flow_shift"]))
+            Path(directory).mkdir(parents=True)
+            (Path(directory) / "pretraining.json").write_text(json.dumps({**pretrain, **summary}, indent=1))
+        pipe.save_pretrained(directory)
+
+    return save_atomic(build, run.models / "base")
 
 
 def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", transformer_path=None):

@@ -38,6 +38,17 @@ class Dimension:
     paper: dict = field(default_factory=dict)  # the paper's VBench-2.0 scores: {wan2_1, gigavideo_1}
 
 
+def load_style(directory: str | Path = "") -> tuple[list[str], list[str], list[str]]:
+    """The template engine's settings, camera and lighting phrases: `style.toml` of the dimensions folder if
+    it has one (the toy world describes its plain clips), else the general lists above."""
+    path = Path(directory or DIMENSIONS_DIR) / "style.toml"
+    if not path.is_file():
+        return SETTINGS, CAMERAS, LIGHTING
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    return raw.get("settings", SETTINGS), raw.get("cameras", CAMERAS), raw.get("lighting", LIGHTING)
+
+
 def load_dimension(name: str, directory: str | Path = DIMENSIONS_DIR) -> Dimension:
     path = Path(directory) / f"{name}.toml"
     if not path.is_file():

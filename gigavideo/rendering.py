@@ -30,6 +30,12 @@ def check_frames(num_frames: int) -> None:
         raise ValueError(f"num_frames={num_frames}: Wan needs 4k+1 frames (e.g. 9, 17, 33, 81)")
 
 
+def pipeline_num_frames(num_frames: int, temporal_factor: int) -> int:
+    """What to pass WanPipeline for `num_frames` output frames. It rounds num_frames to k * factor + 1,
+    which for a VAE without temporal compression (factor 1, the toy world's) would add a frame."""
+    return num_frames - 1 if temporal_factor == 1 else num_frames
+
+
 def trim_padding(embeds: torch.Tensor) -> np.ndarray:
     """WanPipeline zero-pads text embeddings to max_sequence_length; store only the real tokens."""
     nonzero = embeds.abs().sum(-1) > 0
@@ -100,7 +106,7 @@ class Renderer:
         prompt_embeds, negative_embeds = self.embed(prompts)
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         latents = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                            height=self.cfg["height"], width=self.cfg["width"], num_frames=self.cfg["num_frames"],
+                            height=self.cfg["height"], width=self.cfg["width"], num_frames=pipeline_num_frames(self.cfg["num_frames"], self.pipe.vae_scale_factor_temporal),
                             num_inference_steps=self.cfg["steps"], guidance_scale=self.cfg["guidance_scale"],
                             generator=generators, output_type="latent").frames
         frames = decode_latents(self.pipe.vae, latents)

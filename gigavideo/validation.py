@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .models import decode_latents
+from .rendering import pipeline_num_frames
 from .schema import index_json, iter_samples
 from .video import gif_bytes, video_statistics
 
@@ -33,7 +34,7 @@ class Validation:
     def run(self, transformer, writer, step: int) -> None:
         from diffusers import UniPCMultistepScheduler, WanPipeline
 
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=transformer,
                            scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config))
         pipe.set_progress_bar_config(disable=True)
         stats = []
@@ -43,8 +44,10 @@ class Validation:
             embeds = np.zeros((self.max_sequence_length, sample["prompt_embeds.npy"].shape[1]), np.float32)
             embeds[: len(sample["prompt_embeds.npy"])] = sample["prompt_embeds.npy"][: self.max_sequence_length]
             c, t, h, w = sample["latents.npy"].shape
+            spatial, temporal = self.vae.config.scale_factor_spatial, self.vae.config.scale_factor_temporal
             latents = pipe(prompt_embeds=torch.from_numpy(embeds)[None].to(self.device, transformer.dtype),
-                           height=h * 8, width=w * 8, num_frames=(t - 1) * 4 + 1, guidance_scale=1.0,
+                           height=h * spatial, width=w * spatial,
+                           num_frames=pipeline_num_frames((t - 1) * temporal + 1, temporal), guidance_scale=1.0,
                            num_inference_steps=self.steps, output_type="latent",
                            generator=torch.Generator().manual_seed(i)).frames
             if self.rank == 0:

@@ -33,7 +33,7 @@ from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend  #
 from gigavideo.models import torch_dtype  # noqa: E402
 from gigavideo.procedural import make_clip  # noqa: E402
 from gigavideo.prompt_engine import Similarity, run_unit, select  # noqa: E402
-from gigavideo.prompts import CAMERAS, LIGHTING, SETTINGS, resolve_dimensions  # noqa: E402
+from gigavideo.prompts import load_style, resolve_dimensions  # noqa: E402
 from gigavideo.schema import (ShardWriter, iter_shard, rank_parts, rank_prefix, resume_rank,  # noqa: E402
                               write_manifest)
 from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
@@ -44,7 +44,7 @@ ENGINES = ("template", "transformers", "openai")
 
 def make_backend(pc, device):
     if pc.engine == "template":
-        return TemplateBackend(SETTINGS, CAMERAS, LIGHTING)
+        return TemplateBackend(*load_style(pc.dimensions_dir))
     if pc.engine == "transformers":
         return TransformersBackend(pc.llm_path, device, torch_dtype(pc.llm_dtype), pc.llm_batch_size,
                                    pc.llm_max_new_tokens, pc.llm_temperature)
@@ -62,11 +62,12 @@ def read_heldout(path: str) -> list[str]:
 # ---------------------------------------------------------------- real captions
 
 
-def real_caption_pairs(spec: str):
+def real_caption_pairs(spec: str, render=None, motion_caption_rate: float = 1.0):
     """(caption, mp4 bytes or None, origin) from "procedural:N", "wds:SHARDS", or a JSONL/CSV file."""
     if spec.startswith("procedural:"):
+        size = (render.height, render.width, render.num_frames) if render else (64, 64, 17)
         for i in range(int(spec.split(":", 1)[1])):
-            frames, caption = make_clip(i)
+            frames, caption = make_clip(i, *size, motion_caption_rate=motion_caption_rate)
             yield caption, encode_mp4(frames, fps=8), f"procedural:{i}"
         return
     if spec.startswith("wds:"):
@@ -87,9 +88,10 @@ def real_caption_pairs(spec: str):
         yield row["caption"], video.read_bytes() if video.is_file() else None, str(video)
 
 
-def real_samples(pc, limit: int | None, failures: list):
+def real_samples(pc, render, limit: int | None, failures: list):
     kept = 0
-    for i, (caption, data, origin) in enumerate(real_caption_pairs(pc.real_captions)):
+    for i, (caption, data, origin) in enumerate(real_caption_pairs(pc.real_captions, render,
+                                                                   pc.procedural_motion_captions)):
         if limit is not None and kept >= limit:
             return
         key = f"real-{i:06d}"
@@ -150,7 +152,7 @@ def finalize(cfg, run, dims, units_dir) -> dict:
                             pc.num_per_dimension)
         n_synthetic = sum(s["kept"] for s in summary.values())
         limit = None if pc.real_per_synthetic < 0 else math.floor(pc.real_per_synthetic * n_synthetic)
-        real = list(real_samples(pc, limit, failures)) if pc.real_captions else []
+        real = list(real_samples(pc, cfg.render, limit, failures)) if pc.real_captions else []
         for sample in real:
             writer.write(sample)
     summary["real"] = {"kept": len(real), "dropped": dict(Counter(f["reason"].split(":")[-1].strip() for f in failures))}
