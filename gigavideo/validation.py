@@ -29,13 +29,17 @@ class Validation:
         self.max_sequence_length = int(max_sequence_length)
         self.scheduler_config = UniPCMultistepScheduler.load_config(base_path / "scheduler")
         self.vae = AutoencoderKLWan.from_pretrained(base_path / "vae").to(device).eval() if rank == 0 else None
+        vae_config = AutoencoderKLWan.load_config(base_path / "vae")  # every rank samples, only rank 0 decodes
+        self.spatial = int(vae_config.get("scale_factor_spatial") or 8)
+        self.temporal = int(vae_config.get("scale_factor_temporal") or 4)
 
     @torch.no_grad()
     def run(self, transformer, writer, step: int) -> None:
         from diffusers import UniPCMultistepScheduler, WanPipeline
 
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=transformer,
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                            scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config))
+        pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal = self.spatial, self.temporal
         pipe.set_progress_bar_config(disable=True)
         stats = []
         was_training = transformer.training
@@ -44,10 +48,10 @@ class Validation:
             embeds = np.zeros((self.max_sequence_length, sample["prompt_embeds.npy"].shape[1]), np.float32)
             embeds[: len(sample["prompt_embeds.npy"])] = sample["prompt_embeds.npy"][: self.max_sequence_length]
             c, t, h, w = sample["latents.npy"].shape
-            spatial, temporal = self.vae.config.scale_factor_spatial, self.vae.config.scale_factor_temporal
             latents = pipe(prompt_embeds=torch.from_numpy(embeds)[None].to(self.device, transformer.dtype),
-                           height=h * spatial, width=w * spatial,
-                           num_frames=pipeline_num_frames((t - 1) * temporal + 1, temporal), guidance_scale=1.0,
+                           height=h * self.spatial, width=w * self.spatial,
+                           num_frames=pipeline_num_frames((t - 1) * self.temporal + 1, self.temporal),
+                           guidance_scale=1.0,
                            num_inference_steps=self.steps, output_type="latent",
                            generator=torch.Generator().manual_seed(i)).frames
             if self.rank == 0:
