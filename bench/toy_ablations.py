@@ -5,7 +5,7 @@ One shared run does what every variant has in common (the base model's pre-train
 stage 2 and stage 3); then each variant runs stage 4 and the eval in its own copy, with the
 same seeds. The baseline's eval videos are rendered once and handed to every variant (the eval
 resumes from them). Prints one table, also written to OUT/ablations.md and .json: the held-out
-judge score of the weak dimension (motion_direction) before and after, with the paired
+judge score of the weak dimension (object_size) before and after, with the paired
 difference and its 95% bootstrap interval; the control dimension (object_identity); the
 realism distance to the real clips; wall time.
 
@@ -36,7 +36,7 @@ VARIANTS = {
     "exp": ("reward-weighted (exp, T=0.25) + realism", ["--weight_mapping=exp", "--weight_temperature=0.25",
                                                         "--realism_weight=1.0"]),
 }
-WEAK, CONTROL = "motion_direction", "object_identity"
+WEAK, CONTROL = "object_size", "object_identity"
 
 
 def run(stage: str, run_dir: Path, config: str, *flags: str) -> float:
@@ -71,8 +71,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         w, c, real = r["weak"], r["control"], r["realism"]
         control = f"{100 * c['baseline']:.1f} -> {100 * c['finetuned']:.1f}" if "baseline" in c else "-"
-        realism = (f"{real['baseline']:.3f} -> {real['finetuned']:.3f} ({100 * real['relative_change']:+.0f}%)"
-                   if "relative_change" in real else "-")
+        realism = (f"{real['baseline']:.3f} -> {real['finetuned']:.3f} ({100 * real['relative_change']:+.0f}%"
+                   + (f" [{100 * real['ci_low']:+.0f}, {100 * real['ci_high']:+.0f}]" if "ci_low" in real else "")
+                   + ")" if "relative_change" in real else "-")
         lines.append(f"| {r['description']} | {100 * w['baseline']:.1f} | {100 * w['finetuned']:.1f} | "
                      f"{100 * w['difference']:+.1f} [{100 * w['ci_low']:+.1f}, {100 * w['ci_high']:+.1f}] | "
                      f"{control} | {realism} | {r['seconds']:.0f} s |")

@@ -195,7 +195,8 @@ def build_report(cfg, videos, records, notes, protocol, official, dims, referenc
         body = report["suites"][suite] = {"notes": notes[suite], "dimensions": {},
                                           "prompts": [], "failed": []}
         if reference:
-            body["realism"] = realism([v for v in videos if v["suite"] == suite], records, reference)
+            body["realism"] = realism([v for v in videos if v["suite"] == suite], records, reference,
+                                      cfg.eval.bootstrap_samples, cfg.eval.seed)
             body["realism_reference"] = len(reference)
         for dim in dims:
             mine = [v for v in videos if v["suite"] == suite and v["dimension"] == dim.name]

@@ -29,21 +29,41 @@ def drift(base_stats: list[dict], tuned_stats: list[dict]) -> dict:
 def realism_distance(stats: list[dict], reference: list[dict]) -> float:
     """How far a set of videos is from real ones: the Frechet distance between diagonal Gaussians fitted
     to their drift statistics, each statistic in units of its spread over the real videos."""
-    a = np.array([[s[k] for k in DRIFT_KEYS] for s in stats])
-    b = np.array([[s[k] for k in DRIFT_KEYS] for s in reference])
+    return _frechet(_matrix(stats), _matrix(reference))
+
+
+def _matrix(stats: list[dict]) -> np.ndarray:
+    return np.array([[s[k] for k in DRIFT_KEYS] for s in stats], dtype=float)
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
     scale = np.maximum(b.std(0), 1e-3)
     a, b = a / scale, b / scale
     return float(((a.mean(0) - b.mean(0)) ** 2 + (a.std(0) - b.std(0)) ** 2).sum())
 
 
-def realism(videos: list[dict], records: dict, reference: list[dict]) -> dict:
-    """Realism distance of both models' videos to the real clips, and its relative change."""
+def realism(videos: list[dict], records: dict, reference: list[dict], bootstrap_samples: int = 0, seed: int = 0,
+            level: float = 0.95) -> dict:
+    """Realism distance of both models' videos to the real clips, and its relative change; with
+    bootstrap_samples, a percentile interval of the relative change (videos resampled in pairs, real
+    clips resampled too), so that a change within the estimate's noise reads as one."""
+    paired = [v for v in videos if all(records[(label, v["key"])].get("stats") for label in LABELS)]
     out = {}
     for label in LABELS:
         stats = [records[(label, v["key"])]["stats"] for v in videos if records[(label, v["key"])].get("stats")]
         out[label] = realism_distance(stats, reference) if stats else None
     if out["baseline"] and out["finetuned"] is not None:
         out["relative_change"] = (out["finetuned"] - out["baseline"]) / out["baseline"]
+    if out.get("relative_change") is not None and bootstrap_samples and len(paired) > 1:
+        rng = np.random.default_rng(seed)
+        base, tuned = (_matrix([records[(label, v["key"])]["stats"] for v in paired]) for label in LABELS)
+        real, changes = _matrix(reference), []
+        for _ in range(bootstrap_samples):
+            pick, ref = rng.integers(0, len(paired), len(paired)), real[rng.integers(0, len(real), len(real))]
+            before, after = _frechet(base[pick], ref), _frechet(tuned[pick], ref)
+            changes.append((after - before) / before if before else np.nan)
+        lo, hi = np.nanquantile(changes, [(1 - level) / 2, 1 - (1 - level) / 2])
+        out |= {"ci_low": float(lo), "ci_high": float(hi), "level": level}
     return out
 
 
@@ -114,7 +134,9 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
                 r = body["realism"]
                 lines += ["", f"Realism distance to {body['realism_reference']} real clips (Frechet distance of the "
                           f"drift statistics, lower is closer): baseline {r['baseline']:.3f}, fine-tuned "
-                          f"{r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%)."]
+                          f"{r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%"
+                          + (f", 95% interval [{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]" if "ci_low" in r
+                             else "") + ")."]
                 writer.add_scalar(f"eval/{suite}/realism_distance/baseline", r["baseline"], 0)
                 writer.add_scalar(f"eval/{suite}/realism_distance/finetuned", r["finetuned"], 0)
             chart = bar_chart_png(bars, out_dir / f"chart-{suite}.png", f"{suite}: baseline vs fine-tuned (x100)")

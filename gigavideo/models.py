@@ -114,6 +114,12 @@ def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint
     return path
 
 
+# What a random tiny base model is built from; a run directory's cached copy must match them.
+TINY_RECIPE_KEYS = ("tiny_seed", "flow_shift", "max_sequence_length", "arch_transformer", "arch_vae",
+                    "arch_text_encoder", "pretrain")
+TINY_RECIPE_FILE = "tiny_recipe.json"
+
+
 def base_model_path(model_cfg: dict, run: RunDir) -> Path:
     """The base pipeline folder: `model.path` if set, else (tiny preset) RUN_DIR/models/base, built once."""
     if model_cfg.get("path"):
@@ -122,18 +128,26 @@ def base_model_path(model_cfg: dict, run: RunDir) -> Path:
     if not model_cfg.get("tiny"):
         raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
 
+    recipe = {k: model_cfg.get(k) for k in TINY_RECIPE_KEYS}
+
     def build(directory):
         pipe = build_tiny_pipeline(model_cfg)
+        Path(directory).mkdir(parents=True)
         pretrain = model_cfg.get("pretrain") or {}
         if int(pretrain.get("steps", 0)) > 0:  # the toy preset: pre-train on the toy world's clips, once
             from .toy import pretrain_base
 
             summary = pretrain_base(pipe, pretrain, int(model_cfg["max_sequence_length"]), float(model_cfg["flow_shift"]))
-            Path(directory).mkdir(parents=True)
             (Path(directory) / "pretraining.json").write_text(json.dumps({**pretrain, **summary}, indent=1))
+        (Path(directory) / TINY_RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
         pipe.save_pretrained(directory)
 
-    return save_atomic(build, run.models / "base")
+    path = save_atomic(build, run.models / "base")
+    built = path / TINY_RECIPE_FILE
+    if built.is_file() and json.loads(built.read_text()) != json.loads(json.dumps(recipe, sort_keys=True)):
+        raise ValueError(f"{path} was built from other model settings ({built}) than this run's preset asks for; "
+                         f"use another --run_dir, or delete {path} to rebuild it")
+    return path
 
 
 def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", transformer_path=None):

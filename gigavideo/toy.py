@@ -5,9 +5,10 @@
   stage still goes through the stock VAE calls. Each channel is carried as a (+x, -x) pair, since
   SiLU(x) - SiLU(-x) = x exactly; a constant channel K >> |x| makes the RMS norms a fixed scale.
 - `pretrain_base`: flow-matching pre-training of the tiny Wan transformer on the procedural
-  clips (gigavideo/procedural.py), whose captions rarely name the direction of motion.
-- `ToyJudge`: the stage-3 judge interface, answering yes/no questions about colour and direction
-  of motion from the pixels (saturated-pixel segmentation and the centroid's track).
+  clips (gigavideo/procedural.py), whose captions need not name the size or the direction of motion.
+- `ToyJudge`: the stage-3 judge interface, answering yes/no questions about colour,
+  size and direction of motion from the pixels (saturated-pixel segmentation, its area and the
+  centroid's track).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from .procedural import COLOURS, DIRECTIONS, make_clip
+from .procedural import COLOURS, DIRECTIONS, SIZE_WORDS, make_clip
 
 log = logging.getLogger("gigavideo.toy")
 _K = 1000.0  # the constant channel of the pixel VAE
@@ -63,7 +64,7 @@ def pretrain_base(pipe, pretrain: dict, max_sequence_length: int, flow_shift: fl
 
     torch.manual_seed(int(pretrain["seed"]))
     clips = [make_clip(i, pretrain["height"], pretrain["width"], pretrain["num_frames"], int(pretrain["seed"]),
-                       float(pretrain["motion_caption_rate"])) for i in range(int(pretrain["clips"]))]
+                       pretrain["caption_rates"]) for i in range(int(pretrain["clips"]))]
     with torch.no_grad():
         pixels = torch.from_numpy(np.stack([frames for frames, _ in clips])).permute(0, 4, 1, 2, 3) / 127.5 - 1
         latents = torch.cat([normalize_latents(pipe.vae.encode(pixels[i:i + 250]).latent_dist.mode(), pipe.vae.config)
@@ -108,7 +109,8 @@ def track(frames: np.ndarray, saturation: int = 60) -> dict:
     visible = mask.reshape(len(frames), -1).sum(1) >= 3
     centroids = np.array([np.argwhere(m).mean(0) if v else (np.nan, np.nan) for m, v in zip(mask, visible)])
     colour = f[mask].mean(0) if mask.any() else np.zeros(3)
-    return {"visible": float(visible.mean()), "colour": colour, "centroids": centroids}
+    side = np.sqrt(np.median(mask.reshape(len(frames), -1).sum(1))) / min(frames.shape[1:3])
+    return {"visible": float(visible.mean()), "colour": colour, "centroids": centroids, "side": float(side)}
 
 
 def _sigmoid(x: float) -> float:
@@ -135,9 +137,17 @@ def p_direction(centroids: np.ndarray, name: str, min_travel: float = 2.0) -> fl
     return _sigmoid((along - across - min_travel) / 1.0)
 
 
+def p_size(side: float, name: str, softness: float = 0.02) -> float:
+    """The square's side (a fraction of the frame) against the caption bands of procedural.SIZE_WORDS,
+    with the decision boundary a little inside the middle band."""
+    if name == "small":
+        return _sigmoid((SIZE_WORDS["small"][1] + 0.03 - side) / softness)
+    return _sigmoid((side - SIZE_WORDS["large"][0] + 0.03) / softness)
+
+
 class ToyJudge:
-    """Answers "Does a red square move up?"-style questions from pixels; P(yes) multiplies the named checks
-    (the colour, and the direction when one is named)."""
+    """Answers "Does a large red square move up?"-style questions from pixels; P(yes) multiplies the named
+    checks (the colour, and the size and the direction when they are named)."""
 
     name = "toy"
     _words = re.compile(r"[a-z]+")
@@ -153,5 +163,7 @@ class ToyJudge:
             p *= p_colour(seen["colour"], colour)
         for direction in words & set(DIRECTIONS):
             p *= p_direction(seen["centroids"], direction)
+        for size in words & set(SIZE_WORDS):
+            p *= p_size(seen["side"], size)
         p = float(np.clip(p, 1e-4, 1 - 1e-4))
         return {"p_yes": p, "p_no": 1 - p, "answer": "yes" if p >= 0.5 else "no"}

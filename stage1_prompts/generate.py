@@ -62,12 +62,12 @@ def read_heldout(path: str) -> list[str]:
 # ---------------------------------------------------------------- real captions
 
 
-def real_caption_pairs(spec: str, render=None, motion_caption_rate: float = 1.0):
+def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None = None):
     """(caption, mp4 bytes or None, origin) from "procedural:N", "wds:SHARDS", or a JSONL/CSV file."""
     if spec.startswith("procedural:"):
         size = (render.height, render.width, render.num_frames) if render else (64, 64, 17)
         for i in range(int(spec.split(":", 1)[1])):
-            frames, caption = make_clip(i, *size, motion_caption_rate=motion_caption_rate)
+            frames, caption = make_clip(i, *size, caption_rates=procedural_captions)
             yield caption, encode_mp4(frames, fps=8), f"procedural:{i}"
         return
     if spec.startswith("wds:"):
@@ -91,7 +91,7 @@ def real_caption_pairs(spec: str, render=None, motion_caption_rate: float = 1.0)
 def real_samples(pc, render, limit: int | None, failures: list):
     kept = 0
     for i, (caption, data, origin) in enumerate(real_caption_pairs(pc.real_captions, render,
-                                                                   pc.procedural_motion_captions)):
+                                                                   pc.procedural_captions)):
         if limit is not None and kept >= limit:
             return
         key = f"real-{i:06d}"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from gigavideo.eval_report import realism_distance
-from gigavideo.procedural import COLOURS, DIRECTIONS, Scene, make_clip, render_scene
+from gigavideo.eval_report import realism, realism_distance
+from gigavideo.procedural import COLOURS, DIRECTIONS, SIZE_WORDS, Scene, make_clip, render_scene
 from gigavideo.toy import ToyJudge, pixel_vae
 from gigavideo.video import video_statistics
 
@@ -42,8 +42,53 @@ def test_toy_judge_answers_every_colour_and_direction_from_pixels(size):
     assert judge.answer(blank, "Is it true that a red square moves up?")["answer"] == "no"
 
 
+@pytest.mark.parametrize("frame", [16, 32])
+def test_toy_judge_tells_small_from_large_squares_as_captions_name_them(frame):
+    judge = ToyJudge()
+    for side in range(2, frame // 2 + 1):
+        scene = Scene("blue", "left", size=side / frame)
+        frames = render_scene(scene, frame, frame, 5)
+        for word in SIZE_WORDS:
+            p = judge.answer(frames, f"Is it true that the video shows a {word} blue square?")["p_yes"]
+            if scene.size_word is not None:
+                assert (p > 0.85) if scene.size_word == word else (p < 0.01), (frame, side, word, p)
+            elif abs(scene.size - 0.34) < 0.04:  # the middle of the band that captions leave unnamed
+                assert p < 0.35, (frame, side, word, p)
+    captions = [make_clip(i, 16, 16, 5, caption_rates={"size": 0.0})[1] for i in range(50)]
+    assert not any(word in c for c in captions for word in SIZE_WORDS)
+    named = [make_clip(i, 16, 16, 5)[1] for i in range(50)]
+    assert sum("small" in c for c in named) > 5 and sum("large" in c for c in named) > 5
+
+
 def test_realism_distance_is_small_within_the_world_and_grows_with_drift():
     real = [video_statistics(make_clip(i, 16, 16, 5, seed=0)[0]) for i in range(64)]
     same = [video_statistics(make_clip(i, 16, 16, 5, seed=1)[0]) for i in range(64)]
     washed = [video_statistics((make_clip(i, 16, 16, 5, seed=1)[0] * 0.6 + 90).astype(np.uint8)) for i in range(64)]
     assert realism_distance(same, real) < 0.5 < 5 < realism_distance(washed, real)
+
+
+def test_realism_change_comes_with_an_interval_that_tells_drift_from_noise():
+    real = [video_statistics(make_clip(i, 16, 16, 5, seed=0)[0]) for i in range(64)]
+    videos = [{"key": str(i)} for i in range(64)]
+    same = {(label, str(i)): {"stats": video_statistics(make_clip(i, 16, 16, 5, seed=s)[0])}
+            for i in range(64) for label, s in (("baseline", 1), ("finetuned", 2))}
+    noise = realism(videos, same, real, bootstrap_samples=300)
+    assert noise["ci_low"] < 0 < noise["ci_high"]
+    washed = dict(same) | {("finetuned", str(i)): {"stats": video_statistics(
+        (make_clip(i, 16, 16, 5, seed=2)[0] * 0.6 + 90).astype(np.uint8))} for i in range(64)}
+    drifted = realism(videos, washed, real, bootstrap_samples=300)
+    assert drifted["ci_low"] > 1.0, drifted
+
+
+def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_path):
+    from gigavideo.config import load_config
+    from gigavideo.models import base_model_path
+    from gigavideo.schema import RunDir
+
+    run = RunDir(tmp_path / "run")
+    model = load_config("tiny", "render").model
+    path = base_model_path(model, run)
+    assert base_model_path(model, run) == path  # the same settings: the cached copy
+    model["tiny_seed"] = int(model["tiny_seed"]) + 1
+    with pytest.raises(ValueError, match="other model settings"):
+        base_model_path(model, run)
