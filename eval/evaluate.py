@@ -35,7 +35,7 @@ from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import rank_and_world  # noqa: E402
 from gigavideo.export import load_exported  # noqa: E402
 from gigavideo.eval_report import LABELS, dimension_summary, realism, write_outputs  # noqa: E402
-from gigavideo.judge import judge_path, load_judge  # noqa: E402
+from gigavideo.judge import check_judge, load_judge  # noqa: E402
 from gigavideo.llm import TemplateBackend  # noqa: E402
 from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
 from gigavideo.prompt_engine import Similarity, engine_prompts  # noqa: E402
@@ -225,8 +225,7 @@ def preflight(cfg, run):
             vbench2.suite_prompts(dim.name, 1)  # the package is installed and knows the dimension
         if ev.official == "on" and (why_not := vbench2.evaluator_available()):
             raise RuntimeError(f"--official=on but VBench-2.0's evaluator does not import: {why_not}")
-    if cfg.score.judge != "openai":
-        judge_path(cfg.score, run)
+    check_judge(cfg.score, run)
     return dims, base_model_path(cfg.model, run)
 
 

@@ -58,8 +58,6 @@ def judge_path(score_cfg: dict, run: RunDir) -> Path:
         return check_model_dir(score_cfg["judge_path"], "judge model", ("config.json",),
                                "Give a local folder of a llava-hf vision-language model "
                                "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf) with --judge_path.")
-    if score_cfg.get("judge") == "toy":
-        return Path("toy")
     if score_cfg.get("judge") != "tiny":
         raise FileNotFoundError(f"judge {score_cfg.get('judge')!r} needs --judge_path to a local model folder "
                                 "(or --judge=openai with --judge_base_url and --judge_model)")
@@ -202,6 +200,14 @@ class OpenAIJudge:
         if answer is None:
             return JudgeAnswerError(f"answer is neither yes nor no: {text[:80]!r}")
         return {"p_yes": float(answer == "yes"), "p_no": float(answer == "no"), "answer": answer}
+
+
+def check_judge(score_cfg: dict, run: RunDir) -> None:
+    """Preflight: the judge the flags name can be built (its model folder, or its server flags)."""
+    if score_cfg["judge"] == "openai":
+        OpenAIJudge(score_cfg["judge_base_url"], score_cfg["judge_model"])  # checks the flags
+    elif score_cfg["judge"] != "toy":  # the toy judge needs no model
+        judge_path(score_cfg, run)
 
 
 def load_judge(score_cfg: dict, run: RunDir, device):

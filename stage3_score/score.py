@@ -25,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 from gigavideo import instances  # noqa: E402
 from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
-from gigavideo.judge import OpenAIJudge, judge_path, load_judge  # noqa: E402
+from gigavideo.judge import check_judge, load_judge  # noqa: E402
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension  # noqa: E402
 from gigavideo.report import histogram_png  # noqa: E402
 from gigavideo.scoring import AGGREGATES, questions_of, score_videos  # noqa: E402
@@ -87,10 +87,7 @@ def preflight(cfg, run):
     sc = cfg.score
     if sc.aggregate not in AGGREGATES:
         raise ValueError(f"--aggregate={sc.aggregate!r} not in {AGGREGATES}")
-    if sc.judge == "openai":
-        OpenAIJudge(sc.judge_base_url, sc.judge_model)  # checks the flags
-    else:
-        judge_path(sc, run)
+    check_judge(sc, run)
     names = {m["dimension"] for m in index_json(run, "stage2").values() if m["source"] == "synthetic"}
     dims = {n: load_dimension(n, cfg.prompts.dimensions_dir or DIMENSIONS_DIR) for n in sorted(names)}
     needs_detector = any(d.scorer == "instance_preservation" for d in dims.values())
