@@ -110,14 +110,13 @@ def write_video_atomic(path: Path, data: bytes, partial_dir: Path) -> None:
     os.replace(tmp, path)
 
 
-def render_settings(renderer: Renderer, label: str, run) -> dict:
+def render_settings(renderer: Renderer, label: str, run) -> None:
     """The settings this label renders with; a rerun must use the ones the videos on disk were made with."""
     path, settings = run.eval / f"settings-{label}.json", renderer.settings()
     if path.is_file() and json.loads(path.read_text()) != settings:
         raise ValueError(f"{path}: the eval in {run.eval} was started with other render settings "
                          f"({path.read_text().strip()}); pass --overwrite to start it again with these")
     write_json_atomic(path, settings)
-    return settings
 
 
 def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, records_file) -> None:
@@ -183,7 +182,8 @@ def real_statistics(run, render) -> list[dict]:
         if "real.mp4" in sample:
             try:
                 frames, _ = decode_mp4(sample["real.mp4"], sample["__key__"])
-            except VideoError:
+            except VideoError as err:
+                log.warning("realism reference: skipping a real video that does not decode: %s", err)
                 continue
             stats.append(video_statistics(resize_crop_sample(frames, render.height, render.width, render.num_frames)))
     return stats
