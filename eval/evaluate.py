@@ -110,8 +110,8 @@ def write_video_atomic(path: Path, data: bytes, partial_dir: Path) -> None:
     os.replace(tmp, path)
 
 
-def render_settings(renderer: Renderer, label: str, run) -> None:
-    """The settings this label renders with; a rerun must use the ones the videos on disk were made with."""
+def record_render_settings(renderer: Renderer, label: str, run) -> None:
+    """Records the settings this label renders with; a rerun must use the ones the videos on disk were made with."""
     path, settings = run.eval / f"settings-{label}.json", renderer.settings()
     if path.is_file() and json.loads(path.read_text()) != settings:
         raise ValueError(f"{path}: the eval in {run.eval} was started with other render settings "
@@ -122,7 +122,7 @@ def render_settings(renderer: Renderer, label: str, run) -> None:
 def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, records_file) -> None:
     """Render the videos of `todo` that are not on disk yet, then score every one of them from its file."""
     renderer = Renderer(pipe, cfg.render, cfg.model.max_sequence_length, device, flow_shift=cfg.model.flow_shift)
-    render_settings(renderer, label, run)
+    record_render_settings(renderer, label, run)
     root = run.eval / "videos" / label
     batches = iter(todo)
     if records_file.is_file() and (data := records_file.read_bytes()) and not data.endswith(b"\n"):
