@@ -46,18 +46,19 @@ def realism(videos: list[dict], records: dict, reference: list[dict], bootstrap_
             level: float = 0.95) -> dict:
     """Realism distance of both models' videos to the real clips, and its relative change; with
     bootstrap_samples, a percentile interval of the relative change (videos resampled in pairs, real
-    clips resampled too), so that a change within the estimate's noise reads as one."""
+    clips resampled too), so that a change within the estimate's noise reads as one. Only videos with
+    statistics on both sides count, so that both distances are over the same prompts and seeds."""
     paired = [v for v in videos if all(records[(label, v["key"])].get("stats") for label in LABELS)]
-    out = {}
-    for label in LABELS:
-        stats = [records[(label, v["key"])]["stats"] for v in videos if records[(label, v["key"])].get("stats")]
-        out[label] = realism_distance(stats, reference) if stats else None
-    if out["baseline"] and out["finetuned"] is not None:
+    if not paired:
+        return {label: None for label in LABELS} | {"videos": 0}
+    base, tuned = (_matrix([records[(label, v["key"])]["stats"] for v in paired]) for label in LABELS)
+    real = _matrix(reference)
+    out = {"baseline": _frechet(base, real), "finetuned": _frechet(tuned, real), "videos": len(paired)}
+    if out["baseline"]:
         out["relative_change"] = (out["finetuned"] - out["baseline"]) / out["baseline"]
     if out.get("relative_change") is not None and bootstrap_samples and len(paired) > 1:
         rng = np.random.default_rng(seed)
-        base, tuned = (_matrix([records[(label, v["key"])]["stats"] for v in paired]) for label in LABELS)
-        real, changes = _matrix(reference), []
+        changes = []
         for _ in range(bootstrap_samples):
             pick, ref = rng.integers(0, len(paired), len(paired)), real[rng.integers(0, len(real), len(real))]
             before, after = _frechet(base[pick], ref), _frechet(tuned[pick], ref)
@@ -130,9 +131,10 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
                     for key in DRIFT_KEYS:
                         writer.add_scalar(f"eval/{suite}/{name}/drift_{key}", r["drift"][key]["finetuned"], 0)
                 bars[name] = chart_series(name, r, paper)
-            if "realism" in body:
+            if body.get("realism", {}).get("videos"):  # none: no video has statistics on both sides
                 r = body["realism"]
-                lines += ["", f"Realism distance to {body['realism_reference']} real clips (Frechet distance of the "
+                lines += ["", f"Realism distance to {body['realism_reference']} real clips, over the {r['videos']} videos "
+                          "both models made (Frechet distance of the "
                           f"drift statistics, lower is closer): baseline {r['baseline']:.3f}, fine-tuned "
                           f"{r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%"
                           + (f", 95% interval [{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]" if "ci_low" in r

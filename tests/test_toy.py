@@ -78,6 +78,13 @@ def test_realism_change_comes_with_an_interval_that_tells_drift_from_noise():
         (make_clip(i, 16, 16, 5, seed=2)[0] * 0.6 + 90).astype(np.uint8))} for i in range(64)}
     drifted = realism(videos, washed, real, bootstrap_samples=300)
     assert drifted["ci_low"] > 1.0, drifted
+    # A video that failed on one side counts on neither: both distances stay over the same videos.
+    failed = dict(washed) | {("finetuned", str(i)): {"stats": None} for i in range(32)}
+    half = realism(videos, failed, real)
+    assert half["videos"] == 32
+    assert half["baseline"] == pytest.approx(realism(videos[32:], washed, real)["baseline"])
+    assert realism(videos, {k: {"stats": None} for k in washed}, real) == {"baseline": None, "finetuned": None,
+                                                                          "videos": 0}
 
 
 def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_path):
