@@ -6,9 +6,9 @@
   SiLU(x) - SiLU(-x) = x exactly; a constant channel K >> |x| makes the RMS norms a fixed scale.
 - `pretrain_base`: flow-matching pre-training of the tiny Wan transformer on the procedural
   clips (gigavideo/procedural.py), whose captions need not name the size or the direction of motion.
-- `ToyJudge`: the stage-3 judge interface, answering yes/no questions about colour,
-  size and direction of motion from the pixels (saturated-pixel segmentation, its area and the
-  centroid's track).
+- `ToyJudge`: the stage-3 judge interface, answering yes/no questions about colour, shade,
+  size and direction of motion from the pixels (saturated-pixel segmentation, its mean colour, its
+  area and the centroid's track).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from .procedural import COLOURS, DIRECTIONS, SIZE_WORDS, make_clip
+from .procedural import COLOURS, DIRECTIONS, SHADES, SIZE_RANGE, SIZE_WORDS, make_clip, shaded
 
 log = logging.getLogger("gigavideo.toy")
 _K = 1000.0  # the constant channel of the pixel VAE
@@ -64,7 +64,7 @@ def pretrain_base(pipe, pretrain: dict, max_sequence_length: int, flow_shift: fl
 
     torch.manual_seed(int(pretrain["seed"]))
     clips = [make_clip(i, pretrain["height"], pretrain["width"], pretrain["num_frames"], int(pretrain["seed"]),
-                       pretrain["caption_rates"]) for i in range(int(pretrain["clips"]))]
+                       pretrain["caption_rates"], pretrain.get("size_range", SIZE_RANGE)) for i in range(int(pretrain["clips"]))]
     with torch.no_grad():
         pixels = torch.from_numpy(np.stack([frames for frames, _ in clips])).permute(0, 4, 1, 2, 3) / 127.5 - 1
         latents = torch.cat([normalize_latents(pipe.vae.encode(pixels[i:i + 250]).latent_dist.mode(), pipe.vae.config)
@@ -102,7 +102,7 @@ def pretrain_base(pipe, pretrain: dict, max_sequence_length: int, flow_shift: fl
 
 # ---------------------------------------------------------------------------------------------- the judge
 
-def track(frames: np.ndarray, saturation: int = 60) -> dict:
+def track(frames: np.ndarray, saturation: int = 40) -> dict:
     """Segment the saturated (coloured) pixels of each frame: mean colour and the centroid's track."""
     f = frames.astype(np.float32)
     mask = (f.max(-1) - f.min(-1)) > saturation
@@ -117,11 +117,16 @@ def _sigmoid(x: float) -> float:
     return float(1 / (1 + np.exp(-x)))
 
 
-def p_colour(colour_rgb: np.ndarray, name: str, temperature: float = 25.0) -> float:
-    distances = {c: np.linalg.norm(colour_rgb - np.array(rgb)) for c, rgb in COLOURS.items()}
-    logits = np.array([-d / temperature for d in distances.values()])
-    probs = np.exp(logits - logits.max())
-    return float(probs[list(distances).index(name)] / probs.sum())
+APPEARANCES = [(colour, shade) for colour in COLOURS for shade in (None, *SHADES)]
+
+
+def p_appearance(colour_rgb: np.ndarray, colour: str | None, shade: str | None, temperature: float = 25.0) -> float:
+    """P(the named colour and shade) from the segment's mean colour, over every colour x shade the world
+    draws; an unnamed colour or shade may be any."""
+    distances = np.array([np.linalg.norm(colour_rgb - np.array(shaded(*pair))) for pair in APPEARANCES])
+    probs = np.exp(-(distances - distances.min()) / temperature)
+    named = [(colour is None or c == colour) and (shade is None or s == shade) for c, s in APPEARANCES]
+    return float(probs[named].sum() / probs.sum())
 
 
 def p_direction(centroids: np.ndarray, name: str, min_travel: float = 2.0) -> float:
@@ -146,8 +151,8 @@ def p_size(side: float, name: str, softness: float = 0.02) -> float:
 
 
 class ToyJudge:
-    """Answers "Does a large red square move up?"-style questions from pixels; P(yes) multiplies the named
-    checks (the colour, and the size and the direction when they are named)."""
+    """Answers "Does a large dark red square move up?"-style questions from pixels; P(yes) multiplies the
+    named checks (the colour and shade, the size, the direction)."""
 
     name = "toy"
     _words = re.compile(r"[a-z]+")
@@ -159,8 +164,9 @@ class ToyJudge:
         words = set(self._words.findall(question.lower()))
         seen = track(frames)
         p = 1.0 if seen["visible"] >= 0.5 else 0.0
-        for colour in words & set(COLOURS):
-            p *= p_colour(seen["colour"], colour)
+        colours, shades = words & set(COLOURS), words & set(SHADES)
+        if colours or shades:
+            p *= p_appearance(seen["colour"], next(iter(colours), None), next(iter(shades), None))
         for direction in words & set(DIRECTIONS):
             p *= p_direction(seen["centroids"], direction)
         for size in words & set(SIZE_WORDS):

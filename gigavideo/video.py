@@ -13,8 +13,9 @@ class VideoError(ValueError):
     pass
 
 
-def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """frames: uint8 (T, H, W, 3) with even H and W, or floats in [0, 1]."""
+def encode_mp4(frames: np.ndarray, fps: int, pix_fmt: str = "yuv420p") -> bytes:
+    """frames: uint8 (T, H, W, 3) with even H and W, or floats in [0, 1]. pix_fmt: yuv420p plays everywhere;
+    yuv444p keeps each pixel's colour (4:2:0 averages it over 2x2 pixels, which at 16x16 blurs a small square)."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -24,7 +25,7 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.options = {"crf": "18"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

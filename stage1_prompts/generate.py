@@ -31,7 +31,7 @@ from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
 from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
 from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend  # noqa: E402
 from gigavideo.models import torch_dtype  # noqa: E402
-from gigavideo.procedural import make_clip  # noqa: E402
+from gigavideo.procedural import SIZE_RANGE, make_clip  # noqa: E402
 from gigavideo.prompt_engine import Similarity, run_unit, select  # noqa: E402
 from gigavideo.prompts import load_style, resolve_dimensions  # noqa: E402
 from gigavideo.schema import (ShardWriter, iter_shard, rank_parts, rank_prefix, resume_rank,  # noqa: E402
@@ -62,13 +62,14 @@ def read_heldout(path: str) -> list[str]:
 # ---------------------------------------------------------------- real captions
 
 
-def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None = None):
+def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None = None, procedural_size_range=None):
     """(caption, mp4 bytes or None, origin) from "procedural:N", "wds:SHARDS", or a JSONL/CSV file."""
     if spec.startswith("procedural:"):
         size = (render.height, render.width, render.num_frames) if render else (64, 64, 17)
         for i in range(int(spec.split(":", 1)[1])):
-            frames, caption = make_clip(i, *size, caption_rates=procedural_captions)
-            yield caption, encode_mp4(frames, fps=8), f"procedural:{i}"
+            frames, caption = make_clip(i, *size, caption_rates=procedural_captions,
+                                       size_range=procedural_size_range or SIZE_RANGE)
+            yield caption, encode_mp4(frames, 8, render.pix_fmt if render else "yuv420p"), f"procedural:{i}"
         return
     if spec.startswith("wds:"):
         import braceexpand
@@ -90,8 +91,8 @@ def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None 
 
 def real_samples(pc, render, limit: int | None, failures: list):
     kept = 0
-    for i, (caption, data, origin) in enumerate(real_caption_pairs(pc.real_captions, render,
-                                                                   pc.procedural_captions)):
+    for i, (caption, data, origin) in enumerate(real_caption_pairs(pc.real_captions, render, pc.procedural_captions,
+                                                                   pc.procedural_size_range)):
         if limit is not None and kept >= limit:
             return
         key = f"real-{i:06d}"

@@ -20,9 +20,10 @@ SMALL = {"stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"], "s
 
 
 def run_stage(stage: str, run_dir: Path, *args: str, check: bool = True, env: dict | None = None,
-              timeout: int = 600) -> subprocess.CompletedProcess:
+              timeout: int = 600, small: bool = True) -> subprocess.CompletedProcess:
+    """Run a stage script; small: with the SMALL flags a test does not give itself (else the preset's own)."""
     given = {a.split("=", 1)[0] for a in args}
-    defaults = [a for a in SMALL[stage] if a.split("=", 1)[0] not in given]
+    defaults = [a for a in SMALL[stage] if a.split("=", 1)[0] not in given] if small else []
     cmd = [sys.executable, str(REPO / SCRIPTS[stage]), f"--run_dir={run_dir}", *defaults, *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):

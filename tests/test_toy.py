@@ -1,12 +1,15 @@
 """The toy world: a pixel-space VAE that stock diffusers loads, a judge that is right, and the method's effect."""
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import run_stage
 
 from gigavideo.eval_report import realism, realism_distance
-from gigavideo.procedural import COLOURS, DIRECTIONS, SIZE_WORDS, Scene, make_clip, render_scene
+from gigavideo.procedural import COLOURS, DIRECTIONS, SHADES, SIZE_WORDS, Scene, make_clip, render_scene
 from gigavideo.toy import ToyJudge, pixel_vae
 from gigavideo.video import video_statistics
 
@@ -60,6 +63,26 @@ def test_toy_judge_tells_small_from_large_squares_as_captions_name_them(frame):
     assert sum("small" in c for c in named) > 5 and sum("large" in c for c in named) > 5
 
 
+@pytest.mark.parametrize("frame", [16, 32])
+def test_toy_judge_tells_the_shade_of_every_colour_as_captions_name_it(frame):
+    judge = ToyJudge()
+    for colour in COLOURS:
+        other = next(c for c in COLOURS if c != colour)
+        for shade in (None, *SHADES):
+            frames = render_scene(Scene(colour, "up", shade=shade), frame, frame, 5)
+            for asked in SHADES:
+                p = judge.answer(frames, f"Is it true that the video shows a {asked} {colour} square?")["p_yes"]
+                assert (p > 0.9) if asked == shade else (p < 0.05), (colour, shade, asked, p)
+            assert judge.answer(frames, f"Is it true that the video shows a {colour} square?")["p_yes"] > 0.9
+            assert judge.answer(frames, f"Is it true that the video shows a {other} square?")["p_yes"] < 0.05
+    captions = [make_clip(i, 16, 16, 5, caption_rates={"shade": 0.0})[1] for i in range(60)]
+    assert not any(f" {word} " in c for c in captions for word in SHADES)  # "soft light" is the style
+    named = [make_clip(i, 16, 16, 5)[1] for i in range(60)]
+    assert all(sum(f" {word} " in c for c in named) > 10 for word in SHADES)
+    with pytest.raises(ValueError, match="unknown attributes \\['colour'\\]"):
+        make_clip(0, caption_rates={"colour": 0.5})
+
+
 def test_realism_distance_is_small_within_the_world_and_grows_with_drift():
     real = [video_statistics(make_clip(i, 16, 16, 5, seed=0)[0]) for i in range(64)]
     same = [video_statistics(make_clip(i, 16, 16, 5, seed=1)[0]) for i in range(64)]
@@ -99,3 +122,13 @@ def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_
     model["tiny_seed"] = int(model["tiny_seed"]) + 1
     with pytest.raises(ValueError, match="other model settings"):
         base_model_path(model, run)
+
+
+def test_the_method_raises_the_weak_dimension_beyond_noise_on_the_toy_preset(tmp_path):
+    """The whole toy preset, as `make toy` runs it (about 6 minutes on 2 cores, most of it pre-training)."""
+    run_dir = tmp_path / "run"
+    for stage in ("stage1", "stage2", "stage3", "stage4", "eval"):
+        run_stage(stage, run_dir, "--config=toy", small=False, timeout=1200)
+    heldout = json.loads((run_dir / "eval" / "report.json").read_text())["suites"]["heldout"]
+    weak = heldout["dimensions"]["object_shade"]
+    assert weak["ci_low"] > 0, weak  # the paired 95% interval of the change lies above zero
