@@ -135,8 +135,8 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, recor
                 rendered = renderer.render([v["key"] for v in missing], [v["prompt"] for v in missing],
                                            [v["seed"] for v in missing])
                 for v, result in zip(missing, rendered):
-                    write_video_atomic(root / v["path"], encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt),
-                                       run.eval / "partial")
+                    data = encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt)
+                    write_video_atomic(root / v["path"], data, run.eval / "partial")
             for v in chunk:
                 record = {"label": label, "key": v["key"], "reward": None}
                 try:

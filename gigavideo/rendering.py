@@ -80,7 +80,7 @@ class Renderer:
         self.max_sequence_length = int(max_sequence_length)
 
     def settings(self) -> dict:
-        keys = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "negative_prompt", "cache")
+        keys = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "negative_prompt", "cache", "pix_fmt")
         return {k: self.cfg[k] for k in keys} | {"flow_shift": getattr(self.pipe.scheduler.config, "flow_shift", None),
                                                   "scheduler": type(self.pipe.scheduler).__name__,
                                                   "max_sequence_length": self.max_sequence_length}

@@ -64,7 +64,8 @@ def pretrain_base(pipe, pretrain: dict, max_sequence_length: int, flow_shift: fl
 
     torch.manual_seed(int(pretrain["seed"]))
     clips = [make_clip(i, pretrain["height"], pretrain["width"], pretrain["num_frames"], int(pretrain["seed"]),
-                       pretrain["caption_rates"], pretrain.get("size_range", SIZE_RANGE)) for i in range(int(pretrain["clips"]))]
+                       pretrain["caption_rates"], pretrain.get("size_range", SIZE_RANGE))
+             for i in range(int(pretrain["clips"]))]
     with torch.no_grad():
         pixels = torch.from_numpy(np.stack([frames for frames, _ in clips])).permute(0, 4, 1, 2, 3) / 127.5 - 1
         latents = torch.cat([normalize_latents(pipe.vae.encode(pixels[i:i + 250]).latent_dist.mode(), pipe.vae.config)
