@@ -62,13 +62,14 @@ def read_heldout(path: str) -> list[str]:
 # ---------------------------------------------------------------- real captions
 
 
-def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None = None, procedural_size_range=None):
+def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None = None,
+                       procedural_size_range=SIZE_RANGE):
     """(caption, mp4 bytes or None, origin) from "procedural:N", "wds:SHARDS", or a JSONL/CSV file."""
     if spec.startswith("procedural:"):
         size = (render.height, render.width, render.num_frames) if render else (64, 64, 17)
         for i in range(int(spec.split(":", 1)[1])):
             frames, caption = make_clip(i, *size, caption_rates=procedural_captions,
-                                       size_range=procedural_size_range or SIZE_RANGE)
+                                       size_range=procedural_size_range)
             yield caption, encode_mp4(frames, 8, render.pix_fmt if render else "yuv420p"), f"procedural:{i}"
         return
     if spec.startswith("wds:"):
