@@ -61,11 +61,8 @@ def test_two_ranks_cover_every_prompt_once_and_a_killed_rank_resumes_to_the_same
     assert read_manifest(RunDir(killed), "stage2")["num_samples"] == len(keys)  # duplicates would be refused
     expected = {s["__key__"]: s for s in iter_samples(RunDir(whole), "stage2")}
     for sample in iter_samples(RunDir(killed), "stage2"):
-        # Latents are bit-identical. The mp4 is not always: the CPU VAE decode may flip a pixel's
-        # rounding between processes, and H.264 then chooses differently; it matches within codec noise.
         np.testing.assert_array_equal(sample["latents.npy"], expected[sample["__key__"]]["latents.npy"])
-        resumed, uninterrupted = decode_mp4(sample["mp4"])[0], decode_mp4(expected[sample["__key__"]]["mp4"])[0]
-        assert np.abs(resumed.astype(int) - uninterrupted.astype(int)).mean() < 2
+        assert sample["mp4"] == expected[sample["__key__"]]["mp4"], sample["__key__"]
 
 
 def test_stored_latents_decode_to_the_stored_video_and_real_latents_encode_from_it(scored_run):

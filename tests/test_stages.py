@@ -37,6 +37,9 @@ def test_stage1_is_deterministic(tmp_path):
         run_stage("stage1", tmp_path / name)
     a, b = (index_json(RunDir(tmp_path / n), "stage1") for n in ("a", "b"))
     assert a == b
+    # The real clips too, byte for byte (x264's MB-tree once made a few differ after torch had run).
+    a, b = ({s["__key__"]: s.get("real.mp4") for s in iter_samples(RunDir(tmp_path / n), "stage1")} for n in ("a", "b"))
+    assert a == b and sum(v is not None for v in a.values()) >= 3
 
 
 def test_a_completed_stage_is_skipped_on_rerun(scored_copy):
