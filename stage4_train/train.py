@@ -94,6 +94,7 @@ def build_model(cfg, base: Path):
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
+        torch.manual_seed(int(tc.seed))  # the adapters' random init: the same seed, the same run
         transformer.add_adapter(LoraConfig(r=int(tc.lora_rank), lora_alpha=float(tc.lora_alpha),
                                            init_lora_weights="gaussian", target_modules=list(tc.lora_targets)))
     elif tc.mode != "full":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,8 +90,6 @@ def loss_curve(run_dir):
 
 
 def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_run(scored_run, tmp_path):
-    import shutil
-
     args = ["--max_steps=400", "--save_every=25", "--micro_batch_size=1", "--shuffle_buffer=4"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for run_dir in (whole, killed):
@@ -109,6 +108,20 @@ def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_ru
     run_stage("stage4", killed, *args)
     assert loss_curve(killed) == loss_curve(whole)
     assert [s for s, _ in loss_curve(killed)] == list(range(1, 401))
+
+
+def test_a_lora_run_is_fixed_by_its_seed(scored_run, tmp_path):
+    from safetensors.torch import load_file
+
+    def lora_weights(name, seed):
+        shutil.copytree(scored_run, tmp_path / name)
+        run_stage("stage4", tmp_path / name, "--mode=lora", "--max_steps=2", f"--seed={seed}")
+        return load_file(RunDir(tmp_path / name).export / "pytorch_lora_weights.safetensors")
+
+    first, again, other = lora_weights("first", 0), lora_weights("again", 0), lora_weights("other", 1)
+    assert first.keys() == again.keys() == other.keys() and first
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
 def test_non_finite_inputs_get_no_weight_and_a_diverging_run_stops_with_a_message(scored_copy):
