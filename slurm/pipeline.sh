@@ -3,7 +3,7 @@
 # --dependency=afterok, or, where there is no sbatch or LOCAL=1, runs them here one after another.
 #   PRESET=configs/my-wan.toml RUN_DIR=/scratch/gv/run1 bash slurm/pipeline.sh
 #   SBATCH_ARGS="--partition=gpu --account=me" bash slurm/pipeline.sh     (extra sbatch options, every stage)
-#   LOCAL=1 PRESET=tiny RUN_DIR=runs/demo bash slurm/pipeline.sh          (what `make demo` runs)
+#   LOCAL=1 PRESET=toy RUN_DIR=runs/demo bash slurm/pipeline.sh           (what `make demo` runs)
 # Per-stage flags belong in the preset file (e.g. model.path, score.judge_path); see README.md.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

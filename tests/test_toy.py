@@ -125,7 +125,7 @@ def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_
 
 
 def test_the_method_raises_the_weak_dimension_beyond_noise_on_the_toy_preset(tmp_path):
-    """The whole toy preset, as `make toy` runs it (about 6 minutes on 2 cores, most of it pre-training)."""
+    """The whole toy preset, as `make demo` runs it (about 8 minutes on 2 cores, half of it pre-training)."""
     run_dir = tmp_path / "run"
     for stage in ("stage1", "stage2", "stage3", "stage4", "eval"):
         run_stage(stage, run_dir, "--config=toy", small=False, timeout=1200)
