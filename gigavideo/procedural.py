@@ -65,7 +65,8 @@ def sample_scene(rng: np.random.Generator, size_range=SIZE_RANGE) -> Scene:
 def caption(scene: Scene, mention_motion: bool = True, mention_size: bool = False,
             mention_shade: bool = False) -> str:
     action = f"moves {scene.direction}" if mention_motion else "moves"
-    return (f"{STYLE['setting'][0].upper()}{STYLE['setting'][1:]}: {scene.subject(mention_size, mention_shade)} {action}. "
+    subject = scene.subject(mention_size, mention_shade)
+    return (f"{STYLE['setting'][0].upper()}{STYLE['setting'][1:]}: {subject} {action}. "
             f"{STYLE['camera'][0].upper()}{STYLE['camera'][1:]}, {STYLE['light']}.")
 
 

@@ -83,7 +83,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
 
     def write(writer, key, result, seed, seconds):
         meta = prompts[key] | {"seed": seed, "render": settings, "model": model_id, "seconds": round(seconds, 3)}
-        writer.write({"__key__": key, "json": meta, "mp4": encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt),
+        mp4 = encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt)
+        writer.write({"__key__": key, "json": meta, "mp4": mp4,
                       "latents.npy": result["latents"], "prompt_embeds.npy": result["prompt_embeds"]})
 
     progress = tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
