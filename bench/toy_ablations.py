@@ -26,12 +26,11 @@ from pathlib import Path
 import fire
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from gigavideo.config import load_config  # noqa: E402
+from gigavideo.config import load_config
+from gigavideo.schema import STAGE_SCRIPTS
 
-STAGES = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/render.py", "stage3": "stage3_score/score.py",
-          "stage4": "stage4_train/train.py", "eval": "eval/evaluate.py"}
+REPO = Path(__file__).resolve().parent.parent
+
 # Each variant changes one thing in the preset's stage 4, which is the method. The paper does not say how it
 # maps rewards to weights, so raw and normalized are tried beside the preset's own mapping.
 VARIANTS = {
@@ -46,7 +45,7 @@ WEAK, CONTROL = "object_shade", "object_identity"
 
 def run(stage: str, run_dir: Path, config: str, *flags: str) -> float:
     start = time.time()
-    cmd = [sys.executable, str(REPO / STAGES[stage]), f"--run_dir={run_dir}", f"--config={config}", *flags]
+    cmd = [sys.executable, str(REPO / STAGE_SCRIPTS[stage]), f"--run_dir={run_dir}", f"--config={config}", *flags]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{stage} failed in {run_dir}:\n{done.stderr[-4000:]}")
@@ -58,40 +57,67 @@ def hand_over_baseline(source: Path, target: Path) -> None:
     (target / "eval" / "records").mkdir(parents=True, exist_ok=True)
     shutil.copytree(source / "eval" / "videos" / "baseline", target / "eval" / "videos" / "baseline")
     shutil.copy(source / "eval" / "settings-baseline.json", target / "eval")
-    lines = [line for p in sorted((source / "eval" / "records").glob("*.jsonl")) for line in p.read_text().splitlines()
-             if json.loads(line)["label"] == "baseline"]
+    lines = [
+        line
+        for p in sorted((source / "eval" / "records").glob("*.jsonl"))
+        for line in p.read_text().splitlines()
+        if json.loads(line)["label"] == "baseline"
+    ]
     (target / "eval" / "records" / "baseline.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def row(name: str, seed: int, report: dict, seconds: float) -> dict:
     heldout = report["suites"]["heldout"]
     weak, control = heldout["dimensions"][WEAK], heldout["dimensions"].get(CONTROL, {})
-    return {"variant": name, "seed": seed, "description": VARIANTS[name][0], "weak": weak, "control": control,
-            "realism": heldout.get("realism", {}), "seconds": seconds}
+    return {
+        "variant": name,
+        "seed": seed,
+        "description": VARIANTS[name][0],
+        "weak": weak,
+        "control": control,
+        "realism": heldout.get("realism", {}),
+        "seconds": seconds,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"| variant | seed | {WEAK}: before | after | difference [95% CI] | {CONTROL}: before -> after | "
-             "realism distance: before -> after | stage 4 + eval |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| variant | seed | {WEAK}: before | after | difference [95% CI] | {CONTROL}: before -> after | "
+        "realism distance: before -> after | stage 4 + eval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         w, c, real = r["weak"], r["control"], r["realism"]
         control = f"{100 * c['baseline']:.1f} -> {100 * c['finetuned']:.1f}" if "baseline" in c else "-"
-        realism = (f"{real['baseline']:.3f} -> {real['finetuned']:.3f} ({100 * real['relative_change']:+.0f}%"
-                   + (f" [{100 * real['ci_low']:+.0f}, {100 * real['ci_high']:+.0f}]" if "ci_low" in real else "")
-                   + ")" if "relative_change" in real else "-")
-        lines.append(f"| {r['description']} | {r['seed']} | {100 * w['baseline']:.1f} | {100 * w['finetuned']:.1f} | "
-                     f"{100 * w['difference']:+.1f} [{100 * w['ci_low']:+.1f}, {100 * w['ci_high']:+.1f}] | "
-                     f"{control} | {realism} | {r['seconds']:.0f} s |")
+        realism = (
+            f"{real['baseline']:.3f} -> {real['finetuned']:.3f} ({100 * real['relative_change']:+.0f}%"
+            + (f" [{100 * real['ci_low']:+.0f}, {100 * real['ci_high']:+.0f}]" if "ci_low" in real else "")
+            + ")"
+            if "relative_change" in real
+            else "-"
+        )
+        lines.append(
+            f"| {r['description']} | {r['seed']} | {100 * w['baseline']:.1f} | {100 * w['finetuned']:.1f} | "
+            f"{100 * w['difference']:+.1f} [{100 * w['ci_low']:+.1f}, {100 * w['ci_high']:+.1f}] | "
+            f"{control} | {realism} | {r['seconds']:.0f} s |"
+        )
     for name in dict.fromkeys(r["variant"] for r in rows):
         changes = [100 * r["weak"]["difference"] for r in rows if r["variant"] == name]
         if len(changes) > 1:
-            lines.append(f"\n{VARIANTS[name][0]}: {WEAK} {np.mean(changes):+.1f} on average over {len(changes)} "
-                         f"seeds (from {min(changes):+.1f} to {max(changes):+.1f})")
+            lines.append(
+                f"\n{VARIANTS[name][0]}: {WEAK} {np.mean(changes):+.1f} on average over {len(changes)} "
+                f"seeds (from {min(changes):+.1f} to {max(changes):+.1f})"
+            )
     return "\n".join(lines)
 
 
-def main(out: str = "runs/toy-ablations", config: str = "toy", variants: str = ",".join(VARIANTS), seeds: str = "0",
-         **train_flags):
+def main(
+    out: str = "runs/toy-ablations",
+    config: str = "toy",
+    variants: str = ",".join(VARIANTS),
+    seeds: str = "0",
+    **train_flags,
+):
     """Run the shared stages once, then stage 4 + eval per variant and training seed (--seeds=0,1,2: the
     spread from run to run); extra flags (e.g. --max_steps=200) go to stage 4."""
     names = [v for v in (variants.split(",") if isinstance(variants, str) else variants) if v]
@@ -114,15 +140,18 @@ def main(out: str = "runs/toy-ablations", config: str = "toy", variants: str = "
                 shutil.copytree(shared, target, ignore=shutil.ignore_patterns("eval", "stage4"))
                 if first is not None:
                     hand_over_baseline(first, target)
-            seconds = (run("stage4", target, config, *VARIANTS[name][1], f"--seed={seed}", *extra)
-                       + run("eval", target, config))
+            seconds = run("stage4", target, config, *VARIANTS[name][1], f"--seed={seed}", *extra) + run(
+                "eval", target, config
+            )
             first = first or target
             rows.append(row(name, seed, json.loads((target / "eval" / "report.json").read_text()), seconds))
             print(f"{name} (seed {seed}): done in {seconds:.0f} s", flush=True)
     tc = load_config(config, "train", train_flags).train
-    text = (f"Toy world ablations ({config} preset; shared stages 1-3: {sum(timings.values()):.0f} s). The method: "
-            f"{tc.weight_mapping} weights (T={tc.weight_temperature}), realism weight {tc.realism_weight}, "
-            f"{tc.mode} fine-tuning, {tc.max_steps} steps. Held-out judge scores x100.\n\n{table(rows)}\n")
+    text = (
+        f"Toy world ablations ({config} preset; shared stages 1-3: {sum(timings.values()):.0f} s). The method: "
+        f"{tc.weight_mapping} weights (T={tc.weight_temperature}), realism weight {tc.realism_weight}, "
+        f"{tc.mode} fine-tuning, {tc.max_steps} steps. Held-out judge scores x100.\n\n{table(rows)}\n"
+    )
     (out / "ablations.md").write_text(text)
     (out / "ablations.json").write_text(json.dumps({"timings": timings, "rows": rows}, indent=1))
     print(text)

@@ -22,18 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from gigavideo.config import load_config  # noqa: E402
-from gigavideo.distributed import single_process_defaults  # noqa: E402
-from gigavideo.ds_config import build_ds_config  # noqa: E402
-from gigavideo.loss import batch_loss  # noqa: E402
-from gigavideo.models import build_tiny_pipeline, encode_video  # noqa: E402
+from gigavideo.config import load_config
+from gigavideo.distributed import single_process_defaults
+from gigavideo.ds_config import build_ds_config
+from gigavideo.loss import batch_loss
+from gigavideo.models import build_tiny_pipeline, encode_video
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,8 +53,9 @@ def make_batch(pipe, batch: int, frames: int, size: int, device):
     gen = torch.Generator().manual_seed(0)
     pixels = (torch.rand(batch, frames, size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
     latents = torch.stack([encode_video(pipe.vae, p, device) for p in pixels])
-    embeds, _ = pipe.encode_prompt(["a red square moves left"] * batch, do_classifier_free_guidance=False,
-                                   max_sequence_length=128, device=device)
+    embeds, _ = pipe.encode_prompt(
+        ["a red square moves left"] * batch, do_classifier_free_guidance=False, max_sequence_length=128, device=device
+    )
     noise = torch.randn(latents.shape, generator=gen).to(device)
     return pixels, latents, embeds, noise
 
@@ -75,8 +74,15 @@ def memory_probe(zero: int) -> None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = load_config("tiny", "train", {"micro_batch_size": 1, "grad_accum": 1,
-                                        "ds_config": f"ds_configs/zero{zero}.json" if zero else "ds_configs/zero2.json"})
+    cfg = load_config(
+        "tiny",
+        "train",
+        {
+            "micro_batch_size": 1,
+            "grad_accum": 1,
+            "ds_config": f"ds_configs/zero{zero}.json" if zero else "ds_configs/zero2.json",
+        },
+    )
     model = build_tiny_pipeline(cfg.model).transformer.train()
     ds = build_ds_config(cfg.train, dist.get_world_size())
     ds["zero_optimization"]["stage"] = zero
@@ -114,9 +120,20 @@ def flops_per_sample(transformer, latents) -> float:
     return 3 * (2 * params * tokens + attention)
 
 
-def main(device: str = "cpu", steps: int = 10, batch: int = 2, frames: int = 33, size: int = 128,
-         height: int = 0, width: int = 0, preset: str = "tiny", layers: int = 0, peak_tflops: float = 989.0,
-         paper_samples: int = 10000, memory_probe_zero: int = -1):
+def main(
+    device: str = "cpu",
+    steps: int = 10,
+    batch: int = 2,
+    frames: int = 33,
+    size: int = 128,
+    height: int = 0,
+    width: int = 0,
+    preset: str = "tiny",
+    layers: int = 0,
+    peak_tflops: float = 989.0,
+    paper_samples: int = 10000,
+    memory_probe_zero: int = -1,
+):
     """See the module docstring."""
     if memory_probe_zero >= 0:
         return memory_probe(memory_probe_zero)
@@ -126,12 +143,14 @@ def main(device: str = "cpu", steps: int = 10, batch: int = 2, frames: int = 33,
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = load_config(preset, "train", {"micro_batch_size": batch, "grad_accum": 1,
-                                        "precision": "bf16" if dtype == torch.bfloat16 else "fp32"})
+    cfg = load_config(
+        preset,
+        "train",
+        {"micro_batch_size": batch, "grad_accum": 1, "precision": "bf16" if dtype == torch.bfloat16 else "fp32"},
+    )
     height, width = height or size, width or size
     if not cfg.model.tiny:
-        return bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops,
-                               paper_samples)
+        return bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops, paper_samples)
     pipe = build_tiny_pipeline(cfg.model).to(dev)
     pixels, latents, embeds, noise = make_batch(pipe, batch, frames, size, dev)
     t, weights = torch.full((batch,), 0.5), torch.ones(batch, device=dev)
@@ -155,8 +174,12 @@ def main(device: str = "cpu", steps: int = 10, batch: int = 2, frames: int = 33,
     def on_the_fly_step():
         with torch.no_grad():
             z0 = torch.stack([encode_video(pipe.vae, p, dev) for p in pixels])
-            e, _ = pipe.encode_prompt(["a red square moves left"] * batch, do_classifier_free_guidance=False,
-                                      max_sequence_length=128, device=dev)
+            e, _ = pipe.encode_prompt(
+                ["a red square moves left"] * batch,
+                do_classifier_free_guidance=False,
+                max_sequence_length=128,
+                device=dev,
+            )
         loss, _ = batch_loss(engine, z0, e, weights, t, noise)
         engine.backward(loss)
         engine.step()
@@ -165,15 +188,31 @@ def main(device: str = "cpu", steps: int = 10, batch: int = 2, frames: int = 33,
     print(f"device {device}, tiny preset, batch {batch} of {frames}x{size}x{size} videos, {steps} steps each")
     print(f"bare forward+backward+AdamW: {bare * 1000:8.1f} ms/step")
     print(f"stage-4 step (DeepSpeed):    {stage4 * 1000:8.1f} ms/step   ratio {stage4 / bare:.2f} (target <= 1.10)")
-    print(f"encoding on the fly:         {fly * 1000:8.1f} ms/step   precomputed is {fly / stage4:.1f}x faster "
-          f"(target >= 3x)")
+    print(
+        f"encoding on the fly:         {fly * 1000:8.1f} ms/step   precomputed is {fly / stage4:.1f}x faster "
+        f"(target >= 3x)"
+    )
     for zero in (0, 2, 3):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              __file__, f"--memory_probe_zero={zero}"], cwd=REPO, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                __file__,
+                f"--memory_probe_zero={zero}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         result = json.loads(lines[-1]) if lines else {"error": out.stderr[-300:]}
-        print(f"ZeRO-{zero}, 2 ranks: optimizer state on rank 0: "
-              f"{result.get('optimizer_state_bytes_rank0', 0) / 2**20:.3f} MiB {result.get('error', '')}")
+        print(
+            f"ZeRO-{zero}, 2 ranks: optimizer state on rank 0: "
+            f"{result.get('optimizer_state_bytes_rank0', 0) / 2**20:.3f} MiB {result.get('error', '')}"
+        )
 
 
 def bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops, paper_samples):
@@ -183,8 +222,9 @@ def bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers
     latent_shape = (batch, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(latent_shape, generator=gen).to(dev)
-    embeds = torch.randn(batch, cfg.model.max_sequence_length, cfg.model.arch_transformer["text_dim"],
-                         generator=gen).to(dev, dtype)
+    embeds = torch.randn(
+        batch, cfg.model.max_sequence_length, cfg.model.arch_transformer["text_dim"], generator=gen
+    ).to(dev, dtype)
     noise, t, weights = torch.randn_like(latents), torch.full((batch,), 0.5), torch.ones(batch, device=dev)
 
     def stage4_step():
@@ -200,16 +240,24 @@ def bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers
         encode = timed(lambda: vae.encode(pixels).latent_dist.mode(), 2, dev)
     flops = flops_per_sample(transformer, latents) * batch
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(f"device {name}, {cfg.preset}: {sum(p.numel() for p in transformer.parameters()) / 1e9:.2f}B parameters, "
-          f"batch {batch} of {width}x{height}x{frames}, {str(dtype).split('.')[-1]}, gradient checkpointing")
-    print(f"stage-4 step: {step:.2f} s; {flops / step / 1e12:.1f} TFLOP/s = MFU {flops / step / 1e12 / peak_tflops:.1%}"
-          f" of {peak_tflops:.0f} TFLOP/s")
+    print(
+        f"device {name}, {cfg.preset}: {sum(p.numel() for p in transformer.parameters()) / 1e9:.2f}B parameters, "
+        f"batch {batch} of {width}x{height}x{frames}, {str(dtype).split('.')[-1]}, gradient checkpointing"
+    )
+    print(
+        f"stage-4 step: {step:.2f} s; {flops / step / 1e12:.1f} TFLOP/s = MFU {flops / step / 1e12 / peak_tflops:.1%}"
+        f" of {peak_tflops:.0f} TFLOP/s"
+    )
     if dev.type == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(f"VAE encoding one video on the fly would add {encode:.2f} s per sample ({encode * batch / step:.1f}x "
-          f"the step): precomputed latents avoid it")
-    print(f"paper recipe, {paper_samples} samples x 1 epoch: {paper_samples / batch * step / 3600:.2f} GPU-hours "
-          f"of training on this device")
+    print(
+        f"VAE encoding one video on the fly would add {encode:.2f} s per sample ({encode * batch / step:.1f}x "
+        f"the step): precomputed latents avoid it"
+    )
+    print(
+        f"paper recipe, {paper_samples} samples x 1 epoch: {paper_samples / batch * step / 3600:.2f} GPU-hours "
+        f"of training on this device"
+    )
 
 
 if __name__ == "__main__":

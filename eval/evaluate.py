@@ -21,29 +21,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from itertools import islice
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from gigavideo import instances, vbench2  # noqa: E402
-from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
-from gigavideo.distributed import rank_and_world  # noqa: E402
-from gigavideo.export import load_exported  # noqa: E402
-from gigavideo.eval_report import LABELS, dimension_summary, realism, write_outputs  # noqa: E402
-from gigavideo.judge import check_judge, load_judge  # noqa: E402
-from gigavideo.llm import TemplateBackend  # noqa: E402
-from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
-from gigavideo.prompt_engine import Similarity, engine_prompts  # noqa: E402
-from gigavideo.prompts import load_style, resolve_dimensions  # noqa: E402
-from gigavideo.rendering import Renderer, seed_for  # noqa: E402
-from gigavideo.scoring import score_videos  # noqa: E402
-from gigavideo.schema import index_json, iter_samples, rank_parts, read_manifest, write_json_atomic  # noqa: E402
-from gigavideo.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics  # noqa: E402
+from gigavideo import instances, vbench2
+from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.distributed import rank_and_world
+from gigavideo.eval_report import LABELS, dimension_summary, realism, write_outputs
+from gigavideo.export import load_exported
+from gigavideo.judge import check_judge, load_judge
+from gigavideo.llm import TemplateBackend
+from gigavideo.models import base_model_path, load_pipeline
+from gigavideo.prompt_engine import Similarity, engine_prompts
+from gigavideo.prompts import load_style, resolve_dimensions
+from gigavideo.rendering import Renderer, seed_for
+from gigavideo.schema import index_json, iter_samples, rank_parts, read_manifest, write_json_atomic
+from gigavideo.scoring import score_videos
+from gigavideo.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics
 
 log = logging.getLogger("gigavideo.eval")
 SUITES = ("heldout", "vbench2")
@@ -65,26 +62,44 @@ def eval_videos(cfg, dims, training_prompts: list[str]) -> tuple[list[dict], dic
     for suite in cfg.eval.suites:
         for dim in dims:
             if suite == "heldout":
-                candidates = engine_prompts(TemplateBackend(*load_style(cfg.prompts.dimensions_dir)), dim,
-                                            cfg.eval.prompts_per_dimension * 3, cfg.eval.seed)
+                candidates = engine_prompts(
+                    TemplateBackend(*load_style(cfg.prompts.dimensions_dir)),
+                    dim,
+                    cfg.eval.prompts_per_dimension * 3,
+                    cfg.eval.seed,
+                )
                 close = near_duplicates(similarity, [c["prompt"] for c in candidates], training, threshold)
-                items = [c for c, near in zip(candidates, close) if not near][: cfg.eval.prompts_per_dimension]
-                notes[suite].append(f"{dim.name}: {sum(close)} of {len(candidates)} candidate prompts left out as "
-                                    f"near-duplicates of training prompts ({similarity.kind} >= {threshold})")
+                kept = [c for c, near in zip(candidates, close, strict=True) if not near]
+                items = kept[: cfg.eval.prompts_per_dimension]
+                notes[suite].append(
+                    f"{dim.name}: {sum(close)} of {len(candidates)} candidate prompts left out as "
+                    f"near-duplicates of training prompts ({similarity.kind} >= {threshold})"
+                )
                 samples, folder = cfg.eval.samples_per_prompt, dim.name
             else:
                 items = vbench2.suite_prompts(dim.name, cfg.eval.vbench2_prompts_per_dimension)
                 close = sum(near_duplicates(similarity, [i["prompt"] for i in items], training, threshold))
                 if close:
-                    notes[suite].append(f"{dim.name}: {close} VBench-2.0 prompts are near-duplicates of training "
-                                        "prompts: the benchmark has leaked into training")
+                    notes[suite].append(
+                        f"{dim.name}: {close} VBench-2.0 prompts are near-duplicates of training "
+                        "prompts: the benchmark has leaked into training"
+                    )
                 samples, folder = vbench2.samples_per_prompt(dim.name), vbench2.vbench_name(dim.name)
             for item in items:
                 for index in range(samples):
                     key = f"{suite}/{dim.name}/{index}/{item['prompt']}"
-                    videos.append(item | {"key": key, "suite": suite, "dimension": dim.name, "index": index,
-                                          "scorer": dim.scorer, "seed": seed_for(key, cfg.eval.seed),
-                                          "path": f"{suite}/{folder}/{vbench2.video_name(item['prompt'], index)}"})
+                    videos.append(
+                        item
+                        | {
+                            "key": key,
+                            "suite": suite,
+                            "dimension": dim.name,
+                            "index": index,
+                            "scorer": dim.scorer,
+                            "seed": seed_for(key, cfg.eval.seed),
+                            "path": f"{suite}/{folder}/{vbench2.video_name(item['prompt'], index)}",
+                        }
+                    )
     return videos, notes
 
 
@@ -114,8 +129,10 @@ def record_render_settings(renderer: Renderer, label: str, run) -> None:
     """Records the settings this label renders with; a rerun must use the ones the videos on disk were made with."""
     path, settings = run.eval / f"settings-{label}.json", renderer.settings()
     if path.is_file() and json.loads(path.read_text()) != settings:
-        raise ValueError(f"{path}: the eval in {run.eval} was started with other render settings "
-                         f"({path.read_text().strip()}); pass --overwrite to start it again with these")
+        raise ValueError(
+            f"{path}: the eval in {run.eval} was started with other render settings "
+            f"({path.read_text().strip()}); pass --overwrite to start it again with these"
+        )
     write_json_atomic(path, settings)
 
 
@@ -132,9 +149,10 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, recor
         while chunk := list(islice(batches, int(cfg.render.batch_size))):
             missing = [v for v in chunk if not (root / v["path"]).exists()]
             if missing:
-                rendered = renderer.render([v["key"] for v in missing], [v["prompt"] for v in missing],
-                                           [v["seed"] for v in missing])
-                for v, result in zip(missing, rendered):
+                rendered = renderer.render(
+                    [v["key"] for v in missing], [v["prompt"] for v in missing], [v["seed"] for v in missing]
+                )
+                for v, result in zip(missing, rendered, strict=False):
                     data = encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt)
                     write_video_atomic(root / v["path"], data, run.eval / "partial")
             for v in chunk:
@@ -143,7 +161,8 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, recor
                     frames, _ = decode_mp4((root / v["path"]).read_bytes(), str(root / v["path"]))
                     result = score_videos([(frames, v, v["scorer"])], judge, cfg.score, detector)[0]
                     record |= {"stats": video_statistics(frames)} | (
-                        {"reason": result} if isinstance(result, str) else {"reward": result["reward"]})
+                        {"reason": result} if isinstance(result, str) else {"reward": result["reward"]}
+                    )
                 except VideoError as err:
                     record["reason"] = f"video: {err}"
                 if record["reward"] is None:
@@ -166,9 +185,15 @@ def official_scores(cfg, videos, run) -> dict:
     for name in dict.fromkeys(v["dimension"] for v in videos if v["suite"] == "vbench2"):
         folder = vbench2.vbench_name(name)
         try:
-            results[name] = {label: vbench2.evaluate(run.eval / "videos" / label / "vbench2" / folder, name,
-                                                     run.eval / "vbench2_results", f"{label}_{folder}")["score"]
-                             for label in LABELS}
+            results[name] = {
+                label: vbench2.evaluate(
+                    run.eval / "videos" / label / "vbench2" / folder,
+                    name,
+                    run.eval / "vbench2_results",
+                    f"{label}_{folder}",
+                )["score"]
+                for label in LABELS
+            }
         except RuntimeError as err:
             log.error("%s", err)
             results[name] = {"error": str(err)}
@@ -192,11 +217,15 @@ def real_statistics(run, render) -> list[dict]:
 def build_report(cfg, videos, records, notes, protocol, official, dims, reference) -> dict:
     report = {"judge": protocol["judge"], "protocol": protocol, "suites": {}}
     for suite in cfg.eval.suites:
-        body = report["suites"][suite] = {"notes": notes[suite], "dimensions": {},
-                                          "prompts": [], "failed": []}
+        body = report["suites"][suite] = {"notes": notes[suite], "dimensions": {}, "prompts": [], "failed": []}
         if reference:
-            body["realism"] = realism([v for v in videos if v["suite"] == suite], records, reference,
-                                      cfg.eval.bootstrap_samples, cfg.eval.seed)
+            body["realism"] = realism(
+                [v for v in videos if v["suite"] == suite],
+                records,
+                reference,
+                cfg.eval.bootstrap_samples,
+                cfg.eval.seed,
+            )
             body["realism_reference"] = len(reference)
         for dim in dims:
             mine = [v for v in videos if v["suite"] == suite and v["dimension"] == dim.name]
@@ -204,10 +233,17 @@ def build_report(cfg, videos, records, notes, protocol, official, dims, referenc
             if suite == "vbench2" and dim.name in official:
                 result["vbench2"] = official[dim.name]
             body["dimensions"][dim.name] = result
-            body["prompts"] += [{"dimension": dim.name, "prompt": v["prompt"], "questions": v.get("questions")
-                                 or [v["question"]]} for v in mine if v["index"] == 0]
-            body["failed"] += [{"label": label, "video": v["path"], "reason": records[(label, v["key"])]["reason"]}
-                               for v in mine for label in LABELS if records[(label, v["key"])]["reward"] is None]
+            body["prompts"] += [
+                {"dimension": dim.name, "prompt": v["prompt"], "questions": v.get("questions") or [v["question"]]}
+                for v in mine
+                if v["index"] == 0
+            ]
+            body["failed"] += [
+                {"label": label, "video": v["path"], "reason": records[(label, v["key"])]["reason"]}
+                for v in mine
+                for label in LABELS
+                if records[(label, v["key"])]["reward"] is None
+            ]
     return report
 
 
@@ -247,12 +283,18 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     done = load_records(records_dir)
     for label in LABELS:
         todo = [v for v in videos[rank::world] if (label, v["key"]) not in done]
-        log.info("eval %s: %d of this rank's %d videos still to render or score", label, len(todo),
-                 len(videos[rank::world]))
+        log.info(
+            "eval %s: %d of this rank's %d videos still to render or score", label, len(todo), len(videos[rank::world])
+        )
         if todo:
-            pipe = (load_pipeline(base, cfg.model.dtype, device) if label == "baseline"
-                    else load_exported(run.export, base, cfg.model.dtype, device))
-            render_and_score(label, pipe, todo, cfg, judge, detector, run, device, records_dir / f"rank{rank:05d}.jsonl")
+            pipe = (
+                load_pipeline(base, cfg.model.dtype, device)
+                if label == "baseline"
+                else load_exported(run.export, base, cfg.model.dtype, device)
+            )
+            render_and_score(
+                label, pipe, todo, cfg, judge, detector, run, device, records_dir / f"rank{rank:05d}.jsonl"
+            )
             del pipe
     if rank_parts(run.eval, rank, world, {"videos": len(videos[rank::world])}) is None:
         return  # another rank completes the report
@@ -263,20 +305,33 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     settings = {label: json.loads((run.eval / f"settings-{label}.json").read_text()) for label in LABELS}
     if settings["baseline"] != settings["finetuned"]:
         raise ValueError(f"baseline and fine-tuned render settings differ: {settings}")
-    protocol = {"suites": list(cfg.eval.suites), "dimensions": [d.name for d in dims],
-                "samples_per_prompt": {"heldout": cfg.eval.samples_per_prompt, "vbench2": "3 (20 for diversity)"},
-                "prompt_seed": cfg.eval.seed, "video_seed": "seed_for('{suite}/{dimension}/{index}/{prompt}', "
-                f"{cfg.eval.seed}): first 8 bytes of sha256('{cfg.eval.seed}:' + key), little-endian, mod 2**63",
-                "prompt_variant": "heldout: template-engine prompts as written; vbench2: prompt_en of "
-                "VBench2_full_info.json, no prompt extension", "dtype": cfg.model.dtype,
-                "judge": judge.name, "judge_frames": cfg.score.num_frames, "aggregate": cfg.score.aggregate,
-                "baseline": str(base), "finetuned": str(run.export), "level": 0.95, **settings["baseline"]}
-    report = build_report(cfg, videos, records, notes, protocol, official_scores(cfg, videos, run), dims,
-                          real_statistics(run, cfg.render))
+    protocol = {
+        "suites": list(cfg.eval.suites),
+        "dimensions": [d.name for d in dims],
+        "samples_per_prompt": {"heldout": cfg.eval.samples_per_prompt, "vbench2": "3 (20 for diversity)"},
+        "prompt_seed": cfg.eval.seed,
+        "video_seed": "seed_for('{suite}/{dimension}/{index}/{prompt}', "
+        f"{cfg.eval.seed}): first 8 bytes of sha256('{cfg.eval.seed}:' + key), little-endian, mod 2**63",
+        "prompt_variant": "heldout: template-engine prompts as written; vbench2: prompt_en of "
+        "VBench2_full_info.json, no prompt extension",
+        "dtype": cfg.model.dtype,
+        "judge": judge.name,
+        "judge_frames": cfg.score.num_frames,
+        "aggregate": cfg.score.aggregate,
+        "baseline": str(base),
+        "finetuned": str(run.export),
+        "level": 0.95,
+        **settings["baseline"],
+    }
+    report = build_report(
+        cfg, videos, records, notes, protocol, official_scores(cfg, videos, run), dims, real_statistics(run, cfg.render)
+    )
     write_outputs(report, run.eval, {d.name: d.paper for d in dims})
     write_json_atomic(run.eval / "report.json", report)
-    write_json_atomic(run.manifest("eval"), {"stage": "eval", "report": str(run.eval / "report.json"),
-                                             "videos": len(videos), "world_size": world})
+    write_json_atomic(
+        run.manifest("eval"),
+        {"stage": "eval", "report": str(run.eval / "report.json"), "videos": len(videos), "world_size": world},
+    )
     log.info("eval report: %s\n%s", run.eval / "report.md", (run.eval / "report.md").read_text())
 
 

@@ -55,8 +55,9 @@ def _warp(img: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     x, y = np.clip(xs + u, 0, w - 1.001), np.clip(ys + v, 0, h - 1.001)
     x0, y0 = x.astype(int), y.astype(int)
     fx, fy = x - x0, y - y0
-    return ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x0 + 1])
-            + fy * ((1 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1]))
+    return (1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x0 + 1]) + fy * (
+        (1 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1]
+    )
 
 
 def _box(a: np.ndarray, r: int) -> np.ndarray:
@@ -105,7 +106,7 @@ def global_motion(frames: np.ndarray, size: int = 64) -> dict:
     margin = max(2, min(h, w) // 10)
     inner = (slice(margin, h - margin), slice(margin, w - margin))
     tx, ty, div = [], [], []
-    for a, b in zip(gray[:-1], gray[1:]):
+    for a, b in zip(gray[:-1], gray[1:], strict=False):
         # a(x) ~ b(x + flow): the flow says where content went from frame a to frame b.
         u, v = dense_flow(a, b)
         u, v, x, y = u[inner], v[inner], xs[inner], ys[inner]

@@ -21,8 +21,12 @@ def tag_for(step: int) -> str:
 
 def save(engine, directory: Path, step: int, client_state: dict, keep_last: int, trainable_only: bool = False) -> None:
     """All ranks call this. trainable_only (LoRA) leaves the frozen base weights out of the checkpoint."""
-    engine.save_checkpoint(str(directory), tag=tag_for(step), client_state={"step": step, **client_state},
-                           exclude_frozen_parameters=trainable_only)
+    engine.save_checkpoint(
+        str(directory),
+        tag=tag_for(step),
+        client_state={"step": step, **client_state},
+        exclude_frozen_parameters=trainable_only,
+    )
     if dist.is_initialized():
         dist.barrier()
     if engine.global_rank == 0:

@@ -18,12 +18,17 @@ USER_ERRORS = (ConfigError, SchemaError, StageNotReady, FileNotFoundError, Value
 def setup_logging() -> None:
     rank, world = rank_and_world()
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(level=os.environ.get("GIGAVIDEO_LOG", "INFO"), stream=sys.stderr,
-                        format=f"%(asctime)s {prefix}%(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=os.environ.get("GIGAVIDEO_LOG", "INFO"),
+        stream=sys.stderr,
+        format=f"%(asctime)s {prefix}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
-def start_stage(stage: str, section: str, run_dir: str, config: str, overwrite: bool, overrides: dict,
-                preflight=None) -> tuple[Section, RunDir, object] | None:
+def start_stage(
+    stage: str, section: str, run_dir: str, config: str, overwrite: bool, overrides: dict, preflight=None
+) -> tuple[Section, RunDir, object] | None:
     """Load the config; return None when the stage is already complete (and not --overwrite).
 
     `preflight(cfg, run)` checks the inputs (previous stage, model paths) and returns what it
@@ -34,8 +39,12 @@ def start_stage(stage: str, section: str, run_dir: str, config: str, overwrite: 
     cfg = load_config(config, section, overrides)
     run = RunDir(run_dir)
     if run.is_complete(stage) and not overwrite:
-        log.info("%s already complete in %s (%s exists); skipping. Pass --overwrite to redo it.",
-                 stage, run.path, run.manifest(stage))
+        log.info(
+            "%s already complete in %s (%s exists); skipping. Pass --overwrite to redo it.",
+            stage,
+            run.path,
+            run.manifest(stage),
+        )
         return None
     checked = preflight(cfg, run) if preflight else None
     if overwrite:

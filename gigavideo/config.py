@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
@@ -88,7 +89,11 @@ def _coerce(current, value, key):
         return bool(value)
     if isinstance(current, (int, float)) and not isinstance(value, bool):
         try:
-            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float) and value != int(value)) else value
+            return (
+                type(current)(value)
+                if not (isinstance(current, int) and isinstance(value, float) and value != int(value))
+                else value
+            )
         except (TypeError, ValueError):
             raise ConfigError(f"--{key}={value!r}: expected a number like {current!r}") from None
     if isinstance(current, list) and isinstance(value, (tuple, list)):

@@ -25,18 +25,26 @@ def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], di
     """key -> loss weight for every stage-2 sample that trains, and counts of what was excluded."""
     renders = index_json(run, "stage2")
     scores = index_json(run, "stage3")
-    rewards = {k: scores[k]["reward"] for k, m in renders.items()
-               if m["source"] == "synthetic" and k in scores and scores[k]["status"] == "ok"}
-    weights = reward_weights(rewards, train_cfg["weight_mapping"], train_cfg["weight_temperature"],
-                             train_cfg["weight_threshold"])
+    rewards = {
+        k: scores[k]["reward"]
+        for k, m in renders.items()
+        if m["source"] == "synthetic" and k in scores and scores[k]["status"] == "ok"
+    }
+    weights = reward_weights(
+        rewards, train_cfg["weight_mapping"], train_cfg["weight_temperature"], train_cfg["weight_threshold"]
+    )
     real = [k for k, m in renders.items() if m["source"] == "real"]
     if train_cfg["realism_weight"] > 0:
         weights.update(dict.fromkeys(real, float(train_cfg["realism_weight"])))
     synthetic = [k for k, m in renders.items() if m["source"] == "synthetic"]
-    stats = {"synthetic": len(synthetic), "scored": len(rewards), "real": len(real),
-             "excluded_unscored": len(synthetic) - len(rewards),
-             "excluded_real": len(real) if train_cfg["realism_weight"] <= 0 else 0,
-             "mean_synthetic_weight": float(np.mean([weights[k] for k in rewards])) if rewards else None}
+    stats = {
+        "synthetic": len(synthetic),
+        "scored": len(rewards),
+        "real": len(real),
+        "excluded_unscored": len(synthetic) - len(rewards),
+        "excluded_real": len(real) if train_cfg["realism_weight"] <= 0 else 0,
+        "mean_synthetic_weight": float(np.mean([weights[k] for k in rewards])) if rewards else None,
+    }
     if not weights:
         raise SchemaError(f"nothing to train on in {run.path}: {stats}")
     return weights, stats
@@ -51,21 +59,26 @@ def _decode(sample: dict, weights: dict, max_sequence_length: int) -> dict:
     embeds = np.load(io.BytesIO(sample["prompt_embeds.npy"]), allow_pickle=False)[:max_sequence_length]
     padded = np.zeros((max_sequence_length, embeds.shape[1]), dtype=np.float32)
     padded[: len(embeds)] = embeds  # the zero padding WanPipeline uses at inference
-    return {"key": sample["__key__"], "latents": torch.from_numpy(latents.astype(np.float32)),
-            "prompt_embeds": torch.from_numpy(padded), "weight": float(weights[sample["__key__"]]),
-            "is_real": meta["source"] == "real"}
+    return {
+        "key": sample["__key__"],
+        "latents": torch.from_numpy(latents.astype(np.float32)),
+        "prompt_embeds": torch.from_numpy(padded),
+        "weight": float(weights[sample["__key__"]]),
+        "is_real": meta["source"] == "real",
+    }
 
 
 def collate(samples: list[dict]) -> dict:
-    return {"keys": [s["key"] for s in samples],
-            "latents": torch.stack([s["latents"] for s in samples]),
-            "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),
-            "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
-            "is_real": torch.tensor([s["is_real"] for s in samples])}
+    return {
+        "keys": [s["key"] for s in samples],
+        "latents": torch.stack([s["latents"] for s in samples]),
+        "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),
+        "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
+        "is_real": torch.tensor([s["is_real"] for s in samples]),
+    }
 
 
-def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_length: int, world_size: int,
-                    epoch: int):
+def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_length: int, world_size: int, epoch: int):
     """One epoch of this rank's batches, in an order fixed by (seed, epoch).
 
     Shards are split over ranks, then over dataloader workers; shard order and a shuffle buffer
@@ -75,16 +88,26 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
     workers = int(train_cfg["num_workers"])
     needed = world_size * max(1, workers)
     if len(shards) < needed:
-        raise SchemaError(f"stage2 has {len(shards)} shards but {world_size} ranks x {max(1, workers)} workers "
-                          f"need at least {needed}: rerun stage 2 with a smaller --samples_per_shard, "
-                          f"or lower --num_workers")
+        raise SchemaError(
+            f"stage2 has {len(shards)} shards but {world_size} ranks x {max(1, workers)} workers "
+            f"need at least {needed}: rerun stage 2 with a smaller --samples_per_shard, "
+            f"or lower --num_workers"
+        )
     seed = int(train_cfg["seed"]) * 100003 + epoch
-    dataset = (wds.WebDataset(shards, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                              shardshuffle=len(shards), seed=seed, empty_check=False)
-               .select(lambda s: s["__key__"] in weights)
-               .shuffle(int(train_cfg["shuffle_buffer"]), seed=seed)
-               .map(lambda s: _decode(s, weights, max_sequence_length))
-               .batched(int(train_cfg["micro_batch_size"]), collation_fn=collate, partial=False))
+    dataset = (
+        wds.WebDataset(
+            shards,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            shardshuffle=len(shards),
+            seed=seed,
+            empty_check=False,
+        )
+        .select(lambda s: s["__key__"] in weights)
+        .shuffle(int(train_cfg["shuffle_buffer"]), seed=seed)
+        .map(lambda s: _decode(s, weights, max_sequence_length))
+        .batched(int(train_cfg["micro_batch_size"]), collation_fn=collate, partial=False)
+    )
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 
 

@@ -16,15 +16,20 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
         raise FileNotFoundError(f"DeepSpeed config {path} not found (see ds_configs/)")
     ds = json.loads(path.read_text())
     micro, accum = int(train_cfg["micro_batch_size"]), int(train_cfg["grad_accum"])
-    wanted = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-              "train_batch_size": micro * accum * world_size}
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+    }
     for key, value in wanted.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif int(ds[key]) != value:
-            raise ValueError(f"{path}: {key}={ds[key]} but the flags give {value} "
-                             f"(micro_batch_size={micro} x grad_accum={accum} x world_size={world_size}); "
-                             f"set it to \"auto\" or change the flags")
+            raise ValueError(
+                f"{path}: {key}={ds[key]} but the flags give {value} "
+                f"(micro_batch_size={micro} x grad_accum={accum} x world_size={world_size}); "
+                f'set it to "auto" or change the flags'
+            )
     if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
         raise ValueError(f"{path}: train_batch_size must equal micro batch x accumulation x world size")
     bf16 = train_cfg["precision"] == "bf16"
@@ -34,7 +39,9 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
     elif bool(ds["bf16"]["enabled"]) != bf16:
-        raise ValueError(f"{path}: bf16.enabled={ds['bf16']['enabled']} contradicts --precision={train_cfg['precision']}")
+        raise ValueError(
+            f"{path}: bf16.enabled={ds['bf16']['enabled']} contradicts --precision={train_cfg['precision']}"
+        )
     params = ds.get("optimizer", {}).get("params", {})
     for key, flag in (("lr", "lr"), ("weight_decay", "weight_decay")):
         if params.get(key) == "auto":

@@ -42,8 +42,14 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2 + (a.std(0) - b.std(0)) ** 2).sum())
 
 
-def realism(videos: list[dict], records: dict, reference: list[dict], bootstrap_samples: int = 0, seed: int = 0,
-            level: float = 0.95) -> dict:
+def realism(
+    videos: list[dict],
+    records: dict,
+    reference: list[dict],
+    bootstrap_samples: int = 0,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """Realism distance of both models' videos to the real clips, and its relative change; with
     bootstrap_samples, a percentile interval of the relative change (videos resampled in pairs, real
     clips resampled too), so that a change within the estimate's noise reads as one. Only videos with
@@ -74,11 +80,16 @@ def dimension_summary(videos: list[dict], records: dict, bootstrap_samples: int,
     failed = {label: sum(records[(label, v["key"])].get("reward") is None for v in videos) for label in LABELS}
     summary = {"videos": len(videos), "failed": failed}
     if paired:
-        summary |= paired_bootstrap([records[("baseline", v["key"])]["reward"] for v in paired],
-                                    [records[("finetuned", v["key"])]["reward"] for v in paired],
-                                    bootstrap_samples, seed)
-    stats = {label: [records[(label, v["key"])]["stats"] for v in videos if records[(label, v["key"])].get("stats")]
-             for label in LABELS}
+        summary |= paired_bootstrap(
+            [records[("baseline", v["key"])]["reward"] for v in paired],
+            [records[("finetuned", v["key"])]["reward"] for v in paired],
+            bootstrap_samples,
+            seed,
+        )
+    stats = {
+        label: [records[(label, v["key"])]["stats"] for v in videos if records[(label, v["key"])].get("stats")]
+        for label in LABELS
+    }
     if all(stats.values()):
         summary["drift"] = drift(stats["baseline"], stats["finetuned"])
     return summary
@@ -86,12 +97,17 @@ def dimension_summary(videos: list[dict], records: dict, bootstrap_samples: int,
 
 def chart_series(name: str, result: dict, paper: dict) -> dict[str, float]:
     """The bars of one dimension, on VBench-2.0's 0-100 scale."""
-    bars = {"baseline (judge)": 100 * result["baseline"], "fine-tuned (judge)": 100 * result["finetuned"]} \
-        if "baseline" in result else {}
+    bars = (
+        {"baseline (judge)": 100 * result["baseline"], "fine-tuned (judge)": 100 * result["finetuned"]}
+        if "baseline" in result
+        else {}
+    )
     official = result.get("vbench2", {})
     if "baseline" in official and "finetuned" in official:
-        bars |= {"baseline (VBench-2.0)": 100 * official["baseline"],
-                 "fine-tuned (VBench-2.0)": 100 * official["finetuned"]}
+        bars |= {
+            "baseline (VBench-2.0)": 100 * official["baseline"],
+            "fine-tuned (VBench-2.0)": 100 * official["finetuned"],
+        }
         if paper:
             bars |= {"paper: Wan2.1": paper["wan2_1"], "paper: GigaVideo-1": paper["gigavideo_1"]}
     return bars
@@ -101,49 +117,82 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
     """report.json is written by the caller; this writes report.md, the charts and TensorBoard scalars."""
     from torch.utils.tensorboard import SummaryWriter
 
-    lines = ["# GigaVideo-1 eval: baseline vs fine-tuned", "",
-             f"Judge: `{report['judge']}` (reward in [0, 1]). Differences are paired over the same prompts, "
-             f"samples and seeds; intervals are {int(report['protocol']['level'] * 100)}% percentile bootstrap.", ""]
+    lines = [
+        "# GigaVideo-1 eval: baseline vs fine-tuned",
+        "",
+        f"Judge: `{report['judge']}` (reward in [0, 1]). Differences are paired over the same prompts, "
+        f"samples and seeds; intervals are {int(report['protocol']['level'] * 100)}% percentile bootstrap.",
+        "",
+    ]
     with SummaryWriter(str(out_dir / "tensorboard")) as writer:
         for suite, body in report["suites"].items():
-            lines += [f"## Suite `{suite}`", "", *(f"- {note}" for note in body.get("notes", [])), "",
-                      "| dimension | pairs | baseline | fine-tuned | difference | 95% interval | VBench-2.0 | paper |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## Suite `{suite}`",
+                "",
+                *(f"- {note}" for note in body.get("notes", [])),
+                "",
+                "| dimension | pairs | baseline | fine-tuned | difference | 95% interval | VBench-2.0 | paper |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             drift_lines = ["| dimension | " + " | ".join(DRIFT_KEYS) + " |", "|---" * (len(DRIFT_KEYS) + 1) + "|"]
             bars = {}
             for name, r in body["dimensions"].items():
                 official = r.get("vbench2", {})
-                vb = (f"{official['baseline']:.4f} -> {official['finetuned']:.4f}" if "finetuned" in official
-                      else official.get("error", "not run")[:60])
+                vb = (
+                    f"{official['baseline']:.4f} -> {official['finetuned']:.4f}"
+                    if "finetuned" in official
+                    else official.get("error", "not run")[:60]
+                )
                 paper = papers.get(name, {})
                 pp = f"{paper['wan2_1']:.2f} -> {paper['gigavideo_1']:.2f}" if paper else "-"
                 if "difference" in r:
-                    lines.append(f"| {name} | {r['n']} | {r['baseline']:.4f} | {r['finetuned']:.4f} | "
-                                 f"{r['difference']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {vb} | {pp} |")
+                    lines.append(
+                        f"| {name} | {r['n']} | {r['baseline']:.4f} | {r['finetuned']:.4f} | "
+                        f"{r['difference']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {vb} | {pp} |"
+                    )
                     for label in (*LABELS, "difference"):
                         writer.add_scalar(f"eval/{suite}/{name}/{label}", r[label], 0)
                 else:
                     lines.append(f"| {name} | 0 | - | - | - | - | {vb} | {pp} |")
                 if "drift" in r:
-                    drift_lines.append(f"| {name} | " + " | ".join(
-                        f"{100 * d['relative_change']:+.1f}%" if d["relative_change"] is not None else "-"
-                        for d in (r["drift"][k] for k in DRIFT_KEYS)) + " |")
+                    drift_lines.append(
+                        f"| {name} | "
+                        + " | ".join(
+                            f"{100 * d['relative_change']:+.1f}%" if d["relative_change"] is not None else "-"
+                            for d in (r["drift"][k] for k in DRIFT_KEYS)
+                        )
+                        + " |"
+                    )
                     for key in DRIFT_KEYS:
                         writer.add_scalar(f"eval/{suite}/{name}/drift_{key}", r["drift"][key]["finetuned"], 0)
                 bars[name] = chart_series(name, r, paper)
             if body.get("realism", {}).get("videos"):  # none: no video has statistics on both sides
                 r = body["realism"]
-                lines += ["", f"Realism distance to {body['realism_reference']} real clips, over the {r['videos']} videos "
-                          "both models made (Frechet distance of the "
-                          f"drift statistics, lower is closer): baseline {r['baseline']:.3f}, fine-tuned "
-                          f"{r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%"
-                          + (f", 95% interval [{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]" if "ci_low" in r
-                             else "") + ")."]
+                lines += [
+                    "",
+                    f"Realism distance to {body['realism_reference']} real clips, over the {r['videos']} videos "
+                    "both models made (Frechet distance of the "
+                    f"drift statistics, lower is closer): baseline {r['baseline']:.3f}, fine-tuned "
+                    f"{r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%"
+                    + (
+                        f", 95% interval [{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]"
+                        if "ci_low" in r
+                        else ""
+                    )
+                    + ").",
+                ]
                 writer.add_scalar(f"eval/{suite}/realism_distance/baseline", r["baseline"], 0)
                 writer.add_scalar(f"eval/{suite}/realism_distance/finetuned", r["finetuned"], 0)
             chart = bar_chart_png(bars, out_dir / f"chart-{suite}.png", f"{suite}: baseline vs fine-tuned (x100)")
             body["chart"] = chart
-            lines += ["", "Drift of the fine-tuned videos from the baseline's (relative change of the mean):", "",
-                      *drift_lines, "", f"![{suite}]({chart})", ""]
+            lines += [
+                "",
+                "Drift of the fine-tuned videos from the baseline's (relative change of the mean):",
+                "",
+                *drift_lines,
+                "",
+                f"![{suite}]({chart})",
+                "",
+            ]
     lines += ["## Protocol", "", "```", *(f"{k}: {v}" for k, v in report["protocol"].items()), "```", ""]
     (out_dir / "report.md").write_text("\n".join(lines))

@@ -31,8 +31,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def export_pipeline(transformer, base_path: Path, target: Path) -> Path:
     def save(directory: Path):
-        shutil.copytree(base_path, directory, ignore=shutil.ignore_patterns("transformer"),
-                        copy_function=_link_or_copy)
+        shutil.copytree(base_path, directory, ignore=shutil.ignore_patterns("transformer"), copy_function=_link_or_copy)
         transformer.save_pretrained(directory / "transformer")
 
     if target.exists():
@@ -45,8 +44,9 @@ def export_lora(transformer, target: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     def save(directory: Path):
-        WanPipeline.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                      safe_serialization=True)
+        WanPipeline.save_lora_weights(
+            directory, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+        )
 
     if target.exists():
         shutil.rmtree(target)

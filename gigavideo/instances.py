@@ -18,8 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-           "ten": 10, "a pair of": 2, "a couple of": 2}
+NUMBERS = {
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "a pair of": 2,
+    "a couple of": 2,
+}
 
 
 def expected_count(text: str) -> tuple[int | None, str | None]:
@@ -51,7 +63,7 @@ class BlobDetector:
         mask = (rgb.max(-1) - rgb.min(-1)) > self.saturation
         labels = np.zeros(mask.shape, dtype=np.int32)
         count = 0
-        for y, x in zip(*np.nonzero(mask)):
+        for y, x in zip(*np.nonzero(mask), strict=False):
             if labels[y, x]:
                 continue
             count += 1
@@ -77,8 +89,10 @@ class YoloWorldDetector:
 
     def __init__(self, weights: str, confidence: float = 0.25, device=None):
         if not weights or not Path(weights).is_file():
-            raise FileNotFoundError(f"YOLO-World weights {weights!r} not found: download e.g. yolov8s-worldv2.pt "
-                                    "on a machine with internet and pass --detector_weights=/path/to/it")
+            raise FileNotFoundError(
+                f"YOLO-World weights {weights!r} not found: download e.g. yolov8s-worldv2.pt "
+                "on a machine with internet and pass --detector_weights=/path/to/it"
+            )
         try:
             from ultralytics import YOLOWorld
         except ImportError:

@@ -29,38 +29,68 @@ _TINY_CHAT_TEMPLATE = (
 
 def build_tiny_judge(judge_cfg: dict):
     """(model, processor): a random LLaVA (tiny CLIP vision tower + tiny Qwen2) with an offline tokenizer."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, Qwen2Config)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+    )
 
     tokenizer = build_word_tokenizer(_TINY_JUDGE_WORDS, ["<image>", "<|im_start|>", "<|im_end|>"])
     tokenizer.image_token = "<image>"
     size, patch = int(judge_cfg["tiny_image_size"]), int(judge_cfg["tiny_patch_size"])
     torch.manual_seed(int(judge_cfg["tiny_seed"]))
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=size, patch_size=patch),
-        text_config=Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                max_position_embeddings=1024),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=size,
+            patch_size=patch,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=_TINY_CHAT_TEMPLATE)
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_TINY_CHAT_TEMPLATE,
+    )
     return model, processor
 
 
 def judge_path(score_cfg: dict, run: RunDir) -> Path:
     """`score.judge_path` if set, else (tiny preset) RUN_DIR/models/judge, built once."""
     if score_cfg.get("judge_path"):
-        return check_model_dir(score_cfg["judge_path"], "judge model", ("config.json",),
-                               "Give a local folder of a llava-hf vision-language model "
-                               "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf) with --judge_path.")
+        return check_model_dir(
+            score_cfg["judge_path"],
+            "judge model",
+            ("config.json",),
+            "Give a local folder of a llava-hf vision-language model "
+            "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf) with --judge_path.",
+        )
     if score_cfg.get("judge") != "tiny":
-        raise FileNotFoundError(f"judge {score_cfg.get('judge')!r} needs --judge_path to a local model folder "
-                                "(or --judge=openai with --judge_base_url and --judge_model)")
+        raise FileNotFoundError(
+            f"judge {score_cfg.get('judge')!r} needs --judge_path to a local model folder "
+            "(or --judge=openai with --judge_base_url and --judge_model)"
+        )
 
     def save(directory):
         model, processor = build_tiny_judge(score_cfg)
@@ -97,8 +127,9 @@ class TransformersJudge:
     are the full next-token probabilities of the answer words (so P(yes) + P(no) <= 1).
     """
 
-    def __init__(self, path: str | Path, device="cpu", dtype: str = "float32", num_frames: int = 8,
-                 batch_size: int = 4):
+    def __init__(
+        self, path: str | Path, device="cpu", dtype: str = "float32", num_frames: int = 8, batch_size: int = 4
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(str(path))
@@ -112,8 +143,11 @@ class TransformersJudge:
 
     @staticmethod
     def _answer_ids(tokenizer, words) -> list[int]:
-        ids = {tokenizer.encode(w, add_special_tokens=False)[0] for w in words
-               if len(tokenizer.encode(w, add_special_tokens=False)) == 1}
+        ids = {
+            tokenizer.encode(w, add_special_tokens=False)[0]
+            for w in words
+            if len(tokenizer.encode(w, add_special_tokens=False)) == 1
+        }
         ids.discard(tokenizer.unk_token_id)
         if not ids:
             raise ValueError(f"judge tokenizer has no single-token answer among {words}")
@@ -123,12 +157,17 @@ class TransformersJudge:
     def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict]:
         out = []
         for i in range(0, len(items), self.batch_size):
-            batch = items[i:i + self.batch_size]
+            batch = items[i : i + self.batch_size]
             texts, images = [], []
             for frames, question in batch:
                 chosen = sample_frames(frames, self.num_frames)
-                messages = [{"role": "user", "content": [{"type": "image"}] * len(chosen)
-                             + [{"type": "text", "text": question + ANSWER_SUFFIX}]}]
+                messages = [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}] * len(chosen)
+                        + [{"type": "text", "text": question + ANSWER_SUFFIX}],
+                    }
+                ]
                 texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
                 images += chosen
             inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
@@ -147,8 +186,17 @@ class OpenAIJudge:
     otherwise the answer text decides (1 or 0); an answer that is neither is an error for that sample.
     """
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", num_frames: int = 8,
-                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        num_frames: int = 8,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+    ):
         from .llm import ChatHTTP
 
         if not base_url or not model:
@@ -176,8 +224,14 @@ class OpenAIJudge:
             url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
             content.append({"type": "image_url", "image_url": {"url": url}})
         content.append({"type": "text", "text": question + ANSWER_SUFFIX})
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
-                "temperature": 0.0, "logprobs": True, "top_logprobs": 20}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": 20,
+        }
         response = self.http.post(body, "judge")
         if response is None:
             return JudgeAnswerError("the judge server kept failing")
@@ -194,8 +248,11 @@ class OpenAIJudge:
                 if word in probs:
                     probs[word] += math.exp(cand["logprob"])
             if probs["yes"] + probs["no"] > 0:
-                return {"p_yes": probs["yes"], "p_no": probs["no"],
-                        "answer": "yes" if probs["yes"] >= probs["no"] else "no"}
+                return {
+                    "p_yes": probs["yes"],
+                    "p_no": probs["no"],
+                    "answer": "yes" if probs["yes"] >= probs["no"] else "no",
+                }
         answer = yes_no(text)
         if answer is None:
             return JudgeAnswerError(f"answer is neither yes nor no: {text[:80]!r}")
@@ -216,8 +273,20 @@ def load_judge(score_cfg: dict, run: RunDir, device):
 
         return ToyJudge()  # the toy world: answers from the pixels, no model
     if score_cfg["judge"] == "openai":
-        return OpenAIJudge(score_cfg["judge_base_url"], score_cfg["judge_model"], score_cfg["judge_api_key_env"],
-                           score_cfg["num_frames"], score_cfg["judge_concurrency"], score_cfg["judge_timeout"],
-                           score_cfg["judge_http_retries"], score_cfg["judge_backoff"])
-    return TransformersJudge(judge_path(score_cfg, run), device=device, dtype=score_cfg["dtype"],
-                             num_frames=score_cfg["num_frames"], batch_size=score_cfg["batch_size"])
+        return OpenAIJudge(
+            score_cfg["judge_base_url"],
+            score_cfg["judge_model"],
+            score_cfg["judge_api_key_env"],
+            score_cfg["num_frames"],
+            score_cfg["judge_concurrency"],
+            score_cfg["judge_timeout"],
+            score_cfg["judge_http_retries"],
+            score_cfg["judge_backoff"],
+        )
+    return TransformersJudge(
+        judge_path(score_cfg, run),
+        device=device,
+        dtype=score_cfg["dtype"],
+        num_frames=score_cfg["num_frames"],
+        batch_size=score_cfg["batch_size"],
+    )

@@ -75,8 +75,15 @@ class TemplateBackend:
 class TransformersBackend:
     """A local chat model; answers are sampled with a per-request seed, so reruns repeat them."""
 
-    def __init__(self, path: str, device, dtype=torch.float32, batch_size: int = 8, max_new_tokens: int = 256,
-                 temperature: float = 0.8):
+    def __init__(
+        self,
+        path: str,
+        device,
+        dtype=torch.float32,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -91,15 +98,21 @@ class TransformersBackend:
     def complete(self, requests: list[Request]) -> list[str]:
         out = []
         for i in range(0, len(requests), self.batch_size):
-            batch = requests[i:i + self.batch_size]
-            texts = [self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-                     for r in batch]
+            batch = requests[i : i + self.batch_size]
+            texts = [
+                self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
+                for r in batch
+            ]
             inputs = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
             torch.manual_seed(batch[0].seed)
-            generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                            do_sample=self.temperature > 0, temperature=self.temperature or None,
-                                            pad_token_id=self.tokenizer.pad_token_id)
-            new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+            generated = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=self.temperature > 0,
+                temperature=self.temperature or None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
             out += self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return out
 
@@ -107,9 +120,18 @@ class TransformersBackend:
 class OpenAIBackend:
     """Chat completions from an OpenAI-compatible server, `concurrency` requests at a time."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 max_retries: int = 5, timeout: float = 60.0, temperature: float = 0.8, json_mode: bool = True,
-                 backoff: float = 1.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        max_retries: int = 5,
+        timeout: float = 60.0,
+        temperature: float = 0.8,
+        json_mode: bool = True,
+        backoff: float = 1.0,
+    ):
         if not base_url or not model:
             raise ValueError("the openai backend needs --llm_base_url and --llm_model")
         self.http = ChatHTTP(base_url, api_key_env, timeout, max_retries, backoff)
@@ -122,8 +144,12 @@ class OpenAIBackend:
             return list(pool.map(self._one, requests))
 
     def _one(self, request: Request) -> str | None:
-        body = {"model": self.model, "messages": request.messages, "temperature": self.temperature,
-                "seed": request.seed}
+        body = {
+            "model": self.model,
+            "messages": request.messages,
+            "temperature": self.temperature,
+            "seed": request.seed,
+        }
         if self.json_mode:
             body["response_format"] = {"type": "json_object"}
         response = self.http.post(body, request.step)
@@ -171,8 +197,9 @@ class ChatHTTP:
                 log.warning("%s: the answer is not JSON (%s)", self.url, err)
                 return None
             if attempt < self.max_retries:
-                log.info("%s request failed (%s); retry %d/%d in %.1fs", what, reason, attempt + 1,
-                         self.max_retries, wait)
+                log.info(
+                    "%s request failed (%s); retry %d/%d in %.1fs", what, reason, attempt + 1, self.max_retries, wait
+                )
                 time.sleep(wait)
         log.warning("%s request failed after %d retries (%s)", what, self.max_retries, reason)
         return None
@@ -185,10 +212,20 @@ def build_tiny_chat_model(words: list[str], seed: int = 0):
     from .models import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(words, ["<|im_start|>", "<|im_end|>"], eos="<|im_end|>")
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return Qwen2ForCausalLM(config), tokenizer

@@ -16,8 +16,9 @@ import torch
 WEIGHT_MAPPINGS = ("raw", "normalized", "exp", "threshold", "uniform")
 
 
-def reward_weights(rewards: dict[str, float], mapping: str, temperature: float = 1.0,
-                   threshold: float = 0.5) -> dict[str, float]:
+def reward_weights(
+    rewards: dict[str, float], mapping: str, temperature: float = 1.0, threshold: float = 0.5
+) -> dict[str, float]:
     """Map all rewards to training weights at once (offline), since some mappings use dataset statistics.
 
     raw: w = r (the paper's formula). normalized: w = r / mean(r), so the mean weight is 1 and the
@@ -46,8 +47,14 @@ def reward_weights(rewards: dict[str, float], mapping: str, temperature: float =
     return {k: e / mean for k, e in exps.items()}
 
 
-def sample_timesteps(n: int, method: str, shift: float, generator: torch.Generator | None = None,
-                     logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+def sample_timesteps(
+    n: int,
+    method: str,
+    shift: float,
+    generator: torch.Generator | None = None,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
     """t in (0, 1), as Wan trains: uniform or logit-normal, then the flow shift t' = s t / (1 + (s - 1) t)."""
     if method == "uniform":
         u = torch.rand(n, generator=generator)
@@ -72,15 +79,26 @@ def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return (weights.to(per_sample) * per_sample).mean()
 
 
-def batch_loss(model, z0: torch.Tensor, prompt_embeds: torch.Tensor, weights: torch.Tensor, t: torch.Tensor,
-               noise: torch.Tensor, dtype=torch.float32):
+def batch_loss(
+    model,
+    z0: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    weights: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    dtype=torch.float32,
+):
     """The objective on one batch: (weighted loss, per-sample flow-matching losses).
 
     The transformer sees z_t and the timestep t * 1000 (Wan's convention) and predicts eps - z_0.
     """
     device = weights.device
     z_t, target = noisy_latents_and_target(z0, noise, t)
-    prediction = model(hidden_states=z_t.to(device, dtype), timestep=(t * 1000).to(device),
-                       encoder_hidden_states=prompt_embeds.to(device, dtype), return_dict=False)[0]
+    prediction = model(
+        hidden_states=z_t.to(device, dtype),
+        timestep=(t * 1000).to(device),
+        encoder_hidden_states=prompt_embeds.to(device, dtype),
+        return_dict=False,
+    )[0]
     per_sample = per_sample_flow_matching_loss(prediction, target.to(device))
     return weighted_loss(per_sample, weights), per_sample

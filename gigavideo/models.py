@@ -59,8 +59,9 @@ def build_word_tokenizer(words: list[str], special_tokens: list[str], eos: str |
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + list(words)))}
     word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token=eos)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", eos_token=eos
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return tokenizer
 
@@ -82,13 +83,19 @@ def build_tiny_pipeline(model_cfg: dict):
     else:
         vae = AutoencoderKLWan(**arch_vae)
     tokenizer = build_tiny_tokenizer()
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["arch_text_encoder"]))
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["arch_text_encoder"])
+    )
     text_encoder.eval()  # no dropout: embed text here as every later `from_pretrained` copy of it will
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=1000, flow_shift=float(model_cfg["flow_shift"]))
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                       transformer=transformer, scheduler=scheduler)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
+        flow_shift=float(model_cfg["flow_shift"]),
+    )
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
 
 
 def save_atomic(save, target: Path) -> Path:
@@ -115,16 +122,24 @@ def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint
 
 
 # What a random tiny base model is built from; a run directory's cached copy must match them.
-TINY_RECIPE_KEYS = ("tiny_seed", "flow_shift", "max_sequence_length", "arch_transformer", "arch_vae",
-                    "arch_text_encoder", "pretrain")
+TINY_RECIPE_KEYS = (
+    "tiny_seed",
+    "flow_shift",
+    "max_sequence_length",
+    "arch_transformer",
+    "arch_vae",
+    "arch_text_encoder",
+    "pretrain",
+)
 TINY_RECIPE_FILE = "tiny_recipe.json"
 
 
 def base_model_path(model_cfg: dict, run: RunDir) -> Path:
     """The base pipeline folder: `model.path` if set, else (tiny preset) RUN_DIR/models/base, built once."""
     if model_cfg.get("path"):
-        return check_model_dir(model_cfg["path"], "Wan2.1 base model", ("model_index.json", "transformer", "vae"),
-                               WAN_DOWNLOAD_HINT)
+        return check_model_dir(
+            model_cfg["path"], "Wan2.1 base model", ("model_index.json", "transformer", "vae"), WAN_DOWNLOAD_HINT
+        )
     if not model_cfg.get("tiny"):
         raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
 
@@ -137,7 +152,9 @@ def base_model_path(model_cfg: dict, run: RunDir) -> Path:
         if int(pretrain.get("steps", 0)) > 0:  # the toy preset: pre-train on the toy world's clips, once
             from .toy import pretrain_base
 
-            summary = pretrain_base(pipe, pretrain, int(model_cfg["max_sequence_length"]), float(model_cfg["flow_shift"]))
+            summary = pretrain_base(
+                pipe, pretrain, int(model_cfg["max_sequence_length"]), float(model_cfg["flow_shift"])
+            )
             (Path(directory) / "pretraining.json").write_text(json.dumps({**pretrain, **summary}, indent=1))
         (Path(directory) / TINY_RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
         pipe.save_pretrained(directory)
@@ -145,8 +162,10 @@ def base_model_path(model_cfg: dict, run: RunDir) -> Path:
     path = save_atomic(build, run.models / "base")
     built = path / TINY_RECIPE_FILE
     if built.is_file() and json.loads(built.read_text()) != json.loads(json.dumps(recipe, sort_keys=True)):
-        raise ValueError(f"{path} was built from other model settings ({built}) than this run's preset asks for; "
-                         f"use another --run_dir, or delete {path} to rebuild it")
+        raise ValueError(
+            f"{path} was built from other model settings ({built}) than this run's preset asks for; "
+            f"use another --run_dir, or delete {path} to rebuild it"
+        )
     return path
 
 
@@ -188,7 +207,7 @@ def encode_video(vae, frames_uint8, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_latents(vae, latents) -> "numpy.ndarray":  # noqa: F821
+def decode_latents(vae, latents) -> numpy.ndarray:  # noqa: F821
     """normalised latents (B, C, T, H, W) -> uint8 frames (B, T, H, W, 3)."""
     video = vae.decode(denormalize_latents(latents.to(vae.dtype), vae.config), return_dict=False)[0]
     video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -57,17 +57,22 @@ def shaded(colour: str, shade: str | None) -> tuple[int, ...]:
 
 
 def sample_scene(rng: np.random.Generator, size_range=SIZE_RANGE) -> Scene:
-    return Scene(colour=list(COLOURS)[rng.integers(len(COLOURS))],
-                 direction=list(DIRECTIONS)[rng.integers(len(DIRECTIONS))], background=int(rng.integers(112, 145)),
-                 size=float(rng.uniform(*size_range)), shade=[None, *SHADES][rng.integers(len(SHADES) + 1)])
+    return Scene(
+        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        direction=list(DIRECTIONS)[rng.integers(len(DIRECTIONS))],
+        background=int(rng.integers(112, 145)),
+        size=float(rng.uniform(*size_range)),
+        shade=[None, *SHADES][rng.integers(len(SHADES) + 1)],
+    )
 
 
-def caption(scene: Scene, mention_motion: bool = True, mention_size: bool = False,
-            mention_shade: bool = False) -> str:
+def caption(scene: Scene, mention_motion: bool = True, mention_size: bool = False, mention_shade: bool = False) -> str:
     action = f"moves {scene.direction}" if mention_motion else "moves"
     subject = scene.subject(mention_size, mention_shade)
-    return (f"{STYLE['setting'][0].upper()}{STYLE['setting'][1:]}: {subject} {action}. "
-            f"{STYLE['camera'][0].upper()}{STYLE['camera'][1:]}, {STYLE['light']}.")
+    return (
+        f"{STYLE['setting'][0].upper()}{STYLE['setting'][1:]}: {subject} {action}. "
+        f"{STYLE['camera'][0].upper()}{STYLE['camera'][1:]}, {STYLE['light']}."
+    )
 
 
 def render_scene(scene: Scene, height: int, width: int, num_frames: int, offset=(0, 0)) -> np.ndarray:
@@ -81,12 +86,19 @@ def render_scene(scene: Scene, height: int, width: int, num_frames: int, offset=
         cy = (height - 1) / 2 + offset[0] + dy * shift
         cx = (width - 1) / 2 + offset[1] + dx * shift
         top, left = (int(np.floor(c - (size - 1) / 2 + 0.5)) for c in (cy, cx))
-        frames[t, max(0, top):top + size, max(0, left):left + size] = scene.rgb
+        frames[t, max(0, top) : top + size, max(0, left) : left + size] = scene.rgb
     return frames
 
 
-def make_clip(index: int, height: int = 64, width: int = 64, num_frames: int = 17, seed: int = 0,
-              caption_rates: dict | None = None, size_range=SIZE_RANGE):
+def make_clip(
+    index: int,
+    height: int = 64,
+    width: int = 64,
+    num_frames: int = 17,
+    seed: int = 0,
+    caption_rates: dict | None = None,
+    size_range=SIZE_RANGE,
+):
     """Returns (uint8 frames (T, H, W, 3), caption); the same (index, seed) gives the same clip.
     caption_rates: {"motion": p, "size": p, "shade": p}, the chance that the caption names the direction
     of motion, the size (when it is small or large) and the shade (when it is dark or light); 1 when not given.
@@ -99,5 +111,5 @@ def make_clip(index: int, height: int = 64, width: int = 64, num_frames: int = 1
     scene = sample_scene(rng, size_range)
     jitter = min(height, width) // 32
     offset = tuple(int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
-    mentions = (bool(u < float(rates[k])) for u, k in zip(rng.random(len(CAPTIONED)), CAPTIONED))
+    mentions = (bool(u < float(rates[k])) for u, k in zip(rng.random(len(CAPTIONED)), CAPTIONED, strict=False))
     return render_scene(scene, height, width, num_frames, offset), caption(scene, *mentions)

@@ -31,28 +31,46 @@ SYSTEM = "You write prompts for a text-to-video model and questions for checking
 
 def analogy_request(dim: Dimension, count: int, seed: int) -> Request:
     examples = "\n".join(f'- {{"subject": "{s["subject"]}", "action": "{s["action"]}"}}' for s in dim.seeds)
-    text = (f"Weak dimension: {dim.title}. {dim.description}\nExamples of prompts that test it:\n{examples}\n"
-            f"Write {count} new, varied prompts that test the same weakness in the same way, each different from "
-            f'the examples. Answer with JSON: {{"prompts": [{{"subject": "...", "action": "..."}}, ...]}}')
-    return Request("analogy", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
-                   {"dimension": dim, "count": count}, seed)
+    text = (
+        f"Weak dimension: {dim.title}. {dim.description}\nExamples of prompts that test it:\n{examples}\n"
+        f"Write {count} new, varied prompts that test the same weakness in the same way, each different from "
+        f'the examples. Answer with JSON: {{"prompts": [{{"subject": "...", "action": "..."}}, ...]}}'
+    )
+    return Request(
+        "analogy",
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+        {"dimension": dim, "count": count},
+        seed,
+    )
 
 
 def augment_request(dim: Dimension, item: dict, seed: int) -> Request:
-    text = (f"Turn this into one detailed prompt for a text-to-video model, 20 to 80 words, naming the subject, "
-            f"the action, the setting, the camera and the lighting. Keep what makes it a test of {dim.title}: "
-            f"{dim.checks}.\nSubject: {item['subject']}\nAction: {item['action']}\n"
-            f'Answer with JSON: {{"prompt": "..."}}')
-    return Request("augment", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
-                   {"dimension": dim, **item}, seed)
+    text = (
+        f"Turn this into one detailed prompt for a text-to-video model, 20 to 80 words, naming the subject, "
+        f"the action, the setting, the camera and the lighting. Keep what makes it a test of {dim.title}: "
+        f"{dim.checks}.\nSubject: {item['subject']}\nAction: {item['action']}\n"
+        f'Answer with JSON: {{"prompt": "..."}}'
+    )
+    return Request(
+        "augment",
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+        {"dimension": dim, **item},
+        seed,
+    )
 
 
 def question_request(dim: Dimension, item: dict, seed: int) -> Request:
-    text = (f"Write one yes/no question about a video made from the prompt below. Answering 'yes' must mean the "
-            f"video passes this check: {dim.checks}.\nPrompt: {item['prompt']}\n"
-            f'Answer with JSON: {{"question": "...?"}}')
-    return Request("question", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
-                   {"dimension": dim, **item}, seed)
+    text = (
+        f"Write one yes/no question about a video made from the prompt below. Answering 'yes' must mean the "
+        f"video passes this check: {dim.checks}.\nPrompt: {item['prompt']}\n"
+        f'Answer with JSON: {{"question": "...?"}}'
+    )
+    return Request(
+        "question",
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+        {"dimension": dim, **item},
+        seed,
+    )
 
 
 def parse_answer(step: str, raw: str | None, count: int = 0):
@@ -70,9 +88,15 @@ def parse_answer(step: str, raw: str | None, count: int = 0):
         items = obj.get("prompts") if isinstance(obj, dict) else None
         if not isinstance(items, list):
             raise ValueError("malformed")
-        good = [{"subject": i["subject"].strip(), "action": i["action"].strip(), "seed_index": i.get("seed_index")}
-                for i in items[:count] if isinstance(i, dict) and isinstance(i.get("subject"), str)
-                and isinstance(i.get("action"), str) and i["subject"].strip() and i["action"].strip()]
+        good = [
+            {"subject": i["subject"].strip(), "action": i["action"].strip(), "seed_index": i.get("seed_index")}
+            for i in items[:count]
+            if isinstance(i, dict)
+            and isinstance(i.get("subject"), str)
+            and isinstance(i.get("action"), str)
+            and i["subject"].strip()
+            and i["action"].strip()
+        ]
         if not good:
             raise ValueError("empty")
         return good
@@ -102,7 +126,7 @@ def ask(backend, requests: list[Request], counts: list[int], retries: int, drops
                 r.seed += 7919  # a different sample, still deterministic
         answers = backend.complete(retry_reqs)
         still = []
-        for i, raw in zip(pending, answers):
+        for i, raw in zip(pending, answers, strict=False):
             try:
                 results[i] = parse_answer(requests[i].step, raw, counts[i])
             except ValueError as err:
@@ -121,14 +145,33 @@ def run_unit(backend, dim: Dimension, unit_index: int, per_call: int, seed: int,
     (analogies,) = ask(backend, [analogy_request(dim, per_call, base)], [per_call], retries, drops)
     if analogies is None:
         return {"dimension": dim.name, "unit": unit_index, "candidates": [], "dropped": dict(drops)}
-    prompts = ask(backend, [augment_request(dim, a, base + 1 + j) for j, a in enumerate(analogies)],
-                  [0] * len(analogies), retries, drops)
-    kept = [(j, a, p) for j, (a, p) in enumerate(zip(analogies, prompts)) if p is not None]
-    questions = ask(backend, [question_request(dim, {**a, "prompt": p}, base + 1000 + j) for j, a, p in kept],
-                    [0] * len(kept), retries, drops)
-    candidates = [{"index": j, "prompt": p, "question": q, "subject": a["subject"], "action": a["action"],
-                   "seed_index": a.get("seed_index")}
-                  for (j, a, p), q in zip(kept, questions) if q is not None]
+    prompts = ask(
+        backend,
+        [augment_request(dim, a, base + 1 + j) for j, a in enumerate(analogies)],
+        [0] * len(analogies),
+        retries,
+        drops,
+    )
+    kept = [(j, a, p) for j, (a, p) in enumerate(zip(analogies, prompts, strict=False)) if p is not None]
+    questions = ask(
+        backend,
+        [question_request(dim, {**a, "prompt": p}, base + 1000 + j) for j, a, p in kept],
+        [0] * len(kept),
+        retries,
+        drops,
+    )
+    candidates = [
+        {
+            "index": j,
+            "prompt": p,
+            "question": q,
+            "subject": a["subject"],
+            "action": a["action"],
+            "seed_index": a.get("seed_index"),
+        }
+        for (j, a, p), q in zip(kept, questions, strict=False)
+        if q is not None
+    ]
     return {"dimension": dim.name, "unit": unit_index, "candidates": candidates, "dropped": dict(drops)}
 
 
@@ -160,7 +203,7 @@ def words(text: str) -> list[str]:
 
 def shingles(text: str, n: int = 3) -> set:
     w = words(text)
-    return {tuple(w[i:i + n]) for i in range(max(1, len(w) - n + 1))}
+    return {tuple(w[i : i + n]) for i in range(max(1, len(w) - n + 1))}
 
 
 class Similarity:
@@ -185,8 +228,9 @@ class Similarity:
         out = []
         with torch.no_grad():
             for i in range(0, len(texts), 64):
-                batch = self.tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=128,
-                                       return_tensors="pt").to(self.device)
+                batch = self.tokenizer(
+                    texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"
+                ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # mean pooling, as all-MiniLM-L6-v2
@@ -210,14 +254,18 @@ def _bundled_minilm() -> str:
         return ""
 
 
-def select(candidates: list[dict], quota: int, similarity: Similarity, limits: dict, heldout_vectors,
-           drops: Counter) -> list[dict]:
+def select(
+    candidates: list[dict], quota: int, similarity: Similarity, limits: dict, heldout_vectors, drops: Counter
+) -> list[dict]:
     """Filters in order, each drop counted under its reason; keeps the first `quota` that pass."""
     kept, kept_vectors = [], []
     vectors = similarity.embed([c["prompt"] for c in candidates])
-    too_close_to_heldout = (similarity.matrix(vectors, heldout_vectors).max(axis=1) >= limits["heldout_threshold"]
-                            if len(heldout_vectors) and len(candidates) else np.zeros(len(candidates), bool))
-    for c, vector, near_heldout in zip(candidates, vectors, too_close_to_heldout):
+    too_close_to_heldout = (
+        similarity.matrix(vectors, heldout_vectors).max(axis=1) >= limits["heldout_threshold"]
+        if len(heldout_vectors) and len(candidates)
+        else np.zeros(len(candidates), bool)
+    )
+    for c, vector, near_heldout in zip(candidates, vectors, too_close_to_heldout, strict=False):
         n = len(words(c["prompt"]))
         if n < limits["min_words"]:
             drops["too_short"] += 1

@@ -9,15 +9,24 @@ its answers from a dimension's seeds and pools and the setting/camera/lighting l
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from .config import PRESETS_DIR
 
 DIMENSIONS_DIR = PRESETS_DIR / "dimensions"
-SETTINGS = ["in a sunlit park", "in a small kitchen", "on a city street at night", "in an empty gym",
-            "on a beach at sunset", "in a snowy field", "in a bright studio", "in a quiet library"]
+SETTINGS = [
+    "in a sunlit park",
+    "in a small kitchen",
+    "on a city street at night",
+    "in an empty gym",
+    "on a beach at sunset",
+    "in a snowy field",
+    "in a bright studio",
+    "in a quiet library",
+]
 CAMERAS = ["wide shot", "medium shot", "close-up shot", "eye-level shot", "low-angle shot"]
 LIGHTING = ["soft daylight", "warm evening light", "cool overcast light", "dramatic side light"]
 

@@ -80,13 +80,25 @@ class Renderer:
         self.max_sequence_length = int(max_sequence_length)
 
     def settings(self) -> dict:
-        keys = ("height", "width", "num_frames", "fps", "steps", "guidance_scale", "negative_prompt", "cache", "pix_fmt")
-        return {k: self.cfg[k] for k in keys} | {"flow_shift": getattr(self.pipe.scheduler.config, "flow_shift", None),
-                                                  "scheduler": type(self.pipe.scheduler).__name__,
-                                                  "max_sequence_length": self.max_sequence_length}
+        keys = (
+            "height",
+            "width",
+            "num_frames",
+            "fps",
+            "steps",
+            "guidance_scale",
+            "negative_prompt",
+            "cache",
+            "pix_fmt",
+        )
+        return {k: self.cfg[k] for k in keys} | {
+            "flow_shift": getattr(self.pipe.scheduler.config, "flow_shift", None),
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "max_sequence_length": self.max_sequence_length,
+        }
 
     def warn_if_truncated(self, keys: list[str], prompts: list[str]) -> None:
-        for key, prompt in zip(keys, prompts):
+        for key, prompt in zip(keys, prompts, strict=False):
             n = len(self.pipe.tokenizer(prompt, add_special_tokens=True).input_ids)
             if n > self.max_sequence_length:
                 log.warning("%s: prompt has %d tokens, truncated to %d", key, n, self.max_sequence_length)
@@ -94,9 +106,13 @@ class Renderer:
     @torch.no_grad()
     def embed(self, prompts: list[str]):
         use_cfg = self.cfg["guidance_scale"] > 1.0
-        return self.pipe.encode_prompt(prompts, negative_prompt=[self.cfg["negative_prompt"]] * len(prompts),
-                                       do_classifier_free_guidance=use_cfg,
-                                       max_sequence_length=self.max_sequence_length, device=self.device)
+        return self.pipe.encode_prompt(
+            prompts,
+            negative_prompt=[self.cfg["negative_prompt"]] * len(prompts),
+            do_classifier_free_guidance=use_cfg,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
 
     @torch.no_grad()
     def render(self, keys: list[str], prompts: list[str], seeds: list[int]) -> list[dict]:
@@ -105,21 +121,42 @@ class Renderer:
         start = time.time()
         prompt_embeds, negative_embeds = self.embed(prompts)
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        latents = self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                            height=self.cfg["height"], width=self.cfg["width"], num_frames=pipeline_num_frames(self.cfg["num_frames"], self.pipe.vae_scale_factor_temporal),
-                            num_inference_steps=self.cfg["steps"], guidance_scale=self.cfg["guidance_scale"],
-                            generator=generators, output_type="latent").frames
+        latents = self.pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            height=self.cfg["height"],
+            width=self.cfg["width"],
+            num_frames=pipeline_num_frames(self.cfg["num_frames"], self.pipe.vae_scale_factor_temporal),
+            num_inference_steps=self.cfg["steps"],
+            guidance_scale=self.cfg["guidance_scale"],
+            generator=generators,
+            output_type="latent",
+        ).frames
         frames = decode_latents(self.pipe.vae, latents)
         seconds = (time.time() - start) / len(prompts)
-        return [{"latents": latents[i].float().cpu().numpy(), "prompt_embeds": trim_padding(prompt_embeds[i]),
-                 "frames": frames[i], "seconds": seconds} for i in range(len(prompts))]
+        return [
+            {
+                "latents": latents[i].float().cpu().numpy(),
+                "prompt_embeds": trim_padding(prompt_embeds[i]),
+                "frames": frames[i],
+                "seconds": seconds,
+            }
+            for i in range(len(prompts))
+        ]
 
     @torch.no_grad()
     def encode_real(self, frames: np.ndarray, caption: str) -> dict:
         """A real clip at the training shape, with its VAE latents and its caption's embeddings."""
         clip = resize_crop_sample(frames, self.cfg["height"], self.cfg["width"], self.cfg["num_frames"])
         latents = encode_video(self.pipe.vae, clip, self.device)
-        prompt_embeds, _ = self.pipe.encode_prompt([caption], do_classifier_free_guidance=False,
-                                                   max_sequence_length=self.max_sequence_length, device=self.device)
-        return {"latents": latents.float().cpu().numpy(), "prompt_embeds": trim_padding(prompt_embeds[0]),
-                "frames": clip}
+        prompt_embeds, _ = self.pipe.encode_prompt(
+            [caption],
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
+        return {
+            "latents": latents.float().cpu().numpy(),
+            "prompt_embeds": trim_padding(prompt_embeds[0]),
+            "frames": clip,
+        }

@@ -56,9 +56,11 @@ def bar_chart_png(groups: dict[str, dict[str, float]], path: Path, title: str, s
             if values.get(label) is None:
                 continue
             value = float(np.clip(values[label], 0, 100))
-            draw.rectangle([x + s * bar, bottom - (bottom - top) * value / 100, x + (s + 1) * bar - 2, bottom],
-                           fill=BAR_COLOURS[s % len(BAR_COLOURS)])
-        draw.text((x, bottom + 6), name[:group_width // 6 - 1], fill="black")
+            draw.rectangle(
+                [x + s * bar, bottom - (bottom - top) * value / 100, x + (s + 1) * bar - 2, bottom],
+                fill=BAR_COLOURS[s % len(BAR_COLOURS)],
+            )
+        draw.text((x, bottom + 6), name[: group_width // 6 - 1], fill="black")
     draw.line([left, bottom, width - 10, bottom], fill="black")
     for s, label in enumerate(series):
         y = size[1] - 28 + 16 * s

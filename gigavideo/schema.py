@@ -35,8 +35,8 @@ import os
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -55,8 +55,14 @@ REQUIRED_JSON = {
 }
 SOURCES = ("synthetic", "real")
 MANIFEST = "manifest.json"
-PRODUCER = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/render.py",
-            "stage3": "stage3_score/score.py", "stage4": "stage4_train/train.py"}
+# The script that produces each stage's output, relative to the repository root.
+STAGE_SCRIPTS = {
+    "stage1": "stage1_prompts/generate.py",
+    "stage2": "stage2_render/render.py",
+    "stage3": "stage3_score/score.py",
+    "stage4": "stage4_train/train.py",
+    "eval": "eval/evaluate.py",
+}
 
 
 class SchemaError(ValueError):
@@ -135,8 +141,10 @@ def validate(sample: dict, stage: str, where: str = "") -> dict:
         raise SchemaError(f"sample key {key!r} in {where}: keys must be non-empty with no '.' or '/'")
     for field in REQUIRED_FILES[stage]:
         if field not in sample:
-            raise SchemaError(f"sample {key!r} in shard {where} lacks field '{field}' required by {stage} "
-                              f"(has {sorted(k for k in sample if not k.startswith('__'))})")
+            raise SchemaError(
+                f"sample {key!r} in shard {where} lacks field '{field}' required by {stage} "
+                f"(has {sorted(k for k in sample if not k.startswith('__'))})"
+            )
     meta = sample["json"]
     missing = [k for k in REQUIRED_JSON[stage] if k not in meta]
     if missing:
@@ -286,8 +294,11 @@ def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: d
     failures = [f for part in parts for f in part.get("failures", [])]
     seconds = {r: s for part in parts for r, s in part.get("device_seconds", {}).items()}
     discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
-    write_manifest(stage_dir, stage, {**info, "failures": failures, "world_size": world_size,
-                                      **({"device_seconds": seconds} if seconds else {})})
+    write_manifest(
+        stage_dir,
+        stage,
+        {**info, "failures": failures, "world_size": world_size, **({"device_seconds": seconds} if seconds else {})},
+    )
     return True
 
 
@@ -297,8 +308,13 @@ def write_manifest(stage_dir: Path, stage: str, info: dict) -> dict:
     duplicates = sorted(k for k, n in all_keys.items() if n > 1)
     if duplicates:
         raise SchemaError(f"{stage_dir}: keys written more than once: {duplicates[:10]}")
-    manifest = {"stage": stage, "shards": shards, "num_samples": sum(all_keys.values()),
-                "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    manifest = {
+        "stage": stage,
+        "shards": shards,
+        "num_samples": sum(all_keys.values()),
+        "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **info,
+    }
     write_json_atomic(Path(stage_dir) / MANIFEST, manifest)
     return manifest
 
@@ -306,8 +322,10 @@ def write_manifest(stage_dir: Path, stage: str, info: dict) -> dict:
 def read_manifest(run: RunDir, stage: str) -> dict:
     path = run.manifest(stage)
     if not path.is_file():
-        raise StageNotReady(f"{stage} has not completed in {run.path} (no {path}); "
-                            f"run {PRODUCER.get(stage, stage)} --run_dir {run.path} first")
+        raise StageNotReady(
+            f"{stage} has not completed in {run.path} (no {path}); "
+            f"run {STAGE_SCRIPTS.get(stage, stage)} --run_dir {run.path} first"
+        )
     return json.loads(path.read_text())
 
 
@@ -353,8 +371,9 @@ def iter_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | 
         yield current
 
 
-def iter_samples(run: RunDir, stage: str, fields: Iterable[str] | None = None,
-                 keys: set[str] | None = None) -> Iterator[dict]:
+def iter_samples(
+    run: RunDir, stage: str, fields: Iterable[str] | None = None, keys: set[str] | None = None
+) -> Iterator[dict]:
     """Every sample (or those in `keys`) of a completed stage, validated against the stage's schema."""
     for path in shard_paths(run, stage):
         for sample in iter_shard(path, fields, keys):

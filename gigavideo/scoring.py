@@ -62,6 +62,13 @@ def score_videos(videos: list[tuple[np.ndarray, dict, str]], judge, sc, detector
         scores = {f"vlm:{i}": a | {"reward": normalized_reward(a["p_yes"], a["p_no"])} for i, a in enumerate(judged)}
         scores.update(specialist_scores(scorer, frames, meta, sc, detector))
         first = scores["vlm:0"]
-        results.append({"scores": scores, "reward": aggregate(scores, sc.aggregate), "p_yes": first["p_yes"],
-                        "p_no": first["p_no"], "answer": first["answer"]})
+        results.append(
+            {
+                "scores": scores,
+                "reward": aggregate(scores, sc.aggregate),
+                "p_yes": first["p_yes"],
+                "p_no": first["p_no"],
+                "answer": first["answer"],
+            }
+        )
     return results

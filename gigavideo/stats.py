@@ -14,5 +14,12 @@ def paired_bootstrap(baseline, finetuned, samples: int = 2000, seed: int = 0, le
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"n": int(len(diff)), "baseline": float(base.mean()), "finetuned": float(tuned.mean()),
-            "difference": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level}
+    return {
+        "n": int(len(diff)),
+        "baseline": float(base.mean()),
+        "finetuned": float(tuned.mean()),
+        "difference": float(diff.mean()),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "level": level,
+    }

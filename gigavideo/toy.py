@@ -32,10 +32,19 @@ def pixel_vae(channels: int = 3, base_dim: int = 8, latent_std: float = 0.5):
 
     if base_dim < 2 * channels + 1:
         raise ValueError(f"pixel_vae: base_dim must be at least {2 * channels + 1}")
-    vae = AutoencoderKLWan(base_dim=base_dim, z_dim=channels, dim_mult=[1], num_res_blocks=1, temperal_downsample=[],
-                           latents_mean=[0.0] * channels, latents_std=[latent_std] * channels,
-                           in_channels=channels, out_channels=channels, scale_factor_temporal=1,
-                           scale_factor_spatial=1)
+    vae = AutoencoderKLWan(
+        base_dim=base_dim,
+        z_dim=channels,
+        dim_mult=[1],
+        num_res_blocks=1,
+        temperal_downsample=[],
+        latents_mean=[0.0] * channels,
+        latents_std=[latent_std] * channels,
+        in_channels=channels,
+        out_channels=channels,
+        scale_factor_temporal=1,
+        scale_factor_spatial=1,
+    )
     with torch.no_grad():
         for p in vae.parameters():
             p.zero_()
@@ -63,16 +72,30 @@ def pretrain_base(pipe, pretrain: dict, max_sequence_length: int, flow_shift: fl
     from .models import normalize_latents
 
     torch.manual_seed(int(pretrain["seed"]))
-    clips = [make_clip(i, pretrain["height"], pretrain["width"], pretrain["num_frames"], int(pretrain["seed"]),
-                       pretrain["caption_rates"], pretrain.get("size_range", SIZE_RANGE))
-             for i in range(int(pretrain["clips"]))]
+    clips = [
+        make_clip(
+            i,
+            pretrain["height"],
+            pretrain["width"],
+            pretrain["num_frames"],
+            int(pretrain["seed"]),
+            pretrain["caption_rates"],
+            pretrain.get("size_range", SIZE_RANGE),
+        )
+        for i in range(int(pretrain["clips"]))
+    ]
     with torch.no_grad():
         pixels = torch.from_numpy(np.stack([frames for frames, _ in clips])).permute(0, 4, 1, 2, 3) / 127.5 - 1
-        latents = torch.cat([normalize_latents(pipe.vae.encode(pixels[i:i + 250]).latent_dist.mode(), pipe.vae.config)
-                             for i in range(0, len(clips), 250)])
+        latents = torch.cat(
+            [
+                normalize_latents(pipe.vae.encode(pixels[i : i + 250]).latent_dist.mode(), pipe.vae.config)
+                for i in range(0, len(clips), 250)
+            ]
+        )
         texts = sorted({text for _, text in clips} | {""})  # few distinct captions: embed each once
-        table = pipe.encode_prompt(texts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
-                                   device="cpu")[0]
+        table = pipe.encode_prompt(
+            texts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device="cpu"
+        )[0]
         embeds = table[[texts.index(text) for _, text in clips]]
         empty = table[texts.index("")]
     drop = torch.rand(len(clips)) < float(pretrain["caption_dropout"])  # so classifier-free guidance has a "no text"
@@ -95,20 +118,28 @@ def pretrain_base(pipe, pretrain: dict, max_sequence_length: int, flow_shift: fl
         optimizer.step()
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
-            log.info("toy pre-training step %d/%d  loss %.4f  (%.0f s)", step + 1, steps, np.mean(losses[-100:]),
-                     time.time() - start)
+            log.info(
+                "toy pre-training step %d/%d  loss %.4f  (%.0f s)",
+                step + 1,
+                steps,
+                np.mean(losses[-100:]),
+                time.time() - start,
+            )
     model.eval()
     return {"steps": steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - start}
 
 
 # ---------------------------------------------------------------------------------------------- the judge
 
+
 def track(frames: np.ndarray, saturation: int = 40) -> dict:
     """Segment the saturated (coloured) pixels of each frame: mean colour and the centroid's track."""
     f = frames.astype(np.float32)
     mask = (f.max(-1) - f.min(-1)) > saturation
     visible = mask.reshape(len(frames), -1).sum(1) >= 3
-    centroids = np.array([np.argwhere(m).mean(0) if v else (np.nan, np.nan) for m, v in zip(mask, visible)])
+    centroids = np.array(
+        [np.argwhere(m).mean(0) if v else (np.nan, np.nan) for m, v in zip(mask, visible, strict=True)]
+    )
     colour = f[mask].mean(0) if mask.any() else np.zeros(3)
     side = np.sqrt(np.median(mask.reshape(len(frames), -1).sum(1))) / min(frames.shape[1:3])
     return {"visible": float(visible.mean()), "colour": colour, "centroids": centroids, "side": float(side)}

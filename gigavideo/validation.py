@@ -19,8 +19,9 @@ from .video import gif_bytes, video_statistics
 
 
 class Validation:
-    def __init__(self, run, base_path, keys_wanted: int, steps: int, fps: int, max_sequence_length: int, device,
-                 rank: int):
+    def __init__(
+        self, run, base_path, keys_wanted: int, steps: int, fps: int, max_sequence_length: int, device, rank: int
+    ):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
         chosen = sorted(k for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic")[:keys_wanted]
@@ -37,8 +38,13 @@ class Validation:
     def run(self, transformer, writer, step: int) -> None:
         from diffusers import UniPCMultistepScheduler, WanPipeline
 
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                           scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config))
+        pipe = WanPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=None,
+            transformer=transformer,
+            scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config),
+        )
         pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal = self.spatial, self.temporal
         pipe.set_progress_bar_config(disable=True)
         stats = []
@@ -48,12 +54,16 @@ class Validation:
             embeds = np.zeros((self.max_sequence_length, sample["prompt_embeds.npy"].shape[1]), np.float32)
             embeds[: len(sample["prompt_embeds.npy"])] = sample["prompt_embeds.npy"][: self.max_sequence_length]
             c, t, h, w = sample["latents.npy"].shape
-            latents = pipe(prompt_embeds=torch.from_numpy(embeds)[None].to(self.device, transformer.dtype),
-                           height=h * self.spatial, width=w * self.spatial,
-                           num_frames=pipeline_num_frames((t - 1) * self.temporal + 1, self.temporal),
-                           guidance_scale=1.0,
-                           num_inference_steps=self.steps, output_type="latent",
-                           generator=torch.Generator().manual_seed(i)).frames
+            latents = pipe(
+                prompt_embeds=torch.from_numpy(embeds)[None].to(self.device, transformer.dtype),
+                height=h * self.spatial,
+                width=w * self.spatial,
+                num_frames=pipeline_num_frames((t - 1) * self.temporal + 1, self.temporal),
+                guidance_scale=1.0,
+                num_inference_steps=self.steps,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(i),
+            ).frames
             if self.rank == 0:
                 frames = decode_latents(self.vae, latents.float())[0]
                 stats.append(video_statistics(frames))
@@ -68,6 +78,7 @@ class Validation:
 def _add_gif(writer, tag: str, frames: np.ndarray, fps: int, step: int) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
-                          encoded_image_string=gif_bytes(frames, fps))
+    image = Summary.Image(
+        height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif_bytes(frames, fps)
+    )
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

@@ -86,11 +86,16 @@ def evaluate(videos_dir: Path, dimension: str, output_dir: Path, name: str) -> d
     this calls the same `VBench2.evaluate` API it would, in a child process (CUDA only, as upstream).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    code = ("import sys, torch; from vbench2 import VBench2; "
-            "VBench2(torch.device('cuda'), sys.argv[1], sys.argv[2]).evaluate("
-            "videos_path=sys.argv[3], name=sys.argv[4], dimension_list=[sys.argv[5]])")
-    done = subprocess.run([sys.executable, "-c", code, str(suite_file()), str(output_dir), str(videos_dir), name,
-                           vbench_name(dimension)], capture_output=True, text=True)
+    code = (
+        "import sys, torch; from vbench2 import VBench2; "
+        "VBench2(torch.device('cuda'), sys.argv[1], sys.argv[2]).evaluate("
+        "videos_path=sys.argv[3], name=sys.argv[4], dimension_list=[sys.argv[5]])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(suite_file()), str(output_dir), str(videos_dir), name, vbench_name(dimension)],
+        capture_output=True,
+        text=True,
+    )
     results_file = output_dir / f"{name}_eval_results.json"
     if done.returncode != 0 or not results_file.is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])

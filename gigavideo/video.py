@@ -63,7 +63,7 @@ def resize_crop_sample(frames: np.ndarray, height: int, width: int, num_frames: 
         nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
         img = Image.fromarray(frame).resize((nw, nh), Image.BICUBIC)
         top, left = (nh - height) // 2, (nw - width) // 2
-        out.append(np.asarray(img)[top:top + height, left:left + width])
+        out.append(np.asarray(img)[top : top + height, left : left + width])
     return np.stack(out)
 
 
@@ -73,9 +73,12 @@ def video_statistics(frames: np.ndarray) -> dict:
     rgb = frames.astype(np.float32) / 255.0
     luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     top, low = rgb.max(-1), rgb.min(-1)
-    return {"brightness": float(luma.mean()), "contrast": float(luma.std()),
-            "saturation": float(((top - low) / np.maximum(top, 1e-6)).mean()),
-            "motion": float(np.abs(np.diff(luma, axis=0)).mean()) if len(frames) > 1 else 0.0}
+    return {
+        "brightness": float(luma.mean()),
+        "contrast": float(luma.std()),
+        "saturation": float(((top - low) / np.maximum(top, 1e-6)).mean()),
+        "motion": float(np.abs(np.diff(luma, axis=0)).mean()) if len(frames) > 1 else 0.0,
+    }
 
 
 def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
@@ -84,6 +87,5 @@ def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
 
     images = [Image.fromarray(f) for f in frames]
     buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / max(1, fps)),
-                   loop=0)
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / max(1, fps)), loop=0)
     return buf.getvalue()

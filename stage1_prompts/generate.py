@@ -19,24 +19,20 @@ import csv
 import json
 import logging
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
-from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
-from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend  # noqa: E402
-from gigavideo.models import torch_dtype  # noqa: E402
-from gigavideo.procedural import SIZE_RANGE, make_clip  # noqa: E402
-from gigavideo.prompt_engine import Similarity, run_unit, select  # noqa: E402
-from gigavideo.prompts import load_style, resolve_dimensions  # noqa: E402
-from gigavideo.schema import (ShardWriter, iter_shard, rank_parts, rank_prefix, resume_rank,  # noqa: E402
-                              write_manifest)
-from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
+from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend
+from gigavideo.models import torch_dtype
+from gigavideo.procedural import SIZE_RANGE, make_clip
+from gigavideo.prompt_engine import Similarity, run_unit, select
+from gigavideo.prompts import load_style, resolve_dimensions
+from gigavideo.schema import ShardWriter, iter_shard, rank_parts, rank_prefix, resume_rank, write_manifest
+from gigavideo.video import VideoError, decode_mp4, encode_mp4
 
 log = logging.getLogger("gigavideo.stage1")
 ENGINES = ("template", "transformers", "openai")
@@ -46,11 +42,20 @@ def make_backend(pc, device):
     if pc.engine == "template":
         return TemplateBackend(*load_style(pc.dimensions_dir))
     if pc.engine == "transformers":
-        return TransformersBackend(pc.llm_path, device, torch_dtype(pc.llm_dtype), pc.llm_batch_size,
-                                   pc.llm_max_new_tokens, pc.llm_temperature)
+        return TransformersBackend(
+            pc.llm_path, device, torch_dtype(pc.llm_dtype), pc.llm_batch_size, pc.llm_max_new_tokens, pc.llm_temperature
+        )
     if pc.engine == "openai":
-        return OpenAIBackend(pc.llm_base_url, pc.llm_model, pc.llm_api_key_env, pc.llm_concurrency,
-                             pc.llm_http_retries, pc.llm_timeout, pc.llm_temperature, backoff=pc.llm_backoff)
+        return OpenAIBackend(
+            pc.llm_base_url,
+            pc.llm_model,
+            pc.llm_api_key_env,
+            pc.llm_concurrency,
+            pc.llm_http_retries,
+            pc.llm_timeout,
+            pc.llm_temperature,
+            backoff=pc.llm_backoff,
+        )
     raise ValueError(f"prompt engine {pc.engine!r} not in {ENGINES}")
 
 
@@ -62,14 +67,14 @@ def read_heldout(path: str) -> list[str]:
 # ---------------------------------------------------------------- real captions
 
 
-def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None = None,
-                       procedural_size_range=SIZE_RANGE):
+def real_caption_pairs(
+    spec: str, render=None, procedural_captions: dict | None = None, procedural_size_range=SIZE_RANGE
+):
     """(caption, mp4 bytes or None, origin) from "procedural:N", "wds:SHARDS", or a JSONL/CSV file."""
     if spec.startswith("procedural:"):
         size = (render.height, render.width, render.num_frames) if render else (64, 64, 17)
         for i in range(int(spec.split(":", 1)[1])):
-            frames, caption = make_clip(i, *size, caption_rates=procedural_captions,
-                                       size_range=procedural_size_range)
+            frames, caption = make_clip(i, *size, caption_rates=procedural_captions, size_range=procedural_size_range)
             yield caption, encode_mp4(frames, 8, render.pix_fmt if render else "yuv420p"), f"procedural:{i}"
         return
     if spec.startswith("wds:"):
@@ -92,8 +97,9 @@ def real_caption_pairs(spec: str, render=None, procedural_captions: dict | None 
 
 def real_samples(pc, render, limit: int | None, failures: list):
     kept = 0
-    for i, (caption, data, origin) in enumerate(real_caption_pairs(pc.real_captions, render, pc.procedural_captions,
-                                                                   pc.procedural_size_range)):
+    for i, (caption, data, origin) in enumerate(
+        real_caption_pairs(pc.real_captions, render, pc.procedural_captions, pc.procedural_size_range)
+    ):
         if limit is not None and kept >= limit:
             return
         key = f"real-{i:06d}"
@@ -108,9 +114,18 @@ def real_samples(pc, render, limit: int | None, failures: list):
             failures.append({"key": key, "reason": str(err)})
             continue
         kept += 1
-        yield {"__key__": key, "real.mp4": data,
-               "json": {"prompt": str(caption).strip(), "question": "", "dimension": "real", "source": "real",
-                        "lineage": {"video": origin}, "generator": {"engine": "real_captions"}}}
+        yield {
+            "__key__": key,
+            "real.mp4": data,
+            "json": {
+                "prompt": str(caption).strip(),
+                "question": "",
+                "dimension": "real",
+                "source": "real",
+                "lineage": {"video": origin},
+                "generator": {"engine": "real_captions"},
+            },
+        }
 
 
 # ---------------------------------------------------------------- final selection
@@ -122,17 +137,24 @@ def finalize(cfg, run, dims, units_dir) -> dict:
     out = run.stage("stage1")
     for stale in out.glob("*.tar*"):
         stale.unlink()
-    units = sorted((s for p in sorted(units_dir.glob("*.tar")) for s in iter_shard(str(p))),
-                   key=lambda s: s["__key__"])
+    units = sorted((s for p in sorted(units_dir.glob("*.tar")) for s in iter_shard(str(p))), key=lambda s: s["__key__"])
     similarity = Similarity(pc.embedder_path)
     lexical = similarity.model is None
-    limits = {"min_words": pc.min_words, "max_words": pc.max_words,
-              "dedup_threshold": pc.lexical_dedup_threshold if lexical else pc.dedup_threshold,
-              "heldout_threshold": pc.lexical_heldout_threshold if lexical else pc.heldout_threshold}
+    limits = {
+        "min_words": pc.min_words,
+        "max_words": pc.max_words,
+        "dedup_threshold": pc.lexical_dedup_threshold if lexical else pc.dedup_threshold,
+        "heldout_threshold": pc.lexical_heldout_threshold if lexical else pc.heldout_threshold,
+    }
     heldout = similarity.embed(read_heldout(pc.heldout_file)) if pc.heldout_file else []
     summary, failures = {}, []
-    generator = {"engine": pc.engine, "seed": pc.seed, "similarity": similarity.kind,
-                 "model": pc.llm_path or pc.llm_model or None, "temperature": pc.llm_temperature}
+    generator = {
+        "engine": pc.engine,
+        "seed": pc.seed,
+        "similarity": similarity.kind,
+        "model": pc.llm_path or pc.llm_model or None,
+        "temperature": pc.llm_temperature,
+    }
     with ShardWriter(out, "stage1", "prompts", pc.samples_per_shard) as writer:
         for dim in dims:
             drops = Counter()
@@ -143,23 +165,46 @@ def finalize(cfg, run, dims, units_dir) -> dict:
             kept = select(candidates, pc.num_per_dimension, similarity, limits, heldout, drops)
             for c in kept:
                 seed = dim.seeds[c["seed_index"]] if isinstance(c.get("seed_index"), int) else None
-                writer.write({"__key__": f"syn-{dim.name}-{c['unit']:05d}-{c['index']:02d}",
-                              "json": {"prompt": c["prompt"], "question": c["question"], "dimension": dim.name,
-                                       "source": "synthetic", "generator": generator,
-                                       "lineage": {"seed": seed, "subject": c["subject"], "action": c["action"],
-                                                   "unit": c["unit"], "steps": ["analogy", "augment", "question"]}}})
-            summary[dim.name] = {"kept": len(kept), "candidates": len(candidates), "dropped": dict(sorted(drops.items()))}
+                writer.write(
+                    {
+                        "__key__": f"syn-{dim.name}-{c['unit']:05d}-{c['index']:02d}",
+                        "json": {
+                            "prompt": c["prompt"],
+                            "question": c["question"],
+                            "dimension": dim.name,
+                            "source": "synthetic",
+                            "generator": generator,
+                            "lineage": {
+                                "seed": seed,
+                                "subject": c["subject"],
+                                "action": c["action"],
+                                "unit": c["unit"],
+                                "steps": ["analogy", "augment", "question"],
+                            },
+                        },
+                    }
+                )
+            summary[dim.name] = {
+                "kept": len(kept),
+                "candidates": len(candidates),
+                "dropped": dict(sorted(drops.items())),
+            }
             if len(kept) < pc.num_per_dimension:
-                log.warning("%s: kept %d of the %d asked for; raise --oversample", dim.name, len(kept),
-                            pc.num_per_dimension)
+                log.warning(
+                    "%s: kept %d of the %d asked for; raise --oversample", dim.name, len(kept), pc.num_per_dimension
+                )
         n_synthetic = sum(s["kept"] for s in summary.values())
         limit = None if pc.real_per_synthetic < 0 else math.floor(pc.real_per_synthetic * n_synthetic)
         real = list(real_samples(pc, cfg.render, limit, failures)) if pc.real_captions else []
         for sample in real:
             writer.write(sample)
-    summary["real"] = {"kept": len(real), "dropped": dict(Counter(f["reason"].split(":")[-1].strip() for f in failures))}
-    write_manifest(out, "stage1", {"summary": summary, "failures": failures, "generator": generator,
-                                   "config": dict(pc)})
+    summary["real"] = {
+        "kept": len(real),
+        "dropped": dict(Counter(f["reason"].split(":")[-1].strip() for f in failures)),
+    }
+    write_manifest(
+        out, "stage1", {"summary": summary, "failures": failures, "generator": generator, "config": dict(pc)}
+    )
     return summary
 
 
@@ -192,7 +237,10 @@ def preflight(cfg, run):
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1 (e.g. --num_per_dimension=200 --engine=openai)."""
+    """Generate prompts, questions and real-caption pairs into RUN_DIR/stage1.
+
+    e.g. --num_per_dimension=200 --engine=openai
+    """
     started = start_stage("stage1", "prompts", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
@@ -204,15 +252,20 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     units_dir = run.stage("stage1") / "candidates"
     done = resume_rank(units_dir, rank)
     todo = [k for k in my_slice(list(units), rank, world) if k not in done]
-    log.info("stage1: %d work units (%d per dimension), %d for this rank still to do",
-             len(units), units_per_dimension, len(todo))
+    log.info(
+        "stage1: %d work units (%d per dimension), %d for this rank still to do",
+        len(units),
+        units_per_dimension,
+        len(todo),
+    )
     if todo:
         backend = make_backend(pc, pick_device(cfg.model.device))
         with ShardWriter(units_dir, "stage1_units", rank_prefix(rank), pc.units_per_shard) as writer:
             for key in tqdm(todo, desc=f"prompts rank {rank}", unit="call", position=rank):
                 dim, unit = units[key]
-                writer.write({"__key__": key, "json": run_unit(backend, dim, unit, pc.prompts_per_call, pc.seed,
-                                                                pc.max_retries)})
+                writer.write(
+                    {"__key__": key, "json": run_unit(backend, dim, unit, pc.prompts_per_call, pc.seed, pc.max_retries)}
+                )
     if rank_parts(units_dir, rank, world, {"units": len(todo)}) is None:
         return  # another rank selects the final prompts
     summary = finalize(cfg, run, dims, units_dir)

@@ -10,21 +10,16 @@ at the training shape and its latents. Writes RUN_DIR/stage2/.
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
-from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
-from gigavideo.models import base_model_path, load_pipeline  # noqa: E402
-from gigavideo.rendering import CACHES, Renderer, check_frames, seed_for  # noqa: E402
-from gigavideo.schema import (ShardWriter, finish_rank, index_json, iter_samples, rank_prefix,  # noqa: E402
-                              read_manifest, resume_rank)
-from gigavideo.video import VideoError, decode_mp4, encode_mp4  # noqa: E402
+from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.models import base_model_path, load_pipeline
+from gigavideo.rendering import CACHES, Renderer, check_frames, seed_for
+from gigavideo.schema import ShardWriter, finish_rank, index_json, iter_samples, rank_prefix, read_manifest, resume_rank
+from gigavideo.video import VideoError, decode_mp4, encode_mp4
 
 log = logging.getLogger("gigavideo.stage2")
 
@@ -32,7 +27,7 @@ log = logging.getLogger("gigavideo.stage2")
 def fixed_batches(keys: list[str], size: int) -> list[list[str]]:
     """Batches cut from the rank's whole slice, so a resumed run batches every key as before
     (and so renders it bit-identically)."""
-    return [keys[i:i + size] for i in range(0, len(keys), size)]
+    return [keys[i : i + size] for i in range(0, len(keys), size)]
 
 
 def render_batch(renderer, keys, prompts, seeds, failures) -> list[dict | None]:
@@ -45,7 +40,8 @@ def render_batch(renderer, keys, prompts, seeds, failures) -> list[dict | None]:
             failures.append({"key": keys[0], "reason": f"render: {err}"})
             return [None]
         log.warning("batch %s failed (%s); rendering its samples one by one", keys, err)
-        return [render_batch(renderer, [k], [p], [s], failures)[0] for k, p, s in zip(keys, prompts, seeds)]
+        one_by_one = zip(keys, prompts, seeds, strict=True)
+        return [render_batch(renderer, [k], [p], [s], failures)[0] for k, p, s in one_by_one]
 
 
 def preflight(cfg, run):
@@ -58,7 +54,10 @@ def preflight(cfg, run):
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Render every stage-1 prompt with the frozen base model into RUN_DIR/stage2 (e.g. --steps=50 --model_path=/models/wan)."""
+    """Render every stage-1 prompt with the frozen base model into RUN_DIR/stage2.
+
+    e.g. --steps=50 --model_path=/models/wan
+    """
     started = start_stage("stage2", "render", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
@@ -68,15 +67,23 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     done = resume_rank(out, rank)
     prompts = index_json(run, "stage1")
     mine = my_slice(list(prompts), rank, world)
-    synthetic_batches = [b for b in fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"],
-                                                  int(cfg.render.batch_size)) if set(b) - done]
+    synthetic_batches = [
+        b
+        for b in fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"], int(cfg.render.batch_size))
+        if set(b) - done
+    ]
     real_todo = {k for k in mine if prompts[k]["source"] == "real" and k not in done}
     todo = sum(len(set(b) - done) for b in synthetic_batches) + len(real_todo)
     log.info("stage2: %d samples in stage1, %d for this rank still to render", len(prompts), todo)
 
     device = pick_device(cfg.model.device)
-    renderer = Renderer(load_pipeline(model_path, cfg.model.dtype, device), cfg.render,
-                        cfg.model.max_sequence_length, device, flow_shift=cfg.model.flow_shift)
+    renderer = Renderer(
+        load_pipeline(model_path, cfg.model.dtype, device),
+        cfg.render,
+        cfg.model.max_sequence_length,
+        device,
+        flow_shift=cfg.model.flow_shift,
+    )
     settings = renderer.settings()
     model_id = {"path": str(model_path), "dtype": cfg.model.dtype}
     failures, seconds_total = [], 0.0
@@ -84,15 +91,22 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     def write(writer, key, result, seed, seconds):
         meta = prompts[key] | {"seed": seed, "render": settings, "model": model_id, "seconds": round(seconds, 3)}
         mp4 = encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt)
-        writer.write({"__key__": key, "json": meta, "mp4": mp4,
-                      "latents.npy": result["latents"], "prompt_embeds.npy": result["prompt_embeds"]})
+        writer.write(
+            {
+                "__key__": key,
+                "json": meta,
+                "mp4": mp4,
+                "latents.npy": result["latents"],
+                "prompt_embeds.npy": result["prompt_embeds"],
+            }
+        )
 
     progress = tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
     with ShardWriter(out, "stage2", rank_prefix(rank), cfg.render.samples_per_shard) as writer:
         for keys in synthetic_batches:
             seeds = [seed_for(k, cfg.render.seed) for k in keys]
             results = render_batch(renderer, keys, [prompts[k]["prompt"] for k in keys], seeds, failures)
-            for key, seed, result in zip(keys, seeds, results):
+            for key, seed, result in zip(keys, seeds, results, strict=False):
                 if key in done:
                     continue  # rendered again only to keep the batch as it was
                 if result is not None:
@@ -113,8 +127,12 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                 write(writer, key, result, None, time.time() - start)
             progress.update(1)
     progress.close()
-    info = {"render": settings, "model": model_id, "failures": failures,
-            "device_seconds": {str(rank): round(seconds_total, 2)}}
+    info = {
+        "render": settings,
+        "model": model_id,
+        "failures": failures,
+        "device_seconds": {str(rank): round(seconds_total, 2)},
+    }
     if finish_rank(out, "stage2", rank, world, info):
         log.info("stage2 complete: %s", run.manifest("stage2"))
     if failures:

@@ -13,25 +13,29 @@ with report.json and a reward histogram per dimension.
 from __future__ import annotations
 
 import logging
-import sys
 from itertools import islice
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from gigavideo import instances  # noqa: E402
-from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
-from gigavideo.distributed import my_slice, rank_and_world  # noqa: E402
-from gigavideo.judge import check_judge, load_judge  # noqa: E402
-from gigavideo.prompts import DIMENSIONS_DIR, load_dimension  # noqa: E402
-from gigavideo.report import histogram_png  # noqa: E402
-from gigavideo.scoring import AGGREGATES, questions_of, score_videos  # noqa: E402
-from gigavideo.schema import (ShardWriter, finish_rank, index_json, iter_samples, rank_prefix,  # noqa: E402
-                              read_manifest, resume_rank, write_json_atomic)
-from gigavideo.video import VideoError, decode_mp4  # noqa: E402
+from gigavideo import instances
+from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.judge import check_judge, load_judge
+from gigavideo.prompts import DIMENSIONS_DIR, load_dimension
+from gigavideo.report import histogram_png
+from gigavideo.schema import (
+    ShardWriter,
+    finish_rank,
+    index_json,
+    iter_samples,
+    rank_prefix,
+    read_manifest,
+    resume_rank,
+    write_json_atomic,
+)
+from gigavideo.scoring import AGGREGATES, questions_of, score_videos
+from gigavideo.video import VideoError, decode_mp4
 
 log = logging.getLogger("gigavideo.stage3")
 MIN_FRAMES = 2
@@ -42,8 +46,16 @@ def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
     records, decoded = {}, []
     for sample in chunk:
         key, meta = sample["__key__"], sample["json"]
-        records[key] = {"dimension": meta["dimension"], "question": meta["question"], "questions": questions_of(meta),
-                        "judge": judge.name, "status": "failed", "reason": None, "scores": {}, "reward": None}
+        records[key] = {
+            "dimension": meta["dimension"],
+            "question": meta["question"],
+            "questions": questions_of(meta),
+            "judge": judge.name,
+            "status": "failed",
+            "reason": None,
+            "scores": {},
+            "reward": None,
+        }
         try:
             frames, _ = decode_mp4(sample["mp4"], f"{key} in {sample['__url__']}")
             if len(frames) < MIN_FRAMES:
@@ -53,7 +65,7 @@ def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
             continue
         decoded.append((key, (frames, meta, dims[meta["dimension"]].scorer)))
     results = score_videos([video for _, video in decoded], judge, sc, detector)
-    for (key, _), result in zip(decoded, results):
+    for (key, _), result in zip(decoded, results, strict=False):
         if isinstance(result, str):
             records[key]["reason"] = result
         else:
@@ -76,8 +88,9 @@ def summarize(run) -> dict:
         values = rewards.get(name, [])
         dim["mean_reward"] = float(np.mean(values)) if values else None
         if values:
-            dim["histogram"] = histogram_png(values, run.stage("stage3") / f"rewards-{name}.png",
-                                             f"{name}: reward of {len(values)} videos")
+            dim["histogram"] = histogram_png(
+                values, run.stage("stage3") / f"rewards-{name}.png", f"{name}: reward of {len(values)} videos"
+            )
     return summary
 
 
@@ -110,10 +123,12 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
     failures = []
     todo = iter_samples(run, "stage2", keys=mine)
-    with ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer, \
-            tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress:
+    with (
+        ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer,
+        tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress,
+    ):
         while chunk := list(islice(todo, int(cfg.score.batch_size))):
-            for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector)):
+            for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector), strict=False):
                 if record["status"] != "ok":
                     log.warning("%s: no score (%s)", sample["__key__"], record["reason"])
                     failures.append({"key": sample["__key__"], "reason": record["reason"]})
@@ -123,8 +138,13 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         summary = summarize(run)
         write_json_atomic(out / "report.json", summary)
         for name, dim in sorted(summary.items()):
-            log.info("%-20s scored %4d  mean reward %s  failed %s", name, dim["scored"],
-                     f"{dim['mean_reward']:.3f}" if dim["mean_reward"] is not None else "-", dim["failed"] or 0)
+            log.info(
+                "%-20s scored %4d  mean reward %s  failed %s",
+                name,
+                dim["scored"],
+                f"{dim['mean_reward']:.3f}" if dim["mean_reward"] is not None else "-",
+                dim["failed"] or 0,
+            )
 
 
 if __name__ == "__main__":

@@ -27,26 +27,24 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
-import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import deepspeed
+import torch.distributed as dist
+from tqdm import tqdm
 
-from gigavideo import checkpoint  # noqa: E402
-from gigavideo.cli import pick_device, run_cli, start_stage  # noqa: E402
-from gigavideo.data import DataPosition, training_loader, training_weights  # noqa: E402
-from gigavideo.distributed import single_process_defaults  # noqa: E402
-from gigavideo.ds_config import build_ds_config  # noqa: E402
-from gigavideo.export import export_model  # noqa: E402
-from gigavideo.loss import batch_loss, sample_timesteps  # noqa: E402
-from gigavideo.models import base_model_path  # noqa: E402
-from gigavideo.schema import read_manifest, write_manifest  # noqa: E402
+from gigavideo import checkpoint
+from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.data import DataPosition, training_loader, training_weights
+from gigavideo.distributed import single_process_defaults
+from gigavideo.ds_config import build_ds_config
+from gigavideo.export import export_model
+from gigavideo.loss import batch_loss, sample_timesteps
+from gigavideo.models import base_model_path
+from gigavideo.schema import read_manifest, write_manifest
 
 log = logging.getLogger("gigavideo.stage4")
 PREEMPTED_EXIT_CODE = 3
@@ -69,7 +67,7 @@ def all_ranks(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
 
 def sanitize(batch: dict) -> torch.Tensor:
     """Zero the inputs and the weight of samples with non-finite latents or embeddings; True where fine."""
-    ok = (torch.isfinite(batch["latents"].flatten(1)).all(1) & torch.isfinite(batch["prompt_embeds"].flatten(1)).all(1))
+    ok = torch.isfinite(batch["latents"].flatten(1)).all(1) & torch.isfinite(batch["prompt_embeds"].flatten(1)).all(1)
     if not ok.all():
         batch["latents"][~ok] = 0
         batch["prompt_embeds"][~ok] = 0
@@ -95,8 +93,14 @@ def build_model(cfg, base: Path):
 
         transformer.requires_grad_(False)
         torch.manual_seed(int(tc.seed))  # the adapters' random init: the same seed, the same run
-        transformer.add_adapter(LoraConfig(r=int(tc.lora_rank), lora_alpha=float(tc.lora_alpha),
-                                           init_lora_weights="gaussian", target_modules=list(tc.lora_targets)))
+        transformer.add_adapter(
+            LoraConfig(
+                r=int(tc.lora_rank),
+                lora_alpha=float(tc.lora_alpha),
+                init_lora_weights="gaussian",
+                target_modules=list(tc.lora_targets),
+            )
+        )
     elif tc.mode != "full":
         raise ValueError(f"--mode={tc.mode!r} not in (full, lora)")
     return transformer.train()
@@ -111,7 +115,10 @@ def preflight(cfg, run):
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes (e.g. --lr=1e-6 --mode=lora)."""
+    """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes.
+
+    e.g. --lr=1e-6 --mode=lora
+    """
     single_process_defaults()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     started = start_stage("stage4", "train", run_dir, config, overwrite, overrides, preflight)
@@ -133,23 +140,32 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     transformer = build_model(cfg, base)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     # A torch AdamW needs no compiled ops; a config with its own "optimizer" (e.g. CPU offload) gets DeepSpeed's.
-    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(trainable, lr=tc.lr,
-                                                                        weight_decay=tc.weight_decay)
+    optimizer = (
+        None if "optimizer" in ds_config else torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    )
     warmup = max(1, int(tc.warmup_steps))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=transformer, optimizer=optimizer, model_parameters=trainable, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)))
+        model=transformer,
+        optimizer=optimizer,
+        model_parameters=trainable,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)),
+    )
     lora = tc.mode == "lora"
     state = checkpoint.resume(engine, run.checkpoints, trainable_only=lora) or {"step": 0}
     step = state["step"]
     positions = state.get("data_positions")
     if positions and len(positions) != world:
-        log.warning("resuming with %d ranks from a checkpoint of %d: each rank restarts its epoch", world,
-                    len(positions))
+        log.warning(
+            "resuming with %d ranks from a checkpoint of %d: each rank restarts its epoch", world, len(positions)
+        )
         positions = None
     mine = positions[rank] if positions else {"epoch": 0, "batches": 0}
-    data = DataPosition(lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
-                        mine["epoch"], mine["batches"])
+    data = DataPosition(
+        lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
+        mine["epoch"],
+        mine["batches"],
+    )
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -160,8 +176,9 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     if tc.sample_every > 0:
         from gigavideo.validation import Validation
 
-        validation = Validation(run, base, tc.sample_count, tc.sample_steps, cfg.render.fps,
-                                cfg.model.max_sequence_length, device, rank)
+        validation = Validation(
+            run, base, tc.sample_count, tc.sample_steps, cfg.render.fps, cfg.model.max_sequence_length, device, rank
+        )
     progress = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
     skipped = non_finite_losses = bad_in_a_row = 0
     last = time.time()
@@ -174,17 +191,19 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                 batch = data.next()
                 finite_inputs = sanitize(batch)
                 if not finite_inputs.all():
-                    bad = [k for k, ok in zip(batch["keys"], finite_inputs.tolist()) if not ok]
+                    bad = [k for k, ok in zip(batch["keys"], finite_inputs.tolist(), strict=False) if not ok]
                     log.warning("step %d: non-finite latents or embeddings in %s; weight set to 0", step + 1, bad)
                     skipped += len(bad)
                 # Noise and timesteps depend only on (seed, step, rank, micro step, retry): a resume replays them.
                 gen = torch.Generator().manual_seed(hash((tc.seed, step, rank, micro, bad_in_a_row)) % (2**63))
                 z0 = batch["latents"]
-                t = sample_timesteps(len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean,
-                                     tc.logit_std)
+                t = sample_timesteps(
+                    len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean, tc.logit_std
+                )
                 noise = torch.randn(z0.shape, generator=gen)
-                loss, per_sample = batch_loss(engine, z0, batch["prompt_embeds"], batch["weights"].to(device), t,
-                                              noise, compute_dtype)
+                loss, per_sample = batch_loss(
+                    engine, z0, batch["prompt_embeds"], batch["weights"].to(device), t, noise, compute_dtype
+                )
                 # Every rank learns whether any rank's loss is not finite before any gradient exists: then all
                 # ranks drop this micro-batch (no backward, so nothing non-finite reaches the weights).
                 if all_ranks([0.0 if torch.isfinite(per_sample).all() else 1.0])[0] == 0:
@@ -192,13 +211,18 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                     break
                 bad_in_a_row += 1
                 non_finite_losses += 1
-                log.warning("step %d: non-finite loss (this rank's samples: %s); the micro-batch is skipped",
-                            step + 1, batch["keys"])
+                log.warning(
+                    "step %d: non-finite loss (this rank's samples: %s); the micro-batch is skipped",
+                    step + 1,
+                    batch["keys"],
+                )
                 del loss, per_sample
                 if bad_in_a_row >= tc.max_bad_steps:
-                    raise FloatingPointError(f"{bad_in_a_row} micro-batches in a row had a non-finite loss (step "
-                                             f"{step + 1}); the model diverged. Resume from the last checkpoint "
-                                             f"with a lower --lr.")
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} micro-batches in a row had a non-finite loss (step "
+                        f"{step + 1}); the model diverged. Resume from the last checkpoint "
+                        f"with a lower --lr."
+                    )
             engine.backward(loss)
             real = batch["is_real"]
             w = batch["weights"]
@@ -216,10 +240,13 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         step += 1
         progress.update(1)
         if skipped > tc.max_bad_samples:
-            raise FloatingPointError(f"{skipped} samples had non-finite latents or embeddings (more than "
-                                     f"--max_bad_samples={tc.max_bad_samples}); rerun stage 2 for them")
-        totals = all_ranks([sums[k] for k in ("loss", "synthetic", "real", "n_synthetic", "n_real", "w_sum", "w_sq",
-                                              "tokens")])
+            raise FloatingPointError(
+                f"{skipped} samples had non-finite latents or embeddings (more than "
+                f"--max_bad_samples={tc.max_bad_samples}); rerun stage 2 for them"
+            )
+        totals = all_ranks(
+            [sums[k] for k in ("loss", "synthetic", "real", "n_synthetic", "n_real", "w_sum", "w_sq", "tokens")]
+        )
         loss_all, syn, real_loss, n_syn, n_real, w_sum, w_sq, tokens = totals
         w_min, w_max = all_ranks([w_min], dist.ReduceOp.MIN)[0], all_ranks([w_max], dist.ReduceOp.MAX)[0]
         elapsed, last = time.time() - last, time.time()
@@ -249,8 +276,14 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             validation.run(engine.module, writer, step)
         stop = all_ranks([1.0 if _stop_requested or stop_file.exists() else 0.0])[0] > 0
         if step % tc.save_every == 0 or step == tc.max_steps or stop:
-            checkpoint.save(engine, run.checkpoints, step, {"config": dict(tc), "data_positions": gather_positions(data)},
-                            tc.keep_last, trainable_only=lora)
+            checkpoint.save(
+                engine,
+                run.checkpoints,
+                step,
+                {"config": dict(tc), "data_positions": gather_positions(data)},
+                tc.keep_last,
+                trainable_only=lora,
+            )
         if stop and step < tc.max_steps:
             stopped = True
             break
@@ -264,11 +297,22 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
 
     exported = export_model(engine, tc.mode, base, run.export)
     if rank == 0:
-        write_manifest(run.stage("stage4"), "stage4", {"steps": step, "final_loss": loss_all / world,
-                                                       "non_finite_samples": skipped, "non_finite_losses": non_finite_losses, "world_size": world,
-                                                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                                                       "mode": tc.mode, "export": str(exported),
-                                                       "data": data_stats, "config": dict(tc)})
+        write_manifest(
+            run.stage("stage4"),
+            "stage4",
+            {
+                "steps": step,
+                "final_loss": loss_all / world,
+                "non_finite_samples": skipped,
+                "non_finite_losses": non_finite_losses,
+                "world_size": world,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "mode": tc.mode,
+                "export": str(exported),
+                "data": data_stats,
+                "config": dict(tc),
+            },
+        )
         log.info("stage4 complete: exported %s", exported)
     dist.barrier()
 

@@ -15,11 +15,28 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ANIMALS = ["a fox", "a heron", "a goat", "a seal", "an otter", "a lynx", "a crane", "a mule", "a badger", "a moose"]
-PLACES = ["in a misty valley at dawn", "on a frozen lake at noon", "in a desert at dusk", "beside a waterfall",
-          "in a city park at night", "on a windy beach", "inside a barn", "on a mountain ridge in fog"]
+PLACES = [
+    "in a misty valley at dawn",
+    "on a frozen lake at noon",
+    "in a desert at dusk",
+    "beside a waterfall",
+    "in a city park at night",
+    "on a windy beach",
+    "inside a barn",
+    "on a mountain ridge in fog",
+]
 CAMERAS = ["wide shot, static camera", "close-up, handheld", "aerial view, slow pan", "low angle, tracking shot"]
-VERBS = ["leaps over a log", "wades through a stream", "climbs a rocky slope", "rolls in the snow", "shakes off water",
-         "slides down a muddy bank", "balances on a fence", "digs under a root", "swims against the current"]
+VERBS = [
+    "leaps over a log",
+    "wades through a stream",
+    "climbs a rocky slope",
+    "rolls in the snow",
+    "shakes off water",
+    "slides down a muddy bank",
+    "balances on a fence",
+    "digs under a root",
+    "swims against the current",
+]
 
 
 def answer(text: str, seed: int = 0) -> dict:
@@ -27,13 +44,22 @@ def answer(text: str, seed: int = 0) -> dict:
     digest = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest(), 16)
     if "new, varied prompts" in text:
         count = int(re.search(r"Write (\d+) new", text).group(1))
-        return {"prompts": [{"subject": ANIMALS[(digest >> (4 * i)) % len(ANIMALS)],
-                             "action": VERBS[(digest >> (4 * i + 2)) % len(VERBS)]} for i in range(count)]}
+        return {
+            "prompts": [
+                {
+                    "subject": ANIMALS[(digest >> (4 * i)) % len(ANIMALS)],
+                    "action": VERBS[(digest >> (4 * i + 2)) % len(VERBS)],
+                }
+                for i in range(count)
+            ]
+        }
     if "detailed prompt" in text:
         subject = re.search(r"Subject: (.*)", text).group(1)
         action = re.search(r"Action: (.*)", text).group(1)
-        return {"prompt": f"{subject.capitalize()} {action} {PLACES[digest % len(PLACES)]}; "
-                          f"{CAMERAS[(digest >> 8) % len(CAMERAS)]}, variant {digest % 997}."}
+        return {
+            "prompt": f"{subject.capitalize()} {action} {PLACES[digest % len(PLACES)]}; "
+            f"{CAMERAS[(digest >> 8) % len(CAMERAS)]}, variant {digest % 997}."
+        }
     prompt = re.search(r"Prompt: (.*)", text).group(1)
     return {"question": f"Does the video clearly show this: {prompt[:60]}?"}
 
@@ -49,8 +75,11 @@ def judge_answer(body: dict, with_logprobs: bool) -> dict:
     message = {"role": "assistant", "content": "Yes" if p_yes >= p_no else "No"}
     choice = {"message": message}
     if with_logprobs:
-        top = [{"token": "Yes", "logprob": math.log(p_yes)}, {"token": "No", "logprob": math.log(p_no)},
-               {"token": "Maybe", "logprob": math.log(0.05)}]
+        top = [
+            {"token": "Yes", "logprob": math.log(p_yes)},
+            {"token": "No", "logprob": math.log(p_no)},
+            {"token": "Maybe", "logprob": math.log(0.05)},
+        ]
         choice["logprobs"] = {"content": [{"token": message["content"], "logprob": 0.0, "top_logprobs": top}]}
     return {"choices": [choice]}
 
@@ -85,8 +114,13 @@ class ChatServer:
                     if action == "garbage":
                         reply = {"choices": [{"message": {"role": "assistant", "content": "Perhaps."}}]}
                 else:
-                    content = "I cannot help with that." if action == "garbage" else \
-                        "```json\n" + json.dumps(answer(body["messages"][-1]["content"], body.get("seed", 0))) + "\n```"
+                    content = (
+                        "I cannot help with that."
+                        if action == "garbage"
+                        else "```json\n"
+                        + json.dumps(answer(body["messages"][-1]["content"], body.get("seed", 0)))
+                        + "\n```"
+                    )
                     reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
                 data = json.dumps(reply).encode()
                 try:

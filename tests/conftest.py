@@ -10,17 +10,28 @@ from pathlib import Path
 
 import pytest
 
+from gigavideo.schema import STAGE_SCRIPTS as SCRIPTS
+
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = {"stage1": "stage1_prompts/generate.py", "stage2": "stage2_render/render.py",
-           "stage3": "stage3_score/score.py", "stage4": "stage4_train/train.py", "eval": "eval/evaluate.py"}
 # Small enough for seconds per stage, large enough for several shards per stage.
-SMALL = {"stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"], "stage2": [], "stage3": [],
-         "stage4": ["--max_steps=4", "--save_every=2", "--sample_every=2"], "eval": ["--prompts_per_dimension=2", "--suites=[heldout,vbench2]",
-                                                                  "--vbench2_prompts_per_dimension=1"]}
+SMALL = {
+    "stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"],
+    "stage2": [],
+    "stage3": [],
+    "stage4": ["--max_steps=4", "--save_every=2", "--sample_every=2"],
+    "eval": ["--prompts_per_dimension=2", "--suites=[heldout,vbench2]", "--vbench2_prompts_per_dimension=1"],
+}
 
 
-def run_stage(stage: str, run_dir: Path, *args: str, check: bool = True, env: dict | None = None,
-              timeout: int = 600, small: bool = True) -> subprocess.CompletedProcess:
+def run_stage(
+    stage: str,
+    run_dir: Path,
+    *args: str,
+    check: bool = True,
+    env: dict | None = None,
+    timeout: int = 600,
+    small: bool = True,
+) -> subprocess.CompletedProcess:
     """Run a stage script; small: with the SMALL flags a test does not give itself (else the preset's own)."""
     given = {a.split("=", 1)[0] for a in args}
     defaults = [a for a in SMALL[stage] if a.split("=", 1)[0] not in given] if small else []

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, SCRIPTS
+
 from gigavideo.config import ConfigError, load_config
 
 
@@ -33,8 +33,9 @@ def test_paper_preset_is_the_paper_setting():
 
 @pytest.mark.parametrize("stage", sorted(SCRIPTS))
 def test_every_script_has_a_useful_help(stage):
-    out = subprocess.run([sys.executable, str(REPO / SCRIPTS[stage]), "--help"], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / SCRIPTS[stage]), "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "--run_dir" in out.stdout and "--model_path" not in out.stderr
     assert "[model] keys" in out.stdout and "--dtype=" in out.stdout

@@ -13,8 +13,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import REPO, SCRIPTS
+
 from gigavideo.config import load_config
 from gigavideo.eval_report import dimension_summary
 from gigavideo.prompts import resolve_dimensions
@@ -60,8 +60,13 @@ def test_vbench2_folders_pass_vbench2s_own_name_matching(trained_run, vbench2_cl
     for label in ("baseline", "finetuned"):
         for name in DIMS:
             matcher = vbench2_class("cpu", str(suite_file()), str(tmp_path / label))
-            info = json.loads(open(matcher.build_full_info_json(
-                str(run.eval / "videos" / label / "vbench2" / vbench_name(name)), name, [vbench_name(name)])).read())
+            info = json.loads(
+                open(
+                    matcher.build_full_info_json(
+                        str(run.eval / "videos" / label / "vbench2" / vbench_name(name)), name, [vbench_name(name)]
+                    )
+                ).read()
+            )
             found = {e["prompt_en"]: e["video_list"] for e in info if e["video_list"]}
             assert set(found) <= chosen and len(found) == 1  # the prompt we rendered, with all its videos
             assert [len(v) for v in found.values()] == [3]
@@ -79,10 +84,21 @@ def test_report_compares_both_suites_per_dimension_with_drift_protocol_and_chart
             assert set(result["drift"]) == {"brightness", "contrast", "saturation", "motion"}
     for item in report["suites"]["heldout"]["prompts"]:
         for label in ("baseline", "finetuned"):
-            assert (run.eval / "videos" / label / "heldout" / item["dimension"] / f"{item['prompt'][:180]}-0.mp4").is_file()
+            assert (
+                run.eval / "videos" / label / "heldout" / item["dimension"] / f"{item['prompt'][:180]}-0.mp4"
+            ).is_file()
     protocol = report["protocol"]
-    for key in ("samples_per_prompt", "video_seed", "guidance_scale", "flow_shift", "steps", "height", "width",
-                "num_frames", "prompt_variant"):
+    for key in (
+        "samples_per_prompt",
+        "video_seed",
+        "guidance_scale",
+        "flow_shift",
+        "steps",
+        "height",
+        "width",
+        "num_frames",
+        "prompt_variant",
+    ):
         assert key in protocol
     assert protocol["flow_shift"] == 3.0 and protocol["steps"] == 4 and protocol["num_frames"] == 9
     markdown = (run.eval / "report.md").read_text()
@@ -112,8 +128,10 @@ def test_paired_difference_interval_and_drift_on_synthetic_scores():
     for i, b in enumerate(base):
         stats = {"brightness": 0.5, "contrast": 0.1, "saturation": 0.4, "motion": 0.2}
         records[("baseline", str(i))] = {"reward": b, "stats": stats}
-        records[("finetuned", str(i))] = {"reward": b + 0.1 + rng.normal(0, 0.05),
-                                          "stats": stats | {"brightness": 0.55}}
+        records[("finetuned", str(i))] = {
+            "reward": b + 0.1 + rng.normal(0, 0.05),
+            "stats": stats | {"brightness": 0.55},
+        }
     records[("finetuned", "7")] = {"reward": None, "reason": "answer: maybe", "stats": None}
     summary = dimension_summary(videos, records, 4000, 0)
     assert summary["n"] == 399 and summary["failed"] == {"baseline": 0, "finetuned": 1}
@@ -127,8 +145,14 @@ def test_paired_difference_interval_and_drift_on_synthetic_scores():
 def test_eval_killed_midway_and_rerun_renders_and_scores_each_video_once(trained_copy):
     run = RunDir(trained_copy)
     shutil.rmtree(run.eval)
-    cmd = [sys.executable, str(REPO / SCRIPTS["eval"]), f"--run_dir={trained_copy}",
-           "--suites=[heldout]", "--prompts_per_dimension=3", "--samples_per_prompt=2"]
+    cmd = [
+        sys.executable,
+        str(REPO / SCRIPTS["eval"]),
+        f"--run_dir={trained_copy}",
+        "--suites=[heldout]",
+        "--prompts_per_dimension=3",
+        "--samples_per_prompt=2",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = run.eval / "records" / "rank00000.jsonl"

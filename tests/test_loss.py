@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from gigavideo.loss import (noisy_latents_and_target, per_sample_flow_matching_loss, reward_weights,
-                            sample_timesteps, weighted_loss)
+from gigavideo.loss import (
+    noisy_latents_and_target,
+    per_sample_flow_matching_loss,
+    reward_weights,
+    sample_timesteps,
+    weighted_loss,
+)
 
 REWARDS = {"a": 0.2, "b": 0.6, "c": 1.0}
 

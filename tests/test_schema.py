@@ -9,13 +9,24 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from gigavideo.schema import (RunDir, SchemaError, ShardWriter, StageNotReady, completed_keys,
-                              discard_partial_shards, iter_samples, read_manifest, write_manifest)
+from gigavideo.schema import (
+    RunDir,
+    SchemaError,
+    ShardWriter,
+    StageNotReady,
+    completed_keys,
+    discard_partial_shards,
+    iter_samples,
+    read_manifest,
+    write_manifest,
+)
 
 
 def stage1_sample(key, prompt="a cat"):
-    return {"__key__": key, "json": {"prompt": prompt, "dimension": "d", "source": "synthetic",
-                                     "question": "q?", "lineage": {}}}
+    return {
+        "__key__": key,
+        "json": {"prompt": prompt, "dimension": "d", "source": "synthetic", "question": "q?", "lineage": {}},
+    }
 
 
 def test_shards_open_with_tar_and_plain_webdataset(tmp_path):
@@ -66,10 +77,15 @@ def test_a_sample_missing_a_field_names_the_key_and_the_shard(tmp_path):
     shard.parent.mkdir(parents=True)
     meta = {"prompt": "p", "dimension": "d", "source": "synthetic", "question": "q", "seed": 1, "render": {}}
     with tarfile.open(shard, "w") as tar:
-        for name, data in (("good.json", json.dumps(meta).encode()), ("good.mp4", b"x"),
-                           ("good.latents.npy", b"x"), ("good.prompt_embeds.npy", b"x"),
-                           ("broken.json", json.dumps(meta).encode()), ("broken.mp4", b"x"),
-                           ("broken.prompt_embeds.npy", b"x")):
+        for name, data in (
+            ("good.json", json.dumps(meta).encode()),
+            ("good.mp4", b"x"),
+            ("good.latents.npy", b"x"),
+            ("good.prompt_embeds.npy", b"x"),
+            ("broken.json", json.dumps(meta).encode()),
+            ("broken.mp4", b"x"),
+            ("broken.prompt_embeds.npy", b"x"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from gigavideo.schema import RunDir, read_manifest
 
 if shutil.which("sbatch") is None:
@@ -21,17 +21,29 @@ if shutil.which("sbatch") is None:
 def sbatch(script, *options, args=(), env=None, timeout=900):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full_env.update({"PYTHON": sys.executable, **(env or {})})
-    proc = subprocess.run(["sbatch", "--parsable", "--wait", "--gpus-per-node=0", *options, script, *args],
-                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--gpus-per-node=0", *options, script, *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc.stdout.strip().split(";")[0], proc
 
 
 def sbatch_two_ranks(script, tmp_path, run_dir, args=()):
     """Submit a stage on two SLURM tasks (two torchrun agents of one process each) and wait for it."""
     name = script.split("/")[-1].removesuffix(".sh")
-    job_id, proc = sbatch(script, "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
-                          f"--output={tmp_path}/{name}-%j.out", args=args,
-                          env={"RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1"})
+    job_id, proc = sbatch(
+        script,
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        f"--output={tmp_path}/{name}-%j.out",
+        args=args,
+        env={"RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1"},
+    )
     output = (tmp_path / f"{name}-{job_id}.out").read_text() if job_id else ""
     assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
     assert f"launch: job {job_id}, 2 torchrun agents x 1 processes" in output
@@ -46,8 +58,14 @@ def keys_by_rank(folder):
 
 def test_sbatch_stage4_trains_on_two_processes_and_exports(scored_copy, tmp_path):
     log = tmp_path / "stage4-%j.out"
-    job_id, proc = sbatch("slurm/stage4.sh", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
-                          f"--output={log}", env={"RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"})
+    job_id, proc = sbatch(
+        "slurm/stage4.sh",
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        f"--output={log}",
+        env={"RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"},
+    )
     output = (tmp_path / f"stage4-{job_id}.out").read_text() if job_id else ""
     assert proc.returncode == 0, f"{proc.stderr}\n{output[-5000:]}"
     run = RunDir(scored_copy)
@@ -66,10 +84,20 @@ def test_sbatch_stage1_splits_llm_calls_over_two_ranks_disjointly_and_completely
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     run_dir = tmp_path / "run"
-    sbatch_two_ranks("slurm/stage1.sh", tmp_path, run_dir,
-                     ["--engine=transformers", f"--llm_path={tmp_path / 'lm'}", "--llm_dtype=float32",
-                      "--llm_max_new_tokens=8", "--dimensions=mechanics,camera_motion", "--num_per_dimension=8",
-                      "--real_captions="])
+    sbatch_two_ranks(
+        "slurm/stage1.sh",
+        tmp_path,
+        run_dir,
+        [
+            "--engine=transformers",
+            f"--llm_path={tmp_path / 'lm'}",
+            "--llm_dtype=float32",
+            "--llm_max_new_tokens=8",
+            "--dimensions=mechanics,camera_motion",
+            "--num_per_dimension=8",
+            "--real_captions=",
+        ],
+    )
     by_rank = keys_by_rank(run_dir / "stage1" / "candidates")
     expected = {f"unit-{d}-{u:05d}" for d in ("mechanics", "camera_motion") for u in range(4)}
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
@@ -80,6 +108,7 @@ def test_sbatch_stage1_splits_llm_calls_over_two_ranks_disjointly_and_completely
 
 def test_sbatch_stage2_renders_on_two_ranks_disjointly_and_completely(tmp_path):
     from conftest import run_stage
+
     from gigavideo.schema import index_json
 
     run_dir = tmp_path / "run"
@@ -103,14 +132,21 @@ def test_sbatch_stage3_scores_on_two_ranks_disjointly_and_completely(scored_copy
 
 def test_sbatch_eval_on_two_ranks_writes_one_report(trained_copy, tmp_path):
     run = RunDir(trained_copy)
-    sbatch_two_ranks("slurm/eval.sh", tmp_path, trained_copy, ["--overwrite", "--suites=[heldout,vbench2]",
-                                                                "--prompts_per_dimension=2",
-                                                                "--vbench2_prompts_per_dimension=1"])
+    sbatch_two_ranks(
+        "slurm/eval.sh",
+        tmp_path,
+        trained_copy,
+        ["--overwrite", "--suites=[heldout,vbench2]", "--prompts_per_dimension=2", "--vbench2_prompts_per_dimension=1"],
+    )
     assert read_manifest(run, "eval")["world_size"] == 2
     report = json.loads((run.eval / "report.json").read_text())
-    assert {s: [r["n"] for r in body["dimensions"].values()] for s, body in report["suites"].items()} == \
-        {"heldout": [2, 2, 2], "vbench2": [3, 3, 3]}
-    by_rank = [{json.loads(line)["key"] for line in (run.eval / "records" / f"rank{r:05d}.jsonl").open()} for r in (0, 1)]
+    assert {s: [r["n"] for r in body["dimensions"].values()] for s, body in report["suites"].items()} == {
+        "heldout": [2, 2, 2],
+        "vbench2": [3, 3, 3],
+    }
+    by_rank = [
+        {json.loads(line)["key"] for line in (run.eval / "records" / f"rank{r:05d}.jsonl").open()} for r in (0, 1)
+    ]
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1] and len(by_rank[0] | by_rank[1]) == 6 + 9
     assert (run.eval / "report.md").is_file() and (run.eval / "chart-heldout.png").is_file()
 
@@ -138,20 +174,45 @@ def test_usr1_before_preemption_checkpoints_requeues_and_the_job_completes(score
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({"PYTHON": sys.executable, "RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"})
     log = tmp_path / "stage4.out"
-    job_id = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks=1", "--cpus-per-task=2",
-                             f"--output={log}", "--open-mode=append", "slurm/stage4.sh", "--max_steps=300",
-                             "--save_every=10"], cwd=REPO, env=env, capture_output=True, text=True,
-                            check=True).stdout.strip().split(";")[0]
+    job_id = (
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--gpus-per-node=0",
+                "--ntasks=1",
+                "--cpus-per-task=2",
+                f"--output={log}",
+                "--open-mode=append",
+                "slurm/stage4.sh",
+                "--max_steps=300",
+                "--save_every=10",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     latest = RunDir(scored_copy).checkpoints / "latest"
     wait_for(latest.is_file, 300, "the first checkpoint")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-    wait_for(lambda: job_field(job_id, "Restarts") == "1" and job_field(job_id, "JobState") == "PENDING", 300,
-             "the job to requeue")
+    wait_for(
+        lambda: job_field(job_id, "Restarts") == "1" and job_field(job_id, "JobState") == "PENDING",
+        300,
+        "the job to requeue",
+    )
     stopped_at = int(latest.read_text().strip()[4:])
     assert 10 <= stopped_at < 300
     # Skip SLURM's requeue delay, once the first run has left the node (starting earlier races its cleanup).
-    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
-             == "idle", 120, "the node to be idle")
+    wait_for(
+        lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() == "idle",
+        120,
+        "the node to be idle",
+    )
     time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     wait_for(lambda: job_field(job_id, "JobState") == "COMPLETED", 600, "the requeued job to complete")

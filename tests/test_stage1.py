@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-
 from chat_server import ChatServer
 from conftest import REPO, run_stage
+
 from gigavideo.llm import build_tiny_chat_model
 from gigavideo.procedural import make_clip
 from gigavideo.prompt_engine import Similarity, parse_answer
@@ -37,8 +37,14 @@ def test_template_engine_makes_the_requested_number_of_unique_prompts(tmp_path):
 
 def test_answers_that_are_not_the_asked_json_are_rejected_with_a_reason():
     assert parse_answer("augment", '```json\n{"prompt": "  A  fox\\n runs. "}\n```') == "A fox runs."
-    for raw, reason in ((None, "backend_error"), ("no json here", "malformed"), ("{broken", "malformed"),
-                        ('{"prompt": 3}', "malformed"), ('{"prompt": "   "}', "empty"), ("[1, 2]", "malformed")):
+    for raw, reason in (
+        (None, "backend_error"),
+        ("no json here", "malformed"),
+        ("{broken", "malformed"),
+        ('{"prompt": 3}', "malformed"),
+        ('{"prompt": "   "}', "empty"),
+        ("[1, 2]", "malformed"),
+    ):
         with pytest.raises(ValueError, match=reason):
             parse_answer("augment", raw)
     with pytest.raises(ValueError, match="not_a_question"):
@@ -48,10 +54,16 @@ def test_answers_that_are_not_the_asked_json_are_rejected_with_a_reason():
 
 
 def test_embedding_dedup_catches_paraphrases_that_the_lexical_filter_misses():
-    pairs = [("A small dog runs quickly across a green lawn in the park.",
-              "A little puppy sprints fast over the grass of a park."),
-             ("An old man slowly climbs a long wooden staircase.",
-              "An elderly gentleman makes his way up a tall flight of timber stairs.")]
+    pairs = [
+        (
+            "A small dog runs quickly across a green lawn in the park.",
+            "A little puppy sprints fast over the grass of a park.",
+        ),
+        (
+            "An old man slowly climbs a long wooden staircase.",
+            "An elderly gentleman makes his way up a tall flight of timber stairs.",
+        ),
+    ]
     unrelated = "A glass marble rolls down a metal ramp."
     embedding, lexical = Similarity(), Similarity(embedder_path="")
     lexical.model, lexical.kind = None, "lexical"
@@ -99,8 +111,14 @@ def test_real_captions_keep_their_video_and_bad_ones_are_dropped_and_counted(tmp
     rows += [{"caption": "a broken clip", "video": "clips/bad.mp4"}, {"caption": "gone", "video": "clips/none.mp4"}]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_stage("stage1", tmp_path / "run", "--dimensions=mechanics", "--num_per_dimension=4",
-              f"--real_captions={pairs}", "--real_per_synthetic=0.5")
+    run_stage(
+        "stage1",
+        tmp_path / "run",
+        "--dimensions=mechanics",
+        "--num_per_dimension=4",
+        f"--real_captions={pairs}",
+        "--real_per_synthetic=0.5",
+    )
     from gigavideo.schema import iter_samples
 
     real = [s for s in iter_samples(RunDir(tmp_path / "run"), "stage1") if s["json"]["source"] == "real"]
@@ -108,8 +126,7 @@ def test_real_captions_keep_their_video_and_bad_ones_are_dropped_and_counted(tmp
     assert real[0]["real.mp4"] == (tmp_path / "clips" / "0.mp4").read_bytes()
     failures = read_manifest(RunDir(tmp_path / "run"), "stage1")["failures"]
     assert failures == []  # the quota of 2 was met before the bad rows were read
-    run_stage("stage1", tmp_path / "all", "--dimensions=mechanics", "--num_per_dimension=4",
-              f"--real_captions={pairs}")
+    run_stage("stage1", tmp_path / "all", "--dimensions=mechanics", "--num_per_dimension=4", f"--real_captions={pairs}")
     manifest = read_manifest(RunDir(tmp_path / "all"), "stage1")
     assert manifest["summary"]["real"]["kept"] == 3
     assert sorted(f["key"] for f in manifest["failures"]) == ["real-000003", "real-000004"]
@@ -120,9 +137,17 @@ def test_transformers_backend_with_garbage_output_drops_and_counts_everything(tm
     model, tokenizer = build_tiny_chat_model(["a", "the", "fox", "{", "}", ":", '"', "prompts"])
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
-    proc = run_stage("stage1", tmp_path / "run", "--real_captions=", "--dimensions=mechanics",
-                     "--num_per_dimension=3", "--engine=transformers", f"--llm_path={tmp_path / 'lm'}",
-                     "--llm_max_new_tokens=24", "--llm_dtype=float32")
+    proc = run_stage(
+        "stage1",
+        tmp_path / "run",
+        "--real_captions=",
+        "--dimensions=mechanics",
+        "--num_per_dimension=3",
+        "--engine=transformers",
+        f"--llm_path={tmp_path / 'lm'}",
+        "--llm_max_new_tokens=24",
+        "--llm_dtype=float32",
+    )
     summary = read_manifest(RunDir(tmp_path / "run"), "stage1")["summary"]
     assert summary["mechanics"]["kept"] == 0 and summary["mechanics"]["candidates"] == 0
     units = 2  # ceil(3 x 2.0 / 4)
@@ -131,8 +156,15 @@ def test_transformers_backend_with_garbage_output_drops_and_counts_everything(tm
 
 
 def test_openai_backend_retries_429_500_and_timeouts_and_gets_the_expected_prompts(tmp_path):
-    args = [*FAST, "--num_per_dimension=4", "--engine=openai", "--llm_model=test-model", "--llm_timeout=1",
-            "--llm_backoff=0.05", "--llm_concurrency=2"]
+    args = [
+        *FAST,
+        "--num_per_dimension=4",
+        "--engine=openai",
+        "--llm_model=test-model",
+        "--llm_timeout=1",
+        "--llm_backoff=0.05",
+        "--llm_concurrency=2",
+    ]
     clean = ChatServer()
     try:
         run_stage("stage1", tmp_path / "clean", *args, f"--llm_base_url={clean.url}")
@@ -140,8 +172,13 @@ def test_openai_backend_retries_429_500_and_timeouts_and_gets_the_expected_promp
         clean.close()
     flaky = ChatServer(failures=[429, 500, "timeout", 429, 500])  # 5 failures in a row; 5 retries allowed
     try:
-        run_stage("stage1", tmp_path / "flaky", *args, f"--llm_base_url={flaky.url}",
-                  env={"OPENAI_API_KEY": "sk-secret-test-key"})
+        run_stage(
+            "stage1",
+            tmp_path / "flaky",
+            *args,
+            f"--llm_base_url={flaky.url}",
+            env={"OPENAI_API_KEY": "sk-secret-test-key"},
+        )
     finally:
         flaky.close()
     expected, got = synthetic(tmp_path / "clean"), synthetic(tmp_path / "flaky")
@@ -153,8 +190,17 @@ def test_openai_backend_retries_429_500_and_timeouts_and_gets_the_expected_promp
 def test_malformed_answers_are_asked_again_then_dropped_and_counted(tmp_path):
     server = ChatServer(failures=["garbage"] * 3 + ["garbage"])  # the first item 3 times, then one more once
     try:
-        run_stage("stage1", tmp_path, *FAST, "--num_per_dimension=4", "--engine=openai", "--llm_model=m",
-                  f"--llm_base_url={server.url}", "--llm_concurrency=1", "--max_retries=2")
+        run_stage(
+            "stage1",
+            tmp_path,
+            *FAST,
+            "--num_per_dimension=4",
+            "--engine=openai",
+            "--llm_model=m",
+            f"--llm_base_url={server.url}",
+            "--llm_concurrency=1",
+            "--max_retries=2",
+        )
     finally:
         server.close()
     summary = read_manifest(RunDir(tmp_path), "stage1")["summary"]
@@ -173,9 +219,17 @@ def test_the_api_key_comes_from_the_environment_and_is_never_logged(tmp_path):
 
     server.httpd.RequestHandlerClass.do_POST = spy
     try:
-        proc = run_stage("stage1", tmp_path, *FAST, "--num_per_dimension=1", "--engine=openai",
-                         "--llm_model=m", f"--llm_base_url={server.url}", "--llm_api_key_env=MY_KEY",
-                         env={"MY_KEY": "sk-do-not-print", "GIGAVIDEO_LOG": "DEBUG"})
+        proc = run_stage(
+            "stage1",
+            tmp_path,
+            *FAST,
+            "--num_per_dimension=1",
+            "--engine=openai",
+            "--llm_model=m",
+            f"--llm_base_url={server.url}",
+            "--llm_api_key_env=MY_KEY",
+            env={"MY_KEY": "sk-do-not-print", "GIGAVIDEO_LOG": "DEBUG"},
+        )
     finally:
         server.close()
     assert seen and set(seen) == {"Bearer sk-do-not-print"}
@@ -184,13 +238,24 @@ def test_the_api_key_comes_from_the_environment_and_is_never_logged(tmp_path):
 
 
 def test_killed_midway_and_rerun_every_prompt_exactly_once_and_as_uninterrupted(tmp_path):
-    args = [*FAST, "--num_per_dimension=12", "--engine=openai", "--llm_model=m", "--units_per_shard=1",
-            "--llm_concurrency=1"]
+    args = [
+        *FAST,
+        "--num_per_dimension=12",
+        "--engine=openai",
+        "--llm_model=m",
+        "--units_per_shard=1",
+        "--llm_concurrency=1",
+    ]
     server = ChatServer(delay=0.02)
     try:
         run_stage("stage1", tmp_path / "whole", *args, f"--llm_base_url={server.url}")
-        cmd = [sys.executable, str(REPO / "stage1_prompts/generate.py"), f"--run_dir={tmp_path / 'killed'}", *args,
-               f"--llm_base_url={server.url}"]
+        cmd = [
+            sys.executable,
+            str(REPO / "stage1_prompts/generate.py"),
+            f"--run_dir={tmp_path / 'killed'}",
+            *args,
+            f"--llm_base_url={server.url}",
+        ]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         units = tmp_path / "killed" / "stage1" / "candidates"
@@ -214,16 +279,32 @@ def test_real_captions_from_a_video_webdataset_and_from_csv(tmp_path):
     clips = [make_clip(i) for i in range(3)]
     with ShardWriter(tmp_path / "videos", "stage1_units", "videos", 2) as writer:  # any tar writer will do
         for i, (frames, caption) in enumerate(clips):
-            writer.write({"__key__": f"clip{i}", "mp4": encode_mp4(frames, 8), "txt": caption,
-                          "json": {"dimension": "-", "unit": i, "candidates": [], "dropped": {}}})
-    run_stage("stage1", tmp_path / "wds", "--dimensions=mechanics", "--num_per_dimension=2",
-              f"--real_captions=wds:{tmp_path}/videos/videos-{{00000..00001}}.tar")
+            writer.write(
+                {
+                    "__key__": f"clip{i}",
+                    "mp4": encode_mp4(frames, 8),
+                    "txt": caption,
+                    "json": {"dimension": "-", "unit": i, "candidates": [], "dropped": {}},
+                }
+            )
+    run_stage(
+        "stage1",
+        tmp_path / "wds",
+        "--dimensions=mechanics",
+        "--num_per_dimension=2",
+        f"--real_captions=wds:{tmp_path}/videos/videos-{{00000..00001}}.tar",
+    )
     real = [s for s in iter_samples(RunDir(tmp_path / "wds"), "stage1") if s["json"]["source"] == "real"]
     assert [s["json"]["prompt"] for s in real] == [c for _, c in clips]
     assert real[1]["real.mp4"] == encode_mp4(clips[1][0], 8)
     (tmp_path / "a.mp4").write_bytes(encode_mp4(clips[0][0], 8))
-    (tmp_path / "pairs.csv").write_text(f"caption,video\n\"{clips[0][1]}\",a.mp4\n")
-    run_stage("stage1", tmp_path / "csv", "--dimensions=mechanics", "--num_per_dimension=2",
-              f"--real_captions={tmp_path / 'pairs.csv'}")
+    (tmp_path / "pairs.csv").write_text(f'caption,video\n"{clips[0][1]}",a.mp4\n')
+    run_stage(
+        "stage1",
+        tmp_path / "csv",
+        "--dimensions=mechanics",
+        "--num_per_dimension=2",
+        f"--real_captions={tmp_path / 'pairs.csv'}",
+    )
     real = [s for s in iter_samples(RunDir(tmp_path / "csv"), "stage1") if s["json"]["source"] == "real"]
     assert [s["json"]["prompt"] for s in real] == [clips[0][1]]

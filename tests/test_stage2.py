@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import torch
-
 from conftest import REPO, run_stage
+
 from gigavideo.models import decode_latents, encode_video
 from gigavideo.schema import RunDir, index_json, iter_samples, read_manifest, shard_keys
 from gigavideo.video import decode_mp4, encode_mp4
@@ -21,10 +21,19 @@ SHARDS = ["--samples_per_shard=2", "--batch_size=2", "--steps=20"]  # slow enoug
 def torchrun(stage_script, run_dir, *args, nproc=2):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / stage_script), f"--run_dir={run_dir}", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / stage_script),
+        f"--run_dir={run_dir}",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def rank_keys(run_dir, stage="stage2"):
@@ -92,12 +101,19 @@ def test_stage4_trains_without_building_a_vae_or_a_text_encoder(scored_copy, tmp
         "def refuse(self, *a, **k):\n"
         "    raise AssertionError('stage 4 built ' + type(self).__name__)\n"
         "diffusers.AutoencoderKLWan.__init__ = refuse\n"
-        "transformers.UMT5EncoderModel.__init__ = refuse\n")
+        "transformers.UMT5EncoderModel.__init__ = refuse\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(guard)}
-    probe = subprocess.run([sys.executable, "-c", "import diffusers; diffusers.AutoencoderKLWan()"], env=env,
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import diffusers; diffusers.AutoencoderKLWan()"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert "stage 4 built AutoencoderKLWan" in probe.stderr  # the guard works
-    run_stage("stage4", scored_copy, "--sample_every=0", env={"PYTHONPATH": str(guard)})  # validation videos need the VAE
+    run_stage(
+        "stage4", scored_copy, "--sample_every=0", env={"PYTHONPATH": str(guard)}
+    )  # validation videos need the VAE
     assert RunDir(scored_copy).is_complete("stage4")
 
 

@@ -4,9 +4,9 @@ import hashlib
 
 import numpy as np
 import pytest
-
 from chat_server import ChatServer
 from conftest import run_stage
+
 from gigavideo import camera_motion, instances
 from gigavideo.procedural import make_clip
 from gigavideo.schema import RunDir, index_json, read_manifest
@@ -84,10 +84,14 @@ def textured_clip(kind, rng, speed, zoom, frames=9, size=64):
 
 def test_optical_flow_classifies_synthetic_camera_motion_with_at_least_95_percent_accuracy():
     rng = np.random.default_rng(0)
-    cases = [(kind, speed, zoom) for kind in camera_motion.LABELS for speed, zoom in
-             ((0.6, 1.015), (1.5, 1.03), (2.5, 1.04), (4.0, 1.06))] * 2
-    correct = sum(camera_motion.classify(camera_motion.global_motion(textured_clip(k, rng, s, z))) == k
-                  for k, s, z in cases)
+    cases = [
+        (kind, speed, zoom)
+        for kind in camera_motion.LABELS
+        for speed, zoom in ((0.6, 1.015), (1.5, 1.03), (2.5, 1.04), (4.0, 1.06))
+    ] * 2
+    correct = sum(
+        camera_motion.classify(camera_motion.global_motion(textured_clip(k, rng, s, z))) == k for k, s, z in cases
+    )
     assert correct / len(cases) >= 0.95, f"{correct}/{len(cases)}"
 
 

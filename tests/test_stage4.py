@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, run_stage
+
 from gigavideo.config import load_config
 from gigavideo.loss import batch_loss
 from gigavideo.models import build_tiny_pipeline
@@ -33,8 +33,12 @@ def test_the_weighted_loss_equals_a_hand_computation_on_a_fixed_batch():
         hand = 0.0
         for i in range(3):
             z_t = (1 - t[i]) * z0[i] + t[i] * noise[i]
-            v = model(hidden_states=z_t[None], timestep=t[i:i + 1] * 1000, encoder_hidden_states=embeds[i:i + 1],
-                      return_dict=False)[0][0]
+            v = model(
+                hidden_states=z_t[None],
+                timestep=t[i : i + 1] * 1000,
+                encoder_hidden_states=embeds[i : i + 1],
+                return_dict=False,
+            )[0][0]
             hand += weights[i] * ((v - (noise[i] - z0[i])) ** 2).mean() / 3
     torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-6)
     uniform, _ = batch_loss(model, z0, embeds, torch.ones(3), t, noise)
@@ -46,10 +50,19 @@ def test_the_weighted_loss_equals_a_hand_computation_on_a_fixed_batch():
 
 def torchrun_stage4(run_dir, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "stage4_train/train.py"), f"--run_dir={run_dir}", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "stage4_train/train.py"),
+        f"--run_dir={run_dir}",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -57,14 +70,20 @@ def torchrun_stage4(run_dir, *args):
 def test_zero_stages_train_and_the_export_loads_in_stock_diffusers_and_changes_the_output(scored_copy, zero, mode):
     from diffusers import WanPipeline
 
-    torchrun_stage4(scored_copy, f"--ds_config=ds_configs/{zero}.json", f"--mode={mode}", "--max_steps=3",
-                    "--lr=1e-2")
+    torchrun_stage4(scored_copy, f"--ds_config=ds_configs/{zero}.json", f"--mode={mode}", "--max_steps=3", "--lr=1e-2")
     run = RunDir(scored_copy)
     manifest = read_manifest(run, "stage4")
     assert manifest["world_size"] == 2 and manifest["mode"] == mode and manifest["steps"] == 3
     base = WanPipeline.from_pretrained(run.models / "base")
-    args = dict(prompt="a red square", num_frames=5, height=32, width=32, num_inference_steps=2, output_type="np",
-                generator=torch.Generator().manual_seed(0))
+    args = dict(
+        prompt="a red square",
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     before = base(**args).frames
     if mode == "lora":
         assert (run.export / "pytorch_lora_weights.safetensors").is_file()
@@ -96,8 +115,13 @@ def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_ru
         shutil.copytree(scored_run, run_dir)
     run_stage("stage4", whole, *args)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen([sys.executable, str(REPO / "stage4_train/train.py"), f"--run_dir={killed}", *args],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stage4_train/train.py"), f"--run_dir={killed}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = RunDir(killed).checkpoints / "latest"
     deadline = time.time() + 300
     while not (latest.is_file() and latest.read_text().strip() >= "step0000075") and time.time() < deadline:
@@ -150,7 +174,8 @@ def test_non_finite_inputs_get_no_weight_and_a_diverging_run_stops_with_a_messag
     proc = run_stage("stage4", scored_copy, "--max_steps=8", "--sample_every=0")
     assert f"non-finite latents or embeddings in ['{victim}']" in proc.stderr
     assert read_manifest(run, "stage4")["non_finite_samples"] >= 1
-    proc = run_stage("stage4", scored_copy, "--overwrite", "--max_steps=40", "--lr=1e12", "--sample_every=0",
-                     check=False)
+    proc = run_stage(
+        "stage4", scored_copy, "--overwrite", "--max_steps=40", "--lr=1e12", "--sample_every=0", check=False
+    )
     assert proc.returncode == 2 and "5 micro-batches in a row had a non-finite loss" in proc.stderr
     assert "the micro-batch is skipped" in proc.stderr

@@ -6,8 +6,8 @@ import os
 import tarfile
 
 import numpy as np
-
 from conftest import run_stage
+
 from gigavideo.schema import RunDir, index_json, iter_samples, read_manifest, shard_paths
 from gigavideo.video import decode_mp4
 

@@ -1,6 +1,5 @@
 """The toy world: a pixel-space VAE that stock diffusers loads, a judge that is right, and the method's effect."""
 
-
 import json
 
 import numpy as np
@@ -93,12 +92,19 @@ def test_realism_distance_is_small_within_the_world_and_grows_with_drift():
 def test_realism_change_comes_with_an_interval_that_tells_drift_from_noise():
     real = [video_statistics(make_clip(i, 16, 16, 5, seed=0)[0]) for i in range(64)]
     videos = [{"key": str(i)} for i in range(64)]
-    same = {(label, str(i)): {"stats": video_statistics(make_clip(i, 16, 16, 5, seed=s)[0])}
-            for i in range(64) for label, s in (("baseline", 1), ("finetuned", 2))}
+    same = {
+        (label, str(i)): {"stats": video_statistics(make_clip(i, 16, 16, 5, seed=s)[0])}
+        for i in range(64)
+        for label, s in (("baseline", 1), ("finetuned", 2))
+    }
     noise = realism(videos, same, real, bootstrap_samples=300)
     assert noise["ci_low"] < 0 < noise["ci_high"]
-    washed = dict(same) | {("finetuned", str(i)): {"stats": video_statistics(
-        (make_clip(i, 16, 16, 5, seed=2)[0] * 0.6 + 90).astype(np.uint8))} for i in range(64)}
+    washed = dict(same) | {
+        ("finetuned", str(i)): {
+            "stats": video_statistics((make_clip(i, 16, 16, 5, seed=2)[0] * 0.6 + 90).astype(np.uint8))
+        }
+        for i in range(64)
+    }
     drifted = realism(videos, washed, real, bootstrap_samples=300)
     assert drifted["ci_low"] > 1.0, drifted
     # A video that failed on one side counts on neither: both distances stay over the same videos.
@@ -106,8 +112,11 @@ def test_realism_change_comes_with_an_interval_that_tells_drift_from_noise():
     half = realism(videos, failed, real)
     assert half["videos"] == 32
     assert half["baseline"] == pytest.approx(realism(videos[32:], washed, real)["baseline"])
-    assert realism(videos, {k: {"stats": None} for k in washed}, real) == {"baseline": None, "finetuned": None,
-                                                                          "videos": 0}
+    assert realism(videos, {k: {"stats": None} for k in washed}, real) == {
+        "baseline": None,
+        "finetuned": None,
+        "videos": 0,
+    }
 
 
 def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_path):
