@@ -19,7 +19,8 @@ import torch
 
 from gigavideo.config import load_config
 from gigavideo.models import build_tiny_pipeline
-from gigavideo.rendering import Renderer, configure_pipeline, seed_for
+from gigavideo.rendering import Renderer, configure_pipeline
+from gigavideo.seeding import derive_seed
 
 
 def sync(device):
@@ -35,7 +36,7 @@ def bench_tiny(videos: int, batch_size: int, cache: str, steps: int):
         f"A red square moves {d} across a gray background, video {i}."
         for i, d in zip(range(videos), ["left", "right", "up", "down"] * videos, strict=False)
     ]
-    seeds = [seed_for(k, 0) for k in keys]
+    seeds = [derive_seed(0, k) for k in keys]
 
     def run(batch, cache_name):
         pipe = build_tiny_pipeline(cfg.model)

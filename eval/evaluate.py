@@ -27,19 +27,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gigavideo import instances, vbench2
+from gigavideo import vbench2
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import rank_and_world
 from gigavideo.eval_report import LABELS, dimension_summary, realism, write_outputs
 from gigavideo.export import load_exported
+from gigavideo.files import write_atomic, write_json_atomic
 from gigavideo.judge import check_judge, load_judge
 from gigavideo.llm import TemplateBackend
 from gigavideo.models import base_model_path, load_pipeline
 from gigavideo.prompt_engine import Similarity, engine_prompts
 from gigavideo.prompts import load_style, resolve_dimensions
-from gigavideo.rendering import Renderer, seed_for
-from gigavideo.schema import index_json, iter_samples, rank_parts, read_manifest, write_json_atomic
-from gigavideo.scoring import score_videos
+from gigavideo.rendering import Renderer
+from gigavideo.schema import index_json, iter_samples, rank_parts, read_manifest
+from gigavideo.scoring import detector_for, score_videos
+from gigavideo.seeding import derive_seed
 from gigavideo.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics
 
 log = logging.getLogger("gigavideo.eval")
@@ -96,7 +98,7 @@ def eval_videos(cfg, dims, training_prompts: list[str]) -> tuple[list[dict], dic
                             "dimension": dim.name,
                             "index": index,
                             "scorer": dim.scorer,
-                            "seed": seed_for(key, cfg.eval.seed),
+                            "seed": derive_seed(cfg.eval.seed, key),
                             "path": f"{suite}/{folder}/{vbench2.video_name(item['prompt'], index)}",
                         }
                     )
@@ -114,15 +116,6 @@ def load_records(records_dir: Path) -> dict:
                 continue
             records[(record["label"], record["key"])] = record
     return records
-
-
-def write_video_atomic(path: Path, data: bytes, partial_dir: Path) -> None:
-    """Complete files only, and nothing but videos in VBench-2.0's folders (the temp file lives elsewhere)."""
-    partial_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir / f"{os.getpid()}-{abs(hash(str(path)))}.mp4"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def record_render_settings(renderer: Renderer, label: str, run) -> None:
@@ -154,7 +147,9 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, recor
                 )
                 for v, result in zip(missing, rendered, strict=False):
                     data = encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt)
-                    write_video_atomic(root / v["path"], data, run.eval / "partial")
+                    # nothing but complete videos in VBench-2.0's folders: the temporary file lives elsewhere
+                    partial = run.eval / "partial"
+                    write_atomic(root / v["path"], lambda tmp, data=data: tmp.write_bytes(data), tmp_dir=partial)
             for v in chunk:
                 record = {"label": label, "key": v["key"], "reward": None}
                 try:
@@ -275,8 +270,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     training_prompts = sorted({m["prompt"] for m in index_json(run, "stage1").values()})
     videos, notes = eval_videos(cfg, dims, training_prompts)
     judge = load_judge(cfg.score, run, device)
-    needs_detector = any(d.scorer == "instance_preservation" for d in dims)
-    detector = instances.load_detector(cfg.score.detector, cfg.score.detector_weights) if needs_detector else None
+    detector = detector_for(dims, cfg.score)
     rank, world = rank_and_world()
     records_dir = run.eval / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
@@ -310,8 +304,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         "dimensions": [d.name for d in dims],
         "samples_per_prompt": {"heldout": cfg.eval.samples_per_prompt, "vbench2": "3 (20 for diversity)"},
         "prompt_seed": cfg.eval.seed,
-        "video_seed": "seed_for('{suite}/{dimension}/{index}/{prompt}', "
-        f"{cfg.eval.seed}): first 8 bytes of sha256('{cfg.eval.seed}:' + key), little-endian, mod 2**63",
+        "video_seed": f"gigavideo.seeding.derive_seed({cfg.eval.seed}, '{{suite}}/{{dimension}}/{{index}}/{{prompt}}')",
         "prompt_variant": "heldout: template-engine prompts as written; vbench2: prompt_en of "
         "VBench2_full_info.json, no prompt extension",
         "dtype": cfg.model.dtype,

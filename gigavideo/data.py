@@ -16,7 +16,9 @@ import torch
 import webdataset as wds
 
 from .loss import reward_weights
+from .models import pad_prompt_embeds
 from .schema import RunDir, SchemaError, index_json, shard_paths, validate
+from .seeding import derive_seed
 
 log = logging.getLogger("gigavideo.data")
 
@@ -56,9 +58,8 @@ def _decode(sample: dict, weights: dict, max_sequence_length: int) -> dict:
     sample["json"] = meta
     validate(sample, "stage2")
     latents = np.load(io.BytesIO(sample["latents.npy"]), allow_pickle=False)
-    embeds = np.load(io.BytesIO(sample["prompt_embeds.npy"]), allow_pickle=False)[:max_sequence_length]
-    padded = np.zeros((max_sequence_length, embeds.shape[1]), dtype=np.float32)
-    padded[: len(embeds)] = embeds  # the zero padding WanPipeline uses at inference
+    embeds = np.load(io.BytesIO(sample["prompt_embeds.npy"]), allow_pickle=False)
+    padded = pad_prompt_embeds(embeds, max_sequence_length)
     return {
         "key": sample["__key__"],
         "latents": torch.from_numpy(latents.astype(np.float32)),
@@ -93,7 +94,7 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
             f"need at least {needed}: rerun stage 2 with a smaller --samples_per_shard, "
             f"or lower --num_workers"
         )
-    seed = int(train_cfg["seed"]) * 100003 + epoch
+    seed = derive_seed(train_cfg["seed"], "epoch", epoch)
     dataset = (
         wds.WebDataset(
             shards,

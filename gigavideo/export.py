@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .models import save_atomic
+from .files import write_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 
@@ -36,7 +36,7 @@ def export_pipeline(transformer, base_path: Path, target: Path) -> Path:
 
     if target.exists():
         shutil.rmtree(target)
-    return save_atomic(save, target)
+    return write_atomic(target, save, keep_existing=True)
 
 
 def export_lora(transformer, target: Path) -> Path:
@@ -50,7 +50,7 @@ def export_lora(transformer, target: Path) -> Path:
 
     if target.exists():
         shutil.rmtree(target)
-    return save_atomic(save, target)
+    return write_atomic(target, save, keep_existing=True)
 
 
 def export_model(engine, mode: str, base_path: Path, target: Path) -> Path:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import build_word_tokenizer, check_model_dir, save_atomic, torch_dtype
+from .files import write_atomic
+from .models import build_word_tokenizer, check_model_dir, torch_dtype
 from .schema import RunDir
 
 ANSWER_SUFFIX = " Answer yes or no."
@@ -97,7 +98,7 @@ def judge_path(score_cfg: dict, run: RunDir) -> Path:
         model.save_pretrained(directory)
         processor.save_pretrained(directory)
 
-    return save_atomic(save, run.models / "judge")
+    return write_atomic(run.models / "judge", save, keep_existing=True)
 
 
 class JudgeAnswerError(ValueError):

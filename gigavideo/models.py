@@ -7,12 +7,12 @@ Every stage loads the base model through `base_model_path`, so the tiny preset g
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .files import write_atomic
 from .schema import RunDir
 
 WAN_DOWNLOAD_HINT = (
@@ -98,21 +98,6 @@ def build_tiny_pipeline(model_cfg: dict):
     )
 
 
-def save_atomic(save, target: Path) -> Path:
-    """Run save(tmp_dir) and rename into place, so a killed run never leaves half a model."""
-    target = Path(target)
-    if target.exists():
-        return target
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another rank got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint: str) -> Path:
     path = Path(path).expanduser()
     missing = [r for r in required if not (path / r).exists()]
@@ -159,7 +144,7 @@ def base_model_path(model_cfg: dict, run: RunDir) -> Path:
         (Path(directory) / TINY_RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
         pipe.save_pretrained(directory)
 
-    path = save_atomic(build, run.models / "base")
+    path = write_atomic(run.models / "base", build, keep_existing=True)
     built = path / TINY_RECIPE_FILE
     if built.is_file() and json.loads(built.read_text()) != json.loads(json.dumps(recipe, sort_keys=True)):
         raise ValueError(
@@ -179,6 +164,14 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.
     pipe = WanPipeline.from_pretrained(str(path), torch_dtype=torch_dtype(dtype), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def pad_prompt_embeds(embeds: np.ndarray, max_sequence_length: int) -> np.ndarray:
+    """Stored text embeddings (tokens, dim) -> (max_sequence_length, dim) float32, zero-padded as WanPipeline does."""
+    padded = np.zeros((max_sequence_length, embeds.shape[1]), dtype=np.float32)
+    kept = embeds[:max_sequence_length]
+    padded[: len(kept)] = kept
+    return padded
 
 
 def latent_stats(vae_config, device, dtype):

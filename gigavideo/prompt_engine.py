@@ -21,6 +21,7 @@ import numpy as np
 
 from .llm import Request
 from .prompts import Dimension
+from .seeding import derive_seed
 
 log = logging.getLogger("gigavideo.engine")
 SYSTEM = "You write prompts for a text-to-video model and questions for checking its videos. Answer with JSON only."
@@ -141,7 +142,7 @@ def ask(backend, requests: list[Request], counts: list[int], retries: int, drops
 def run_unit(backend, dim: Dimension, unit_index: int, per_call: int, seed: int, retries: int) -> dict:
     """One analogy call and the augmentation and question for each analogy it gave."""
     drops: Counter = Counter()
-    base = hash_seed(seed, dim.name, unit_index)
+    base = derive_seed(seed, dim.name, unit_index, digest_bytes=4)  # 32 bits: what any chat server takes
     (analogies,) = ask(backend, [analogy_request(dim, per_call, base)], [per_call], retries, drops)
     if analogies is None:
         return {"dimension": dim.name, "unit": unit_index, "candidates": [], "dropped": dict(drops)}
@@ -186,12 +187,6 @@ def engine_prompts(backend, dim: Dimension, count: int, seed: int, per_call: int
         if len(out) >= count:
             break
     return out
-
-
-def hash_seed(seed: int, *parts) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr((seed, *parts)).encode()).digest()[:4], "little")
 
 
 # ---------------------------------------------------------------- filters

@@ -7,7 +7,6 @@ training never loads the text encoder.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
@@ -18,11 +17,6 @@ from .models import decode_latents, encode_video
 from .video import resize_crop_sample
 
 log = logging.getLogger("gigavideo.render")
-
-
-def seed_for(key: str, base_seed: int) -> int:
-    """A per-sample seed derived from its key: a rerun (on any rank) reproduces the video."""
-    return int.from_bytes(hashlib.sha256(f"{base_seed}:{key}".encode()).digest()[:8], "little") % (2**63)
 
 
 def check_frames(num_frames: int) -> None:

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import write_json_atomic
+
 STAGES = ("stage1", "stage2", "stage3")
 REQUIRED_FILES = {
     "stage1_units": ("json",),
@@ -205,13 +207,6 @@ class ShardWriter:
             self.flush()
         elif self._tar is not None:  # never leave a half shard that looks complete
             self._tar.close()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- resume and manifests

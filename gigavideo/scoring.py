@@ -18,6 +18,13 @@ from .judge import JudgeAnswerError, normalized_reward
 AGGREGATES = ("specialist_first", "mean", "min")
 
 
+def detector_for(dims, sc):
+    """The instance detector the score settings name, loaded only when a dimension is scored by instances."""
+    if any(d.scorer == "instance_preservation" for d in dims):
+        return instances.load_detector(sc.detector, sc.detector_weights)
+    return None
+
+
 def questions_of(meta: dict) -> list[str]:
     return meta.get("questions") or [meta["question"]]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .models import decode_latents
+from .models import decode_latents, pad_prompt_embeds
 from .rendering import pipeline_num_frames
 from .schema import index_json, iter_samples
 from .video import gif_bytes, video_statistics
@@ -51,8 +51,7 @@ class Validation:
         was_training = transformer.training
         transformer.eval()
         for i, sample in enumerate(self.samples):
-            embeds = np.zeros((self.max_sequence_length, sample["prompt_embeds.npy"].shape[1]), np.float32)
-            embeds[: len(sample["prompt_embeds.npy"])] = sample["prompt_embeds.npy"][: self.max_sequence_length]
+            embeds = pad_prompt_embeds(sample["prompt_embeds.npy"], self.max_sequence_length)
             c, t, h, w = sample["latents.npy"].shape
             latents = pipe(
                 prompt_embeds=torch.from_numpy(embeds)[None].to(self.device, transformer.dtype),

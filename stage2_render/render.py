@@ -17,8 +17,9 @@ from tqdm import tqdm
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.models import base_model_path, load_pipeline
-from gigavideo.rendering import CACHES, Renderer, check_frames, seed_for
+from gigavideo.rendering import CACHES, Renderer, check_frames
 from gigavideo.schema import ShardWriter, finish_rank, index_json, iter_samples, rank_prefix, read_manifest, resume_rank
+from gigavideo.seeding import derive_seed
 from gigavideo.video import VideoError, decode_mp4, encode_mp4
 
 log = logging.getLogger("gigavideo.stage2")
@@ -104,7 +105,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     progress = tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
     with ShardWriter(out, "stage2", rank_prefix(rank), cfg.render.samples_per_shard) as writer:
         for keys in synthetic_batches:
-            seeds = [seed_for(k, cfg.render.seed) for k in keys]
+            seeds = [derive_seed(cfg.render.seed, k) for k in keys]
             results = render_batch(renderer, keys, [prompts[k]["prompt"] for k in keys], seeds, failures)
             for key, seed, result in zip(keys, seeds, results, strict=False):
                 if key in done:

@@ -18,9 +18,9 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
-from gigavideo import instances
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.files import write_json_atomic
 from gigavideo.judge import check_judge, load_judge
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension
 from gigavideo.report import histogram_png
@@ -32,9 +32,8 @@ from gigavideo.schema import (
     rank_prefix,
     read_manifest,
     resume_rank,
-    write_json_atomic,
 )
-from gigavideo.scoring import AGGREGATES, questions_of, score_videos
+from gigavideo.scoring import AGGREGATES, detector_for, questions_of, score_videos
 from gigavideo.video import VideoError, decode_mp4
 
 log = logging.getLogger("gigavideo.stage3")
@@ -103,9 +102,7 @@ def preflight(cfg, run):
     check_judge(sc, run)
     names = {m["dimension"] for m in index_json(run, "stage2").values() if m["source"] == "synthetic"}
     dims = {n: load_dimension(n, cfg.prompts.dimensions_dir or DIMENSIONS_DIR) for n in sorted(names)}
-    needs_detector = any(d.scorer == "instance_preservation" for d in dims.values())
-    detector = instances.load_detector(sc.detector, sc.detector_weights) if needs_detector else None
-    return dims, detector
+    return dims, detector_for(dims.values(), sc)
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):

@@ -45,6 +45,7 @@ from gigavideo.export import export_model
 from gigavideo.loss import batch_loss, sample_timesteps
 from gigavideo.models import base_model_path
 from gigavideo.schema import read_manifest, write_manifest
+from gigavideo.seeding import derive_seed
 
 log = logging.getLogger("gigavideo.stage4")
 PREEMPTED_EXIT_CODE = 3
@@ -195,7 +196,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                     log.warning("step %d: non-finite latents or embeddings in %s; weight set to 0", step + 1, bad)
                     skipped += len(bad)
                 # Noise and timesteps depend only on (seed, step, rank, micro step, retry): a resume replays them.
-                gen = torch.Generator().manual_seed(hash((tc.seed, step, rank, micro, bad_in_a_row)) % (2**63))
+                gen = torch.Generator().manual_seed(derive_seed(tc.seed, step, rank, micro, bad_in_a_row))
                 z0 = batch["latents"]
                 t = sample_timesteps(
                     len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean, tc.logit_std
