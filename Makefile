@@ -1,14 +1,15 @@
 # `make demo`: set up .venv, then the toy world (README: Toy world) into runs/demo: the base model's pre-training
 # (~4 min, cached), every stage and the eval, whose report shows the weak dimension before and after (~8 min).
 # `make demo PRESET=tiny RUN_DIR=runs/tiny`: the same stages on random-initialised models (plumbing only, ~30 s).
-# `make test`: set up .venv and run the tests.
+# `make test`: set up .venv and run every test (what CI runs); `make test-fast`: all but the slow and SLURM ones (~3 min).
+# `make lint`: ruff's lint and format check (pyproject.toml); `make format` applies the formatter.
 VENV ?= .venv
 PYTHON ?= python3
 RUN_DIR ?= runs/demo
 PRESET ?= toy
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test slurm-cluster clean-demo
+.PHONY: setup demo test test-fast lint format slurm-cluster clean-demo
 
 setup: $(STAMP)
 
@@ -26,6 +27,17 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q tests -m "not slow and not slurm"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # A real one-node SLURM cluster on this machine (root; used by the launcher tests).
 slurm-cluster:

@@ -127,9 +127,9 @@ def main(
     seed_list = [int(x) for x in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
     out = Path(out)
     shared, timings = out / "shared", {}
-    for stage in ("stage1", "stage2", "stage3"):
+    for stage in ("base", "stage1", "stage2", "stage3"):
         timings[stage] = run(stage, shared, config)
-        print(f"{stage}: {timings[stage]:.0f} s", flush=True)  # stage 2 pre-trains the base model, once
+        print(f"{stage}: {timings[stage]:.0f} s", flush=True)  # base: the toy base model's pre-training, once
     extra = [f"--{k}={v}" for k, v in train_flags.items()]
     rows, first = [], None
     for name in names:

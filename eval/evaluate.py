@@ -257,7 +257,7 @@ def preflight(cfg, run):
         if ev.official == "on" and (why_not := vbench2.evaluator_available()):
             raise RuntimeError(f"--official=on but VBench-2.0's evaluator does not import: {why_not}")
     check_judge(cfg.score, run)
-    return dims, base_model_path(cfg.model, run)
+    return dims, base_model_path(cfg, run)
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
 import sys
 
-from .config import ConfigError, Section, load_config, to_json
+from .config import ConfigError, Section, defaults, docs, load_config, to_json
 from .distributed import rank_and_world
 from .schema import RunDir, SchemaError, StageNotReady
 
@@ -75,15 +76,19 @@ def print_help(main, section: str) -> None:
     print((script.__doc__ or "").strip(), "\n")
     print(f"usage: python {sys.argv[0]} --run_dir=DIR [--config=PRESET] [--overwrite] [--KEY=VALUE ...]\n")
     print((main.__doc__ or "").strip(), "\n")
+    preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), None)
+    preset = preset or inspect.signature(main).parameters["config"].default
     print("  --run_dir=DIR     the run directory shared by all stages (default runs/demo)")
-    print("  --config=PRESET   a preset name in configs/ or a TOML file (default tiny)")
+    print(f"  --config=PRESET   a preset name in configs/ or a TOML file (default {preset})")
     print("  --overwrite       redo the stage even if it is complete (stage 4: start over, not resume)")
     print("  --KEY=VALUE       any key below; --SECTION.KEY=VALUE or --model_KEY=VALUE names the section\n")
-    cfg = load_config("tiny", section)
-    for table in (section, "model"):
-        print(f"[{table}] keys (tiny preset values; see configs/*.toml for the comments):")
-        for key, value in cfg[table].items():
-            print(f"  --{key}={value!r}")
+    cfg = load_config(preset, section)
+    for table in dict.fromkeys((section, "model")):
+        print(f"[{table}] keys: --KEY=DEFAULT  doc  (the value in preset {preset} where it differs)")
+        for key, default in defaults(table).items():
+            differs = f"  (preset {preset}: {cfg[table][key]!r})" if cfg[table][key] != default else ""
+            print(f"  --{key}={default!r}  {docs(table)[key]}{differs}")
+        print()
 
 
 def run_cli(main, section: str) -> None:

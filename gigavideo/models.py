@@ -7,12 +7,15 @@ Every stage loads the base model through `base_model_path`, so the tiny preset g
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .files import write_atomic
+from .registry import resolve
 from .schema import RunDir
 
 WAN_DOWNLOAD_HINT = (
@@ -66,8 +69,12 @@ def build_word_tokenizer(words: list[str], special_tokens: list[str], eos: str |
     return tokenizer
 
 
-def build_tiny_pipeline(model_cfg: dict):
-    """A random-initialised WanPipeline with the real architecture classes, sized for CPU."""
+def build_tiny_pipeline(model_cfg: dict, make_vae=None):
+    """A random-initialised WanPipeline with the real architecture classes, sized for CPU.
+
+    make_vae(**arch_vae) builds another VAE in its place (the toy world's pixel VAE); it is called where
+    the VAE is built, so the other components' random weights stay those of model.tiny_seed.
+    """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -75,13 +82,7 @@ def build_tiny_pipeline(model_cfg: dict):
     arch = dict(model_cfg["arch_transformer"])
     arch["patch_size"] = tuple(arch["patch_size"])
     transformer = WanTransformer3DModel(**arch)
-    arch_vae = dict(model_cfg["arch_vae"])
-    if arch_vae.pop("pixel", False):
-        from .toy import pixel_vae
-
-        vae = pixel_vae(**arch_vae)  # the toy world: identity on RGB, the transformer works on pixels
-    else:
-        vae = AutoencoderKLWan(**arch_vae)
+    vae = (make_vae or AutoencoderKLWan)(**model_cfg["arch_vae"])
     tokenizer = build_tiny_tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["arch_text_encoder"])
@@ -106,52 +107,88 @@ def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint
     return path
 
 
-# What a random tiny base model is built from; a run directory's cached copy must match them.
-TINY_RECIPE_KEYS = (
+# What a random base model is built from; a run directory's cached copy must match them.
+RECIPE_KEYS = (
+    "kind",
     "tiny_seed",
     "flow_shift",
     "max_sequence_length",
     "arch_transformer",
     "arch_vae",
     "arch_text_encoder",
-    "pretrain",
 )
-TINY_RECIPE_FILE = "tiny_recipe.json"
+RECIPE_FILE = "tiny_recipe.json"
 
 
-def base_model_path(model_cfg: dict, run: RunDir) -> Path:
-    """The base pipeline folder: `model.path` if set, else (tiny preset) RUN_DIR/models/base, built once."""
-    if model_cfg.get("path"):
-        return check_model_dir(
-            model_cfg["path"], "Wan2.1 base model", ("model_index.json", "transformer", "vae"), WAN_DOWNLOAD_HINT
-        )
-    if not model_cfg.get("tiny"):
-        raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
+def model_recipe(model_cfg: dict, **extra) -> dict:
+    return json.loads(json.dumps({**{k: model_cfg.get(k) for k in RECIPE_KEYS}, **extra}, sort_keys=True))
 
-    recipe = {k: model_cfg.get(k) for k in TINY_RECIPE_KEYS}
 
-    def build(directory):
-        pipe = build_tiny_pipeline(model_cfg)
-        Path(directory).mkdir(parents=True)
-        pretrain = model_cfg.get("pretrain") or {}
-        if int(pretrain.get("steps", 0)) > 0:  # the toy preset: pre-train on the toy world's clips, once
-            from .toy import pretrain_base
+def write_recipe(directory: Path, recipe: dict) -> None:
+    (Path(directory) / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
-            summary = pretrain_base(
-                pipe, pretrain, int(model_cfg["max_sequence_length"]), float(model_cfg["flow_shift"])
-            )
-            (Path(directory) / "pretraining.json").write_text(json.dumps({**pretrain, **summary}, indent=1))
-        (Path(directory) / TINY_RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
-        pipe.save_pretrained(directory)
 
-    path = write_atomic(run.models / "base", build, keep_existing=True)
-    built = path / TINY_RECIPE_FILE
-    if built.is_file() and json.loads(built.read_text()) != json.loads(json.dumps(recipe, sort_keys=True)):
+def check_recipe(path: Path, recipe: dict) -> Path:
+    """A cached random model must have been built from this run's settings."""
+    built = path / RECIPE_FILE
+    if built.is_file() and json.loads(built.read_text()) != recipe:
         raise ValueError(
             f"{path} was built from other model settings ({built}) than this run's preset asks for; "
             f"use another --run_dir, or delete {path} to rebuild it"
         )
     return path
+
+
+def local_base(cfg, run: RunDir) -> Path:
+    """model.kind = wan: the diffusers folder in model.path."""
+    if not cfg.model.get("path"):
+        raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
+    return check_model_dir(
+        cfg.model["path"], "Wan2.1 base model", ("model_index.json", "transformer", "vae"), WAN_DOWNLOAD_HINT
+    )
+
+
+def tiny_base(cfg, run: RunDir) -> Path:
+    """model.kind = tiny: random weights of the real architectures, built once in RUN_DIR/models/base (seconds)."""
+    recipe = model_recipe(cfg.model)
+
+    def build(directory):
+        pipe = build_tiny_pipeline(cfg.model)
+        pipe.save_pretrained(directory)
+        write_recipe(directory, recipe)
+
+    return check_recipe(write_atomic(run.models / "base", build, keep_existing=True), recipe)
+
+
+@dataclass(frozen=True)
+class BaseModelKind:
+    """How a model.kind gives the base pipeline folder: `find` for every stage (cheap), `prepare` for the
+    base step (scripts/prepare_base.py), which may take long (the toy world pre-trains its base)."""
+
+    find: Callable[..., Path]
+    prepare: Callable[..., Path]
+
+
+# model.kind -> its BaseModelKind (the toy world registers its own).
+BASE_MODELS = {
+    "wan": BaseModelKind(find=local_base, prepare=local_base),
+    "tiny": BaseModelKind(find=tiny_base, prepare=tiny_base),
+    "toy": "gigavideo.toy.pretrain:TOY_BASE",
+}
+
+
+def base_model_path(cfg, run: RunDir) -> Path:
+    """The base pipeline folder: model.path when it is set, else what model.kind finds."""
+    if cfg.model.get("path"):
+        return local_base(cfg, run)
+    return resolve(BASE_MODELS, cfg.model["kind"], "model.kind").find(cfg, run)
+
+
+def prepare_base(cfg, run: RunDir) -> Path:
+    """The base step: make the base pipeline folder exist (check model.path, build, pre-train)."""
+    if cfg.model.get("path"):
+        return local_base(cfg, run)
+    return resolve(BASE_MODELS, cfg.model["kind"], "model.kind").prepare(cfg, run)
 
 
 def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", transformer_path=None):

@@ -2,8 +2,9 @@
 
 Run directory (RUN_DIR)::
 
-    models/base/              tiny preset only: the random-initialised base pipeline (diffusers format)
-    models/judge/             tiny preset only: the random-initialised judge
+    models/base/              model.kind tiny or toy: the base pipeline (diffusers format), built by the base
+                              step (scripts/prepare_base.py); toy: models/base.partial/ while pre-training
+    models/judge/             score.judge = tiny: the random-initialised judge
     stage1/  *.tar + manifest.json   prompts (synthetic, and real captions with their real video)
     stage2/  *.tar + manifest.json   renders: mp4, latents, text embeddings
     stage3/  *.tar + manifest.json   judge scores and rewards
@@ -59,6 +60,7 @@ SOURCES = ("synthetic", "real")
 MANIFEST = "manifest.json"
 # The script that produces each stage's output, relative to the repository root.
 STAGE_SCRIPTS = {
+    "base": "scripts/prepare_base.py",
     "stage1": "stage1_prompts/generate.py",
     "stage2": "stage2_render/render.py",
     "stage3": "stage3_score/score.py",

@@ -1,6 +1,7 @@
 #!/bin/bash
-# The whole pipeline: submits stage1 -> stage2 -> stage3 -> stage4 -> eval chained with
-# --dependency=afterok, or, where there is no sbatch or LOCAL=1, runs them here one after another.
+# The whole pipeline: first the base step here (scripts/prepare_base.py: checks model.path, or builds the
+# tiny base, or pre-trains the toy world's), then submits stage1 -> stage2 -> stage3 -> stage4 -> eval
+# chained with --dependency=afterok, or, where there is no sbatch or LOCAL=1, runs them here one after another.
 #   PRESET=configs/my-wan.toml RUN_DIR=/scratch/gv/run1 bash slurm/pipeline.sh
 #   SBATCH_ARGS="--partition=gpu --account=me" bash slurm/pipeline.sh     (extra sbatch options, every stage)
 #   LOCAL=1 PRESET=toy RUN_DIR=runs/demo bash slurm/pipeline.sh           (what `make demo` runs)
@@ -10,6 +11,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 export PRESET=${PRESET:-tiny} RUN_DIR=${RUN_DIR:-runs/demo}
 stages=(stage1 stage2 stage3 stage4 eval)
+source "$REPO/slurm/_common.sh"  # PYTHON
+echo "=== base model ($PRESET -> $RUN_DIR)"
+"$PYTHON" scripts/prepare_base.py --run_dir="$RUN_DIR" --config="$PRESET"
 
 if [ -z "${LOCAL:-}" ] && command -v sbatch >/dev/null; then
   dependency=()

@@ -28,11 +28,11 @@ from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend
 from gigavideo.models import torch_dtype
-from gigavideo.procedural import SIZE_RANGE, make_clip
 from gigavideo.prompt_engine import Similarity, run_unit, select
 from gigavideo.prompts import load_style, resolve_dimensions
+from gigavideo.registry import resolve
 from gigavideo.schema import ShardWriter, iter_shard, rank_parts, rank_prefix, resume_rank, write_manifest
-from gigavideo.video import VideoError, decode_mp4, encode_mp4
+from gigavideo.video import VideoError, decode_mp4
 
 log = logging.getLogger("gigavideo.stage1")
 ENGINES = ("template", "transformers", "openai")
@@ -67,23 +67,25 @@ def read_heldout(path: str) -> list[str]:
 # ---------------------------------------------------------------- real captions
 
 
-def real_caption_pairs(
-    spec: str, render=None, procedural_captions: dict | None = None, procedural_size_range=SIZE_RANGE
-):
-    """(caption, mp4 bytes or None, origin) from "procedural:N", "wds:SHARDS", or a JSONL/CSV file."""
-    if spec.startswith("procedural:"):
-        size = (render.height, render.width, render.num_frames) if render else (64, 64, 17)
-        for i in range(int(spec.split(":", 1)[1])):
-            frames, caption = make_clip(i, *size, caption_rates=procedural_captions, size_range=procedural_size_range)
-            yield caption, encode_mp4(frames, 8, render.pix_fmt if render else "yuv420p"), f"procedural:{i}"
-        return
-    if spec.startswith("wds:"):
-        import braceexpand
+def webdataset_pairs(shards: str, cfg):
+    """`wds:SHARDS`: brace-expanded shards whose samples hold an mp4 and a caption (txt, or json's caption)."""
+    import braceexpand
 
-        for url in braceexpand.braceexpand(spec[4:]):
-            for sample in iter_shard(url):
-                caption = sample.get("txt") or (sample.get("json") or {}).get("caption")
-                yield caption, sample.get("mp4"), f"{url}:{sample['__key__']}"
+    for url in braceexpand.braceexpand(shards):
+        for sample in iter_shard(url):
+            caption = sample.get("txt") or (sample.get("json") or {}).get("caption")
+            yield caption, sample.get("mp4"), f"{url}:{sample['__key__']}"
+
+
+# real_captions = "NAME:ARGUMENT" names a source; anything else is a JSONL/CSV file.
+REAL_CAPTION_SOURCES = {"wds": webdataset_pairs, "procedural": "gigavideo.toy.real_videos:caption_pairs"}
+
+
+def real_caption_pairs(spec: str, cfg):
+    """(caption, mp4 bytes or None, origin) from a registered source ("wds:SHARDS" ...) or a JSONL/CSV file."""
+    name, _, argument = spec.partition(":")
+    if argument and name in REAL_CAPTION_SOURCES:
+        yield from resolve(REAL_CAPTION_SOURCES, name, "real-caption source")(argument, cfg)
         return
     path = Path(spec)
     with open(path, newline="") as f:
@@ -95,11 +97,9 @@ def real_caption_pairs(
         yield row["caption"], video.read_bytes() if video.is_file() else None, str(video)
 
 
-def real_samples(pc, render, limit: int | None, failures: list):
+def real_samples(cfg, limit: int | None, failures: list):
     kept = 0
-    for i, (caption, data, origin) in enumerate(
-        real_caption_pairs(pc.real_captions, render, pc.procedural_captions, pc.procedural_size_range)
-    ):
+    for i, (caption, data, origin) in enumerate(real_caption_pairs(cfg.prompts.real_captions, cfg)):
         if limit is not None and kept >= limit:
             return
         key = f"real-{i:06d}"
@@ -195,7 +195,7 @@ def finalize(cfg, run, dims, units_dir) -> dict:
                 )
         n_synthetic = sum(s["kept"] for s in summary.values())
         limit = None if pc.real_per_synthetic < 0 else math.floor(pc.real_per_synthetic * n_synthetic)
-        real = list(real_samples(pc, cfg.render, limit, failures)) if pc.real_captions else []
+        real = list(real_samples(cfg, limit, failures)) if pc.real_captions else []
         for sample in real:
             writer.write(sample)
     summary["real"] = {
@@ -231,7 +231,7 @@ def preflight(cfg, run):
     if pc.heldout_file and not Path(pc.heldout_file).is_file():
         raise FileNotFoundError(f"held-out prompts file {pc.heldout_file} not found")
     spec = pc.real_captions
-    if spec and not spec.startswith(("procedural:", "wds:")) and not Path(spec).is_file():
+    if spec and spec.partition(":")[0] not in REAL_CAPTION_SOURCES and not Path(spec).is_file():
         raise FileNotFoundError(f"real captions file {spec} not found (expected JSONL or CSV with caption, video)")
     return dims
 

@@ -51,7 +51,7 @@ def preflight(cfg, run):
     check_frames(cfg.render.num_frames)
     if cfg.render.cache not in CACHES:
         raise ValueError(f"--cache={cfg.render.cache!r} not in {CACHES}")
-    return base_model_path(cfg.model, run)
+    return base_model_path(cfg, run)
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):

@@ -15,6 +15,7 @@ from gigavideo.schema import STAGE_SCRIPTS as SCRIPTS
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for seconds per stage, large enough for several shards per stage.
 SMALL = {
+    "base": [],
     "stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"],
     "stage2": [],
     "stage3": [],

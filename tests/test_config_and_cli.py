@@ -28,7 +28,7 @@ def test_paper_preset_is_the_paper_setting():
     cfg = load_config("wan2.1-t2v-1.3b", "train")
     assert (cfg.render.width, cfg.render.height, cfg.render.num_frames, cfg.render.fps) == (832, 480, 81, 16)
     assert cfg.train.lr == 1e-6 and cfg.train.micro_batch_size * cfg.train.grad_accum == 4
-    assert cfg.model.tiny is False
+    assert cfg.model.kind == "wan"
 
 
 @pytest.mark.parametrize("stage", sorted(SCRIPTS))

@@ -142,6 +142,7 @@ def test_paired_difference_interval_and_drift_on_synthetic_scores():
     assert summary["drift"]["motion"]["relative_change"] == pytest.approx(0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_eval_killed_midway_and_rerun_renders_and_scores_each_video_once(trained_copy):
     run = RunDir(trained_copy)
     shutil.rmtree(run.eval)

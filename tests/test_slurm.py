@@ -12,6 +12,8 @@ from conftest import REPO
 
 from gigavideo.schema import RunDir, read_manifest
 
+pytestmark = pytest.mark.slurm
+
 if shutil.which("sbatch") is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI must run the SLURM tests: start the cluster with scripts/local_slurm_cluster.sh")

@@ -12,9 +12,9 @@ from chat_server import ChatServer
 from conftest import REPO, run_stage
 
 from gigavideo.llm import build_tiny_chat_model
-from gigavideo.procedural import make_clip
 from gigavideo.prompt_engine import Similarity, parse_answer
 from gigavideo.schema import RunDir, index_json, read_manifest
+from gigavideo.toy.clips import make_clip
 from gigavideo.video import encode_mp4
 
 FAST = ["--real_captions=", "--dimensions=mechanics,camera_motion"]
@@ -24,6 +24,7 @@ def synthetic(run_dir):
     return {k: v for k, v in index_json(RunDir(run_dir), "stage1").items() if v["source"] == "synthetic"}
 
 
+@pytest.mark.slow
 def test_template_engine_makes_the_requested_number_of_unique_prompts(tmp_path):
     proc = run_stage("stage1", tmp_path, *FAST, "--num_per_dimension=200")
     prompts = synthetic(tmp_path)
@@ -88,6 +89,7 @@ def _select(prompts, similarity, threshold):
     return select(candidates, 100, similarity, limits, [], Counter())
 
 
+@pytest.mark.slow
 def test_prompts_close_to_the_heldout_set_are_removed(tmp_path):
     run_stage("stage1", tmp_path / "a", *FAST, "--num_per_dimension=10")
     chosen = sorted(p["prompt"] for p in synthetic(tmp_path / "a").values())[:3]
@@ -100,6 +102,7 @@ def test_prompts_close_to_the_heldout_set_are_removed(tmp_path):
     assert sum(s["dropped"].get("near_heldout", 0) for s in summary.values()) >= 3
 
 
+@pytest.mark.slow
 def test_real_captions_keep_their_video_and_bad_ones_are_dropped_and_counted(tmp_path):
     (tmp_path / "clips").mkdir()
     rows = []
@@ -155,6 +158,7 @@ def test_transformers_backend_with_garbage_output_drops_and_counts_everything(tm
     assert "analogy_malformed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_openai_backend_retries_429_500_and_timeouts_and_gets_the_expected_prompts(tmp_path):
     args = [
         *FAST,
@@ -237,6 +241,7 @@ def test_the_api_key_comes_from_the_environment_and_is_never_logged(tmp_path):
     assert "sk-do-not-print" not in (tmp_path / "stage1" / "manifest.json").read_text()
 
 
+@pytest.mark.slow
 def test_killed_midway_and_rerun_every_prompt_exactly_once_and_as_uninterrupted(tmp_path):
     args = [
         *FAST,
@@ -273,6 +278,7 @@ def test_killed_midway_and_rerun_every_prompt_exactly_once_and_as_uninterrupted(
     assert read_manifest(RunDir(tmp_path / "killed"), "stage1")["num_samples"] == len(whole)
 
 
+@pytest.mark.slow
 def test_real_captions_from_a_video_webdataset_and_from_csv(tmp_path):
     from gigavideo.schema import ShardWriter, iter_samples
 

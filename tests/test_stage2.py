@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from conftest import REPO, run_stage
 
@@ -41,6 +42,7 @@ def rank_keys(run_dir, stage="stage2"):
     return [{k for p in folder.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_two_ranks_cover_every_prompt_once_and_a_killed_rank_resumes_to_the_same_videos(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for run_dir in (whole, killed):
@@ -93,6 +95,7 @@ def test_stored_latents_decode_to_the_stored_video_and_real_latents_encode_from_
             assert (encoded - latents).abs().mean() < 0.05 * latents.abs().mean()
 
 
+@pytest.mark.slow
 def test_stage4_trains_without_building_a_vae_or_a_text_encoder(scored_copy, tmp_path):
     guard = tmp_path / "guard"
     guard.mkdir()
@@ -117,6 +120,7 @@ def test_stage4_trains_without_building_a_vae_or_a_text_encoder(scored_copy, tmp
     assert RunDir(scored_copy).is_complete("stage4")
 
 
+@pytest.mark.slow
 def test_step_caching_renders_and_bad_render_flags_fail_before_any_work(scored_copy):
     run_stage("stage2", scored_copy, "--overwrite", "--cache=first_block", "--cache_threshold=0.2")
     manifest = read_manifest(RunDir(scored_copy), "stage2")

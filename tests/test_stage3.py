@@ -8,8 +8,8 @@ from chat_server import ChatServer
 from conftest import run_stage
 
 from gigavideo import camera_motion, instances
-from gigavideo.procedural import make_clip
 from gigavideo.schema import RunDir, index_json, read_manifest
+from gigavideo.toy.clips import make_clip
 
 
 def test_the_tiny_vlm_scores_stage2_videos_deterministically_through_the_real_code_path(scored_run, scored_copy):

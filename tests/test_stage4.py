@@ -66,6 +66,7 @@ def torchrun_stage4(run_dir, *args):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero,mode", [("zero3", "full"), ("zero2", "lora"), ("zero3", "lora")])
 def test_zero_stages_train_and_the_export_loads_in_stock_diffusers_and_changes_the_output(scored_copy, zero, mode):
     from diffusers import WanPipeline
@@ -108,6 +109,7 @@ def loss_curve(run_dir):
     return [(e.step, e.value) for e in events.Scalars("train/loss")]
 
 
+@pytest.mark.slow
 def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_run(scored_run, tmp_path):
     args = ["--max_steps=400", "--save_every=25", "--micro_batch_size=1", "--shuffle_buffer=4"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -134,6 +136,7 @@ def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_ru
     assert [s for s, _ in loss_curve(killed)] == list(range(1, 401))
 
 
+@pytest.mark.slow
 def test_a_lora_run_is_fixed_by_its_seed(scored_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -148,6 +151,7 @@ def test_a_lora_run_is_fixed_by_its_seed(scored_run, tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_non_finite_inputs_get_no_weight_and_a_diverging_run_stops_with_a_message(scored_copy):
     import io
     import tarfile

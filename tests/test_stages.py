@@ -6,6 +6,7 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 from conftest import run_stage
 
 from gigavideo.schema import RunDir, index_json, iter_samples, read_manifest, shard_paths
@@ -32,6 +33,7 @@ def test_each_stage_reads_the_previous_one_by_key(scored_run):
     assert len(read_manifest(run, "stage2")["shards"]) >= 3  # several shards, as ranks and workers need
 
 
+@pytest.mark.slow
 def test_stage1_is_deterministic(tmp_path):
     for name in ("a", "b"):
         run_stage("stage1", tmp_path / name)

@@ -1,15 +1,19 @@
 """The toy world: a pixel-space VAE that stock diffusers loads, a judge that is right, and the method's effect."""
 
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_stage
+from conftest import REPO, run_stage
 
 from gigavideo.eval_report import realism, realism_distance
-from gigavideo.procedural import COLOURS, DIRECTIONS, SHADES, SIZE_WORDS, Scene, make_clip, render_scene
-from gigavideo.toy import ToyJudge, pixel_vae
+from gigavideo.toy.clips import COLOURS, DIRECTIONS, SHADES, SIZE_WORDS, Scene, make_clip, render_scene
+from gigavideo.toy.judge import ToyJudge
+from gigavideo.toy.vae import pixel_vae
 from gigavideo.video import video_statistics
 
 
@@ -125,18 +129,61 @@ def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_
     from gigavideo.schema import RunDir
 
     run = RunDir(tmp_path / "run")
-    model = load_config("tiny", "render").model
-    path = base_model_path(model, run)
-    assert base_model_path(model, run) == path  # the same settings: the cached copy
-    model["tiny_seed"] = int(model["tiny_seed"]) + 1
+    cfg = load_config("tiny", "render")
+    path = base_model_path(cfg, run)
+    assert base_model_path(cfg, run) == path  # the same settings: the cached copy
+    cfg.model["tiny_seed"] = int(cfg.model["tiny_seed"]) + 1
     with pytest.raises(ValueError, match="other model settings"):
-        base_model_path(model, run)
+        base_model_path(cfg, run)
 
 
+SHORT_PRETRAINING = """
+pretrain = { steps = 300, clips = 64, batch_size = 4, lr = 1e-3, caption_dropout = 0.1, \
+caption_rates = { motion = 0.0, size = 0.0, shade = 0.1 }, size_range = [0.3125, 0.3125], height = 16, width = 16, \
+num_frames = 5, seed = 0 }
+checkpoint_every = 20
+""".replace("\\\n", "")
+
+
+@pytest.mark.slow
+def test_toy_base_is_an_explicit_step_and_its_pretraining_killed_midway_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from gigavideo.config import load_config
+    from gigavideo.models import base_model_path
+    from gigavideo.schema import RunDir
+
+    preset = tmp_path / "short-toy.toml"
+    preset.write_text((REPO / "configs" / "toy.toml").read_text() + SHORT_PRETRAINING)  # [toy] is its last table
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    # A stage finds no base until the base step made it, and says what to run.
+    with pytest.raises(FileNotFoundError, match="scripts/prepare_base.py"):
+        base_model_path(load_config(str(preset), "render"), RunDir(killed))
+
+    cmd = [sys.executable, str(REPO / "scripts" / "prepare_base.py"), f"--run_dir={killed}", f"--config={preset}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "models" / "base.partial" / "pretrain-state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert state.exists() and not (killed / "models" / "base").exists(), "killed before any checkpoint, or after"
+    run_stage("base", killed, f"--config={preset}")  # resumes
+    run_stage("base", whole, f"--config={preset}")
+    assert json.loads((killed / "models/base/pretraining.json").read_text())["steps"] == 300
+    assert not (killed / "models" / "base.partial").exists()
+    resumed = load_file(killed / "models/base/transformer/diffusion_pytorch_model.safetensors")
+    uninterrupted = load_file(whole / "models/base/transformer/diffusion_pytorch_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+@pytest.mark.slow
 def test_the_method_raises_the_weak_dimension_beyond_noise_on_the_toy_preset(tmp_path):
     """The whole toy preset, as `make demo` runs it (about 8 minutes on 2 cores, half of it pre-training)."""
     run_dir = tmp_path / "run"
-    for stage in ("stage1", "stage2", "stage3", "stage4", "eval"):
+    for stage in ("base", "stage1", "stage2", "stage3", "stage4", "eval"):
         run_stage(stage, run_dir, "--config=toy", small=False, timeout=1200)
     heldout = json.loads((run_dir / "eval" / "report.json").read_text())["suites"]["heldout"]
     weak = heldout["dimensions"]["object_shade"]

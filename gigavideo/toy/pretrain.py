@@ -1,0 +1,167 @@
+"""The toy world's base model: a tiny Wan pipeline with the pixel VAE, pre-trained by flow matching on
+the world's clips, whose captions need not name the shade (that is the weakness fine-tuning fixes).
+
+An explicit step, the base step of `model.kind = "toy"`, run before stage 1 (`make demo` and
+`slurm/pipeline.sh` run it):
+
+    python scripts/prepare_base.py --run_dir=runs/demo --config=toy
+
+It writes RUN_DIR/models/base (a diffusers folder, with pretraining.json and the recipe it was built
+from). Killed, it resumes from its last checkpoint in RUN_DIR/models/base.partial and ends with the
+same weights as an uninterrupted run. With `model.kind = "toy"`, stages find the base here and
+refuse to start without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..files import write_atomic, write_json_atomic
+from ..loss import noisy_latents_and_target, sample_timesteps
+from ..models import BaseModelKind, build_tiny_pipeline, check_recipe, model_recipe, normalize_latents, write_recipe
+from ..schema import RunDir
+from .clips import make_clip
+from .config import toy_settings
+from .vae import pixel_vae
+
+log = logging.getLogger("gigavideo.toy")
+STATE_FILE = "pretrain-state.pt"
+
+
+def recipe(cfg) -> dict:
+    return model_recipe(cfg.model, pretrain=toy_settings(cfg).pretrain)
+
+
+def toy_base(cfg, run: RunDir) -> Path:
+    """model.kind = toy: RUN_DIR/models/base as the pre-training step left it."""
+    path = run.models / "base"
+    if not (path / "pretraining.json").is_file():
+        raise FileNotFoundError(
+            f"the toy world's base model is not pre-trained in {path}: run `python scripts/prepare_base.py "
+            f"--run_dir={run.path} --config={cfg.preset}` first (make demo and slurm/pipeline.sh run it)"
+        )
+    return check_recipe(path, recipe(cfg))
+
+
+def training_set(pipe, pretrain: dict, max_sequence_length: int):
+    """The world's clips as normalised latents and their caption embeddings (some dropped to no text)."""
+    torch.manual_seed(int(pretrain["seed"]))
+    size = (pretrain["height"], pretrain["width"], pretrain["num_frames"])
+    clips = [
+        make_clip(i, *size, int(pretrain["seed"]), pretrain["caption_rates"], pretrain["size_range"])
+        for i in range(int(pretrain["clips"]))
+    ]
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.stack([frames for frames, _ in clips])).permute(0, 4, 1, 2, 3) / 127.5 - 1
+        latents = torch.cat(
+            [
+                normalize_latents(pipe.vae.encode(pixels[i : i + 250]).latent_dist.mode(), pipe.vae.config)
+                for i in range(0, len(clips), 250)
+            ]
+        )
+        texts = sorted({text for _, text in clips} | {""})  # few distinct captions: embed each once
+        table = pipe.encode_prompt(
+            texts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device="cpu"
+        )[0]
+        embeds = table[[texts.index(text) for _, text in clips]]
+        empty = table[texts.index("")]
+    drop = torch.rand(len(clips)) < float(pretrain["caption_dropout"])  # so classifier-free guidance has a "no text"
+    embeds[drop] = empty
+    return latents, embeds
+
+
+def pretrain_base(
+    pipe, pretrain: dict, max_sequence_length: int, flow_shift: float, partial: Path, checkpoint_every: int
+) -> dict:
+    """Flow-matching pre-training of pipe.transformer; checkpoints in `partial`, resumed from there."""
+    latents, embeds = training_set(pipe, pretrain, max_sequence_length)
+    model = pipe.transformer.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(pretrain["lr"]), weight_decay=0.0)
+    steps, batch = int(pretrain["steps"]), int(pretrain["batch_size"])
+    start, losses, seconds = 0, [], 0.0
+    state_file = partial / STATE_FILE
+    if state_file.is_file():  # only tensors and numbers: nothing is unpickled
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
+        log.info("toy pre-training resumes at step %d/%d from %s", start, steps, state_file)
+    began = time.time() - seconds
+    progress = tqdm(total=steps, initial=start, desc="toy pre-training", unit="step")
+    for step in range(start, steps):
+        idx = torch.randint(0, len(latents), (batch,))
+        t = sample_timesteps(batch, "logit_normal", flow_shift)
+        noisy, target = noisy_latents_and_target(latents[idx], torch.randn_like(latents[idx]), t)
+        pred = model(noisy, timestep=t * 1000, encoder_hidden_states=embeds[idx], return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, target)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimizer.param_groups:  # cosine decay to a tenth
+            group["lr"] = float(float(pretrain["lr"]) * (0.55 + 0.45 * np.cos(np.pi * step / steps)))
+        optimizer.step()
+        losses.append(loss.item())
+        progress.update(1)
+        if step % 100 == 0:
+            progress.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": step + 1,
+                "losses": losses,
+                "seconds": time.time() - began,
+            }
+            write_atomic(state_file, lambda tmp, state=state: torch.save(state, tmp))
+    progress.close()
+    model.eval()
+    return {"steps": steps, "final_loss": float(np.mean(losses[-100:])), "seconds": time.time() - began}
+
+
+def pretrain(cfg, run: RunDir) -> Path:
+    """Build and pre-train the toy base into RUN_DIR/models/base, resuming a killed run."""
+    target, partial, wanted = run.models / "base", run.models / "base.partial", recipe(cfg)
+    if (target / "pretraining.json").is_file():
+        log.info("toy base already pre-trained: %s", target)
+        return check_recipe(target, wanted)
+    if target.exists():
+        raise ValueError(f"{target} holds another base model; use another --run_dir, or delete it to pre-train")
+    recipe_file = partial / "recipe.json"
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != wanted:
+        log.warning("discarding %s: it was started with other settings", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(recipe_file, wanted)
+    pipe = build_tiny_pipeline(cfg.model, make_vae=pixel_vae)
+    settings = toy_settings(cfg).pretrain
+    summary = pretrain_base(
+        pipe,
+        settings,
+        int(cfg.model.max_sequence_length),
+        float(cfg.model.flow_shift),
+        partial,
+        int(toy_settings(cfg).checkpoint_every),
+    )
+
+    def save(directory):
+        pipe.save_pretrained(directory)
+        write_json_atomic(Path(directory) / "pretraining.json", {**settings, **summary})
+        write_recipe(directory, wanted)
+
+    write_atomic(target, save)
+    shutil.rmtree(partial)
+    log.info("toy base pre-trained in %.0f s (final loss %.4f): %s", summary["seconds"], summary["final_loss"], target)
+    return target
+
+
+TOY_BASE = BaseModelKind(find=toy_base, prepare=pretrain)  # model.kind = "toy" (gigavideo.models.BASE_MODELS)

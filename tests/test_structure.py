@@ -1,0 +1,71 @@
+"""The package's structure: an import graph without cycles, and the toy world plugged in only by name."""
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "gigavideo"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every gigavideo module a file imports, at the top or inside a function."""
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            target = ".".join(p for p in (base, node.module or "") if p)
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    return {name for name in found if name in modules} - {module_name(path)}
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state, cycles = import_graph(), {}, []
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(trail[trail.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert len(graph) > 20 and not cycles, cycles
+
+
+def test_no_module_outside_the_toy_package_imports_it():
+    graph = import_graph()
+    outside = {m: deps for m, deps in graph.items() if not m.startswith("gigavideo.toy")}
+    scripts = [*REPO.glob("stage*/*.py"), *REPO.glob("eval/*.py"), *REPO.glob("scripts/*.py")]
+    importers = [m for m, deps in outside.items() if any(d.startswith("gigavideo.toy") for d in deps)]
+    importers += [str(p) for p in scripts if any(d.startswith("gigavideo.toy") for d in imports_of_script(p))]
+    assert any(m.startswith("gigavideo.toy") for m in graph) and not importers, importers
+
+
+def imports_of_script(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return names
