@@ -96,7 +96,7 @@ def pretrain_base(
         start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
         log.info("toy pre-training resumes at step %d/%d from %s", start, steps, state_file)
     began = time.time() - seconds
-    progress = tqdm(total=steps, initial=start, desc="toy pre-training", unit="step")
+    progress = tqdm(total=steps, initial=start, desc="toy pre-training", unit="step", mininterval=5)
     for step in range(start, steps):
         idx = torch.randint(0, len(latents), (batch,))
         t = sample_timesteps(batch, "logit_normal", flow_shift)
