@@ -149,7 +149,7 @@ def main(
         {"micro_batch_size": batch, "grad_accum": 1, "precision": "bf16" if dtype == torch.bfloat16 else "fp32"},
     )
     height, width = height or size, width or size
-    if cfg.model.kind != "tiny":
+    if cfg.model.kind == "wan":  # random weights of the real size
         return bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops, paper_samples)
     pipe = build_tiny_pipeline(cfg.model).to(dev)
     pixels, latents, embeds, noise = make_batch(pipe, batch, frames, size, dev)

@@ -39,3 +39,28 @@ def test_every_script_has_a_useful_help(stage):
     assert out.returncode == 0, out.stderr
     assert "--run_dir" in out.stdout and "--model_path" not in out.stderr
     assert "[model] keys" in out.stdout and "--dtype=" in out.stdout
+
+
+def test_presets_list_only_what_differs_from_the_documented_defaults():
+    import tomllib
+
+    from gigavideo.config import PRESETS_DIR, defaults, docs
+
+    for path in sorted(PRESETS_DIR.glob("*.toml")):
+        raw = tomllib.loads(path.read_text())
+        for section, table in raw.items():
+            same = [k for k, v in table.items() if defaults(section)[k] == v]
+            assert not same, f"{path.name} [{section}] repeats defaults: {same}"
+    assert not tomllib.loads((PRESETS_DIR / "wan2.1-t2v-1.3b.toml").read_text())  # the paper setting is the default
+    for section in ("model", "prompts", "render", "score", "train", "eval", "toy"):
+        assert all(docs(section).values()), f"[{section}] has keys without a doc"
+
+
+def test_an_unknown_key_in_a_preset_is_an_error_naming_it(tmp_path):
+    preset = tmp_path / "mine.toml"
+    preset.write_text("[render]\nstepz = 8\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_config(str(preset), "render")
+    preset.write_text("[rendr]\nsteps = 8\n")
+    with pytest.raises(ConfigError, match="rendr"):
+        load_config(str(preset), "render")
