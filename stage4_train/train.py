@@ -82,6 +82,26 @@ def build_model(cfg, base: Path):
     return transformer.train()
 
 
+def build_engine(cfg, base: Path, ds_config: dict):
+    """The DeepSpeed engine around the model, with AdamW and a linear warm-up."""
+    tc = cfg.train
+    transformer = build_model(cfg, base)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    # A torch AdamW needs no compiled ops; a config with its own "optimizer" (e.g. CPU offload) gets DeepSpeed's.
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    warmup = max(1, int(tc.warmup_steps))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=transformer,
+        optimizer=optimizer,
+        model_parameters=trainable,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)),
+    )
+    return engine, scheduler
+
+
 def preflight(cfg, run):
     """Inputs and an inconsistent DeepSpeed config fail here, before any compute (or any --overwrite)."""
     read_manifest(run, "stage3")
@@ -146,20 +166,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     if rank == 0:
         log.info("training data: %s", data_stats)
 
-    transformer = build_model(cfg, base)
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
-    # A torch AdamW needs no compiled ops; a config with its own "optimizer" (e.g. CPU offload) gets DeepSpeed's.
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
-    warmup = max(1, int(tc.warmup_steps))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=transformer,
-        optimizer=optimizer,
-        model_parameters=trainable,
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)),
-    )
+    engine, scheduler = build_engine(cfg, base, ds_config)
     step, position = resume(engine, run, lora, rank, world)
     data = DataPosition(
         lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
