@@ -85,9 +85,10 @@ def print_help(main, section: str) -> None:
     cfg = load_config(preset, section)
     for table in dict.fromkeys((section, "model")):
         print(f"[{table}] keys: --KEY=DEFAULT  doc  (the value in preset {preset} where it differs)")
+        doc = docs(table)
         for key, default in defaults(table).items():
             differs = f"  (preset {preset}: {cfg[table][key]!r})" if cfg[table][key] != default else ""
-            print(f"  --{key}={default!r}  {docs(table)[key]}{differs}")
+            print(f"  --{key}={default!r}  {doc[key]}{differs}")
         print()
 
 
