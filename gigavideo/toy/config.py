@@ -38,6 +38,6 @@ class ToyConfig:
             "num_frames": 5,
             "seed": 0,
         },
-        "model.kind = toy: the base model's pre-training on the world's clips (python -m gigavideo.toy.pretrain)",
+        "model.kind = toy: the base model's pre-training on the world's clips (scripts/prepare_base.py)",
     )
     checkpoint_every: int = key(250, "pre-training checkpoints (RUN_DIR/models/base.partial) every N steps")
