@@ -140,12 +140,60 @@ def check_recipe(path: Path, recipe: dict) -> Path:
 
 
 def local_base(cfg, run: RunDir) -> Path:
-    """model.kind = wan: the diffusers folder in model.path."""
+    """model.kind = wan: the diffusers folder in model.path, holding the transformer the preset describes."""
     if not cfg.model.get("path"):
         raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
-    return check_model_dir(
-        cfg.model["path"], "Wan2.1 base model", ("model_index.json", "transformer", "vae"), WAN_DOWNLOAD_HINT
+    path = check_model_dir(
+        cfg.model["path"],
+        "Wan2.1 base model",
+        ("model_index.json", "transformer/config.json", "vae"),
+        WAN_DOWNLOAD_HINT,
     )
+    check_architecture(path / "transformer", cfg.model["arch_transformer"], cfg.preset)
+    return path
+
+
+# What makes two transformers different models (the rest of a config may differ between releases).
+ARCHITECTURE_KEYS = (
+    "num_layers",
+    "num_attention_heads",
+    "attention_head_dim",
+    "ffn_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "patch_size",
+)
+
+
+def transformer_parameters(arch: dict) -> int:
+    """The parameter count of a WanTransformer3DModel built on the meta device (no memory, no weights)."""
+    from diffusers import WanTransformer3DModel
+
+    arch = {k: tuple(v) if k == "patch_size" else v for k, v in arch.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**arch)
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_architecture(arch: dict) -> str:
+    return (
+        f"{arch['num_layers']} layers x {arch['num_attention_heads']} heads x {arch['attention_head_dim']}, "
+        f"ffn {arch['ffn_dim']}, {arch['in_channels']} latent channels "
+        f"({transformer_parameters(arch) / 1e9:.2f}B parameters)"
+    )
+
+
+def check_architecture(folder: Path, expected: dict, preset: str) -> None:
+    """Refuse, before any compute, a transformer folder that is not the model the preset describes."""
+    found = json.loads((folder / "config.json").read_text())
+    differ = [k for k in ARCHITECTURE_KEYS if k in expected and json.dumps(expected[k]) != json.dumps(found.get(k))]
+    if differ:
+        raise ValueError(
+            f"{folder} holds a transformer of {describe_architecture(found)}, but preset {preset} describes "
+            f"{describe_architecture(expected)} (model.arch_transformer; they differ in {', '.join(differ)}). "
+            "Use the preset of that model (configs/*.toml), or the folder of this one."
+        )
 
 
 def tiny_base(cfg, run: RunDir) -> Path:
