@@ -57,15 +57,5 @@ def test_no_module_outside_the_toy_package_imports_it():
     outside = {m: deps for m, deps in graph.items() if not m.startswith("gigavideo.toy")}
     scripts = [*REPO.glob("stage*/*.py"), *REPO.glob("eval/*.py"), *REPO.glob("scripts/*.py")]
     importers = [m for m, deps in outside.items() if any(d.startswith("gigavideo.toy") for d in deps)]
-    importers += [str(p) for p in scripts if any(d.startswith("gigavideo.toy") for d in imports_of_script(p))]
+    importers += [str(p) for p in scripts if any(d.startswith("gigavideo.toy") for d in imports_of(p))]
     assert any(m.startswith("gigavideo.toy") for m in graph) and not importers, importers
-
-
-def imports_of_script(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-    return names
