@@ -18,7 +18,7 @@ import time
 import torch
 
 from gigavideo.config import load_config
-from gigavideo.models import build_tiny_pipeline
+from gigavideo.families import family_for
 from gigavideo.rendering import Renderer, configure_pipeline
 from gigavideo.seeding import derive_seed
 
@@ -39,10 +39,11 @@ def bench_tiny(videos: int, batch_size: int, cache: str, steps: int):
     seeds = [derive_seed(0, k) for k in keys]
 
     def run(batch, cache_name):
-        pipe = build_tiny_pipeline(cfg.model)
+        pipe = family_for(cfg.model).build_tiny_pipeline()
         pipe.set_progress_bar_config(disable=True)
         renderer = Renderer(
             pipe,
+            family_for(cfg.model),
             cfg.render | {"cache": cache_name},
             cfg.model.max_sequence_length,
             device,

@@ -30,8 +30,9 @@ if not torch.cuda.is_available():
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
 from gigavideo.ds_config import build_ds_config
+from gigavideo.families import family_for
 from gigavideo.loss import batch_loss
-from gigavideo.models import build_tiny_pipeline, encode_video
+from gigavideo.models import encode_video
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +84,7 @@ def memory_probe(zero: int) -> None:
             "ds_config": f"ds_configs/zero{zero}.json" if zero else "ds_configs/zero2.json",
         },
     )
-    model = build_tiny_pipeline(cfg.model).transformer.train()
+    model = family_for(cfg.model).build_tiny_pipeline().transformer.train()
     ds = build_ds_config(cfg.train, dist.get_world_size())
     ds["zero_optimization"]["stage"] = zero
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -151,11 +152,11 @@ def main(
     height, width = height or size, width or size
     if cfg.model.kind == "wan":  # random weights of the real size
         return bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops, paper_samples)
-    pipe = build_tiny_pipeline(cfg.model).to(dev)
+    pipe = family_for(cfg.model).build_tiny_pipeline().to(dev)
     pixels, latents, embeds, noise = make_batch(pipe, batch, frames, size, dev)
     t, weights = torch.full((batch,), 0.5), torch.ones(batch, device=dev)
 
-    bare_model = build_tiny_pipeline(cfg.model).transformer.to(dev).train()
+    bare_model = family_for(cfg.model).build_tiny_pipeline().transformer.to(dev).train()
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-5)
 
     def bare_step():
@@ -164,7 +165,7 @@ def main(
         bare_opt.step()
         bare_opt.zero_grad()
 
-    engine = engine_for(build_tiny_pipeline(cfg.model).transformer.to(dev).train(), cfg.train)
+    engine = engine_for(family_for(cfg.model).build_tiny_pipeline().transformer.to(dev).train(), cfg.train)
 
     def stage4_step():
         loss, _ = batch_loss(engine, latents, embeds, weights, t, noise)

@@ -28,14 +28,16 @@ import torch
 from tqdm import tqdm
 
 from gigavideo import vbench2
+from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import rank_and_world
 from gigavideo.eval_report import LABELS, dimension_summary, realism, write_outputs
 from gigavideo.export import load_exported
+from gigavideo.families import family_for
 from gigavideo.files import write_atomic, write_json_atomic
 from gigavideo.judge import check_judge, load_judge
 from gigavideo.llm import TemplateBackend
-from gigavideo.models import base_model_path, load_pipeline
+from gigavideo.models import load_pipeline
 from gigavideo.prompt_engine import Similarity, engine_prompts
 from gigavideo.prompts import load_style, resolve_dimensions
 from gigavideo.rendering import Renderer
@@ -131,7 +133,9 @@ def record_render_settings(renderer: Renderer, label: str, run) -> None:
 
 def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, records_file) -> None:
     """Render the videos of `todo` that are not on disk yet, then score every one of them from its file."""
-    renderer = Renderer(pipe, cfg.render, cfg.model.max_sequence_length, device, flow_shift=cfg.model.flow_shift)
+    renderer = Renderer(
+        pipe, family_for(cfg.model), cfg.render, cfg.model.max_sequence_length, device, flow_shift=cfg.model.flow_shift
+    )
     record_render_settings(renderer, label, run)
     root = run.eval / "videos" / label
     batches = iter(todo)

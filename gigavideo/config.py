@@ -48,12 +48,19 @@ class ModelConfig:
         "where the base pipeline comes from: wan (a local diffusers folder in path) | tiny "
         "(random weights of arch_*, built in RUN_DIR/models/base) | toy (the toy world's base)",
     )
-    path: str = key("", "kind = wan: the local Wan2.1-T2V-1.3B-Diffusers folder (REQUIRED for it)")
+    family: str = key(
+        "wan2.1",
+        "the model family (gigavideo/families): wan2.1 | wan2.2-ti2v | wan2.2-a14b | a plug-in's module:Class",
+    )
+    path: str = key("", "kind = wan: the local diffusers folder, e.g. Wan2.1-T2V-1.3B-Diffusers (REQUIRED for it)")
     tiny_seed: int = key(0, "kind = tiny or toy: the seed of the random weights")
     dtype: str = key("bfloat16", "float32 | bfloat16 | float16")
     device: str = key("auto", "auto = cuda when available, else cpu")
     flow_shift: float = key(3.0, "the sampler's and the timestep sampling's shift (Wan2.1 uses 3.0 at 480p)")
     max_sequence_length: int = key(512, "text tokens")
+    boundary_ratio: float = key(
+        0.875, "family wan2.2-a14b: t (of 1) at or above which the high-noise expert denoises (Wan2.2's 0.875)"
+    )
     arch_transformer: dict = key(
         {
             "patch_size": [1, 2, 2],
@@ -136,7 +143,8 @@ class RenderConfig:
     fps: int = key(16, "frames per second of the mp4")
     pix_fmt: str = key("yuv420p", "mp4 pixel format: yuv420p plays everywhere; yuv444p keeps each pixel's colour")
     steps: int = key(50, "sampler steps")
-    guidance_scale: float = key(5.0, "classifier-free guidance (1.0 = none)")
+    guidance_scale: float = key(5.0, "classifier-free guidance (1.0 = none); Wan2.2-A14B: the high-noise expert's")
+    guidance_scale_2: float = key(0.0, "family wan2.2-a14b: the low-noise expert's guidance; 0 = guidance_scale")
     negative_prompt: str = key(WAN21_NEGATIVE_PROMPT, "Wan2.1's negative prompt")
     seed: int = key(0, "base of every video's seed")
     batch_size: int = key(1, "prompts rendered together")
@@ -186,9 +194,14 @@ class TrainConfig:
 
     ds_config: str = key("ds_configs/zero2.json", "DeepSpeed config; its auto fields are filled from these flags")
     mode: str = key("full", "full | lora")
+    expert: str = key(
+        "both",
+        "family wan2.2-a14b: high | low (train that expert only, on its side of the boundary) | both "
+        "(high, then low); families with one transformer: both",
+    )
     lora_rank: int = key(16, "mode = lora: the adapters' rank")
     lora_alpha: float = key(16.0, "mode = lora: their alpha")
-    lora_targets: list = key(["to_q", "to_k", "to_v", "to_out.0"], "mode = lora: the modules adapted")
+    lora_targets: list = key([], "mode = lora: the modules adapted; empty = the family's (Wan: attention q, k, v, out)")
     max_bad_samples: int = key(100, "samples with non-finite latents/embeddings tolerated (weight 0) before a stop")
     max_bad_steps: int = key(5, "micro-batches in a row with a non-finite loss (each skipped) before the run stops")
     lr: float = key(1e-6, "learning rate (the paper's)")
@@ -290,11 +303,26 @@ def resolve_preset(config: str) -> Path:
     return path
 
 
+def read_preset(path: Path, seen: tuple = ()) -> dict:
+    """A preset's tables; `extends = "other"` at its top starts from that preset's tables (a key given here
+    replaces the other's)."""
+    if path in seen:
+        raise ConfigError(f"{path}: presets extend each other in a cycle: {[str(p) for p in seen]}")
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    merged = read_preset(resolve_preset(parent), (*seen, path))
+    for name, table in raw.items():
+        merged.setdefault(name, {}).update(table)
+    return merged
+
+
 def load_config(config: str, section: str, overrides: dict | None = None) -> Section:
     """The defaults, then the preset, then flag overrides; unknown keys are an error, never ignored."""
     path = resolve_preset(config)
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+    raw = read_preset(path)
     known = list(SECTIONS) + list(PLUGIN_SECTIONS)
     unknown = set(raw) - set(known)
     if unknown:

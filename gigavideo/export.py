@@ -1,12 +1,17 @@
 """Export what stage 4 trained in the formats stock diffusers loads.
 
-- full fine-tune: RUN_DIR/stage4/export/ is a complete pipeline folder, the fine-tuned
-  `transformer/` beside the base model's other components (hard links where the filesystem
-  allows, else copies): `WanPipeline.from_pretrained(export)`.
-- LoRA: RUN_DIR/stage4/export/pytorch_lora_weights.safetensors in diffusers' format:
+Each trained transformer (pipeline component) is saved first on its own, in RUN_DIR/stage4/trained/
+(a full `save_pretrained` folder, or its LoRA file); the export is assembled from those:
+- full fine-tune: RUN_DIR/stage4/export/ is a complete pipeline folder, the fine-tuned transformer(s)
+  beside the base model's other components (hard links where the filesystem allows, else copies):
+  `WanPipeline.from_pretrained(export)`.
+- LoRA, one transformer: export/pytorch_lora_weights.safetensors in diffusers' format:
   `WanPipeline.from_pretrained(base).load_lora_weights(export)`.
+- LoRA, two experts (Wan2.2-A14B): export/transformer/ and export/transformer_2/, one LoRA file each:
+  `pipe.load_lora_weights(export / "transformer")` and
+  `pipe.load_lora_weights(export / "transformer_2", load_into_transformer_2=True)`.
 
-Under ZeRO-3 the parameters are gathered from all ranks first, so every rank must call this.
+Under ZeRO-3 the parameters are gathered from all ranks first, so every rank must call `save_trained`.
 """
 
 from __future__ import annotations
@@ -29,54 +34,62 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def export_pipeline(transformer, base_path: Path, target: Path) -> Path:
-    def save(directory: Path):
-        shutil.copytree(base_path, directory, ignore=shutil.ignore_patterns("transformer"), copy_function=_link_or_copy)
-        transformer.save_pretrained(directory / "transformer")
-
-    if target.exists():
-        shutil.rmtree(target)
-    return write_atomic(target, save, keep_existing=True)
-
-
-def export_lora(transformer, target: Path) -> Path:
-    from diffusers import WanPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    def save(directory: Path):
-        WanPipeline.save_lora_weights(
-            directory, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
-        )
-
-    if target.exists():
-        shutil.rmtree(target)
-    return write_atomic(target, save, keep_existing=True)
-
-
-def export_model(engine, mode: str, base_path: Path, target: Path) -> Path:
-    """Gather (ZeRO-3) and write on rank 0; returns the export folder."""
+def save_trained(engine, mode: str, target: Path) -> Path:
+    """Gather (ZeRO-3) and write the trained transformer (full) or its adapters (LoRA) on rank 0."""
     import deepspeed
 
     module = engine.module
-    params = list(module.parameters())
     zero3 = engine.zero_optimization_stage() == 3
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=zero3):
         if not dist.is_initialized() or dist.get_rank() == 0:
-            if mode == "lora":
-                export_lora(module, target)
-            else:
-                export_pipeline(module, base_path, target)
+            write_atomic(target, lambda directory: _save(module, mode, directory), keep_existing=True)
     if dist.is_initialized():
         dist.barrier()
     return target
 
 
+def _save(transformer, mode: str, directory: Path) -> None:
+    if mode == "lora":
+        from diffusers import WanPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        WanPipeline.save_lora_weights(
+            directory, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+        )
+    else:
+        transformer.save_pretrained(directory)
+
+
+def assemble_export(trained: dict[str, Path], mode: str, base_path: Path, target: Path) -> Path:
+    """The export folder from the trained components ({component: RUN_DIR/stage4/trained/...})."""
+
+    def full(directory: Path):
+        shutil.copytree(base_path, directory, ignore=shutil.ignore_patterns(*trained), copy_function=_link_or_copy)
+        for component, saved in trained.items():
+            shutil.copytree(saved, directory / component, copy_function=_link_or_copy)
+
+    def lora(directory: Path):
+        for component, saved in trained.items():
+            place = directory if list(trained) == ["transformer"] else directory / component
+            place.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(str(saved / LORA_FILE), str(place / LORA_FILE))
+
+    if target.exists():
+        shutil.rmtree(target)
+    return write_atomic(target, lora if mode == "lora" else full, keep_existing=True)
+
+
 def load_exported(export: Path, base_path: Path, dtype: str, device):
-    """The fine-tuned pipeline from either export: a full pipeline folder, or LoRA weights on the base model."""
+    """The fine-tuned pipeline from either export: a full pipeline folder, or LoRA file(s) on the base model."""
     from .models import load_pipeline
 
-    if (Path(export) / LORA_FILE).is_file():
-        pipe = load_pipeline(base_path, dtype, device)
-        pipe.load_lora_weights(str(export))
-        return pipe
-    return load_pipeline(export, dtype, device)
+    export = Path(export)
+    lora_dirs = {c: export / c for c in ("transformer", "transformer_2") if (export / c / LORA_FILE).is_file()}
+    if (export / LORA_FILE).is_file():
+        lora_dirs = {"transformer": export}
+    if not lora_dirs:
+        return load_pipeline(export, dtype, device)
+    pipe = load_pipeline(base_path, dtype, device)
+    for component, folder in lora_dirs.items():
+        pipe.load_lora_weights(str(folder), load_into_transformer_2=component == "transformer_2")
+    return pipe

@@ -54,15 +54,39 @@ def sample_timesteps(
     generator: torch.Generator | None = None,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    t_range: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """t in (0, 1), as Wan trains: uniform or logit-normal, then the flow shift t' = s t / (1 + (s - 1) t)."""
-    if method == "uniform":
-        u = torch.rand(n, generator=generator)
-    elif method == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator) * logit_std + logit_mean)
-    else:
+    """t in (0, 1), as Wan trains: uniform or logit-normal, then the flow shift t' = s t / (1 + (s - 1) t).
+
+    t_range = (lo, hi) draws from the same distribution conditioned on lo <= t' < hi (an expert's side of
+    Wan2.2's boundary), exactly, by inverting the distribution function on that interval.
+    """
+    if method not in ("uniform", "logit_normal"):
         raise ValueError(f"timestep sampling {method!r} not in ('uniform', 'logit_normal')")
-    return shift * u / (1 + (shift - 1) * u)
+    lo, hi = (float(x) for x in t_range)
+    if (lo, hi) == (0.0, 1.0):
+        if method == "uniform":
+            u = torch.rand(n, generator=generator)
+        else:
+            u = torch.sigmoid(torch.randn(n, generator=generator) * logit_std + logit_mean)
+        return shift * u / (1 + (shift - 1) * u)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"timestep range {t_range} is not an interval of [0, 1]")
+
+    def unshifted(t: float) -> float:
+        return t / (shift - (shift - 1) * t)
+
+    def cdf(u: torch.Tensor) -> torch.Tensor:  # of the unshifted u
+        return u if method == "uniform" else torch.special.ndtr((torch.logit(u) - logit_mean) / logit_std)
+
+    def inverse_cdf(r: torch.Tensor) -> torch.Tensor:
+        return r if method == "uniform" else torch.sigmoid(torch.special.ndtri(r) * logit_std + logit_mean)
+
+    r_lo, r_hi = cdf(torch.tensor([unshifted(lo), unshifted(hi)], dtype=torch.float64))
+    u = inverse_cdf(r_lo + (r_hi - r_lo) * torch.rand(n, generator=generator, dtype=torch.float64))
+    t = shift * u / (1 + (shift - 1) * u)
+    below_hi = hi if hi == 1.0 else torch.nextafter(torch.tensor(hi), torch.tensor(0.0)).item()
+    return t.clamp(lo, below_hi).float()  # rounding never crosses the boundary
 
 
 def noisy_latents_and_target(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
@@ -87,16 +111,18 @@ def batch_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     dtype=torch.float32,
+    timestep: torch.Tensor | None = None,
 ):
     """The objective on one batch: (weighted loss, per-sample flow-matching losses).
 
-    The transformer sees z_t and the timestep t * 1000 (Wan's convention) and predicts eps - z_0.
+    The transformer sees z_t and `timestep`, the family's form of t (Wan: t * 1000, the default), and
+    predicts eps - z_0.
     """
     device = weights.device
     z_t, target = noisy_latents_and_target(z0, noise, t)
     prediction = model(
         hidden_states=z_t.to(device, dtype),
-        timestep=(t * 1000).to(device),
+        timestep=(t * 1000 if timestep is None else timestep).to(device),
         encoder_hidden_states=prompt_embeds.to(device, dtype),
         return_dict=False,
     )[0]

@@ -1,28 +1,21 @@
-"""Model builders: the base Wan2.1 pipeline from a local path, or a tiny random one for CPU runs.
-
-Every stage loads the base model through `base_model_path`, so the tiny preset goes down the same
-`WanPipeline.from_pretrained` path as the real Wan2.1-T2V-1.3B weights.
+"""Model helpers every family shares: tokenizers built offline, architecture checks of a model folder
+against a preset, loading a pipeline folder, latent normalisation. Which base model a run uses is
+gigavideo/base_model.py's; what differs between model families is gigavideo/families/'.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .files import write_atomic
-from .registry import resolve
-from .schema import RunDir
-
 WAN_DOWNLOAD_HINT = (
     "Download the diffusers-format weights, e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
     "--local-dir /models/Wan2.1-T2V-1.3B-Diffusers` on a machine with internet, copy the folder to the "
     "cluster, and pass --model_path=/models/Wan2.1-T2V-1.3B-Diffusers (it must contain model_index.json, "
-    "transformer/, vae/, text_encoder/, tokenizer/, scheduler/)."
+    "transformer/, vae/, text_encoder/, tokenizer/, scheduler/; Wan2.2-A14B also transformer_2/)."
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,36 +62,6 @@ def build_word_tokenizer(words: list[str], special_tokens: list[str], eos: str |
     return tokenizer
 
 
-def build_tiny_pipeline(model_cfg: dict, make_vae=None):
-    """A random-initialised WanPipeline with the real architecture classes, sized for CPU.
-
-    make_vae(**arch_vae) builds another VAE in its place (the toy world's pixel VAE); it is called where
-    the VAE is built, so the other components' random weights stay those of model.tiny_seed.
-    """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(int(model_cfg["tiny_seed"]))
-    arch = dict(model_cfg["arch_transformer"])
-    arch["patch_size"] = tuple(arch["patch_size"])
-    transformer = WanTransformer3DModel(**arch)
-    vae = (make_vae or AutoencoderKLWan)(**model_cfg["arch_vae"])
-    tokenizer = build_tiny_tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=arch["text_dim"], **model_cfg["arch_text_encoder"])
-    )
-    text_encoder.eval()  # no dropout: embed text here as every later `from_pretrained` copy of it will
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        num_train_timesteps=1000,
-        flow_shift=float(model_cfg["flow_shift"]),
-    )
-    return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-
-
 def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint: str) -> Path:
     path = Path(path).expanduser()
     missing = [r for r in required if not (path / r).exists()]
@@ -110,6 +73,8 @@ def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint
 # What a random base model is built from; a run directory's cached copy must match them.
 RECIPE_KEYS = (
     "kind",
+    "family",
+    "boundary_ratio",
     "tiny_seed",
     "flow_shift",
     "max_sequence_length",
@@ -136,20 +101,6 @@ def check_recipe(path: Path, recipe: dict) -> Path:
             f"{path} was built from other model settings ({built}) than this run's preset asks for; "
             f"use another --run_dir, or delete {path} to rebuild it"
         )
-    return path
-
-
-def local_base(cfg, run: RunDir) -> Path:
-    """model.kind = wan: the diffusers folder in model.path, holding the transformer the preset describes."""
-    if not cfg.model.get("path"):
-        raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
-    path = check_model_dir(
-        cfg.model["path"],
-        "Wan2.1 base model",
-        ("model_index.json", "transformer/config.json", "vae"),
-        WAN_DOWNLOAD_HINT,
-    )
-    check_architecture(path / "transformer", cfg.model["arch_transformer"], cfg.preset)
     return path
 
 
@@ -196,47 +147,62 @@ def check_architecture(folder: Path, expected: dict, preset: str) -> None:
         )
 
 
-def tiny_base(cfg, run: RunDir) -> Path:
-    """model.kind = tiny: random weights of the real architectures, built once in RUN_DIR/models/base (seconds)."""
-    recipe = model_recipe(cfg.model)
-
-    def build(directory):
-        pipe = build_tiny_pipeline(cfg.model)
-        pipe.save_pretrained(directory)
-        write_recipe(directory, recipe)
-
-    return check_recipe(write_atomic(run.models / "base", build, keep_existing=True), recipe)
-
-
-@dataclass(frozen=True)
-class BaseModelKind:
-    """How a model.kind gives the base pipeline folder: `find` for every stage (cheap), `prepare` for the
-    base step (scripts/prepare_base.py), which may take long (the toy world pre-trains its base)."""
-
-    find: Callable[..., Path]
-    prepare: Callable[..., Path]
+# What makes two Wan VAEs different (Wan2.1's 16-channel 4x8x8 one and Wan2.2's 48-channel 4x16x16 one).
+VAE_ARCHITECTURE_KEYS = (
+    "z_dim",
+    "base_dim",
+    "decoder_base_dim",
+    "is_residual",
+    "patch_size",
+    "scale_factor_spatial",
+    "scale_factor_temporal",
+)
 
 
-# model.kind -> its BaseModelKind (the toy world registers its own).
-BASE_MODELS = {
-    "wan": BaseModelKind(find=local_base, prepare=local_base),
-    "tiny": BaseModelKind(find=tiny_base, prepare=tiny_base),
-    "toy": "gigavideo.toy.pretrain:TOY_BASE",
-}
+def vae_architecture(config: dict) -> dict:
+    """The VAE_ARCHITECTURE_KEYS of an AutoencoderKLWan config, AutoencoderKLWan's defaults filled in."""
+    import inspect
+
+    from diffusers import AutoencoderKLWan
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    return {k: config.get(k, params[k].default) for k in VAE_ARCHITECTURE_KEYS}
 
 
-def base_model_path(cfg, run: RunDir) -> Path:
-    """The base pipeline folder: model.path when it is set, else what model.kind finds."""
-    if cfg.model.get("path"):
-        return local_base(cfg, run)
-    return resolve(BASE_MODELS, cfg.model["kind"], "model.kind").find(cfg, run)
+def describe_vae(arch: dict) -> str:
+    arch = vae_architecture(arch)
+    compression = f"{arch['scale_factor_temporal']}x{arch['scale_factor_spatial']}x{arch['scale_factor_spatial']}"
+    return f"a {arch['z_dim']}-channel VAE ({compression}, base_dim {arch['base_dim']})"
 
 
-def prepare_base(cfg, run: RunDir) -> Path:
-    """The base step: make the base pipeline folder exist (check model.path, build, pre-train)."""
-    if cfg.model.get("path"):
-        return local_base(cfg, run)
-    return resolve(BASE_MODELS, cfg.model["kind"], "model.kind").prepare(cfg, run)
+def check_vae(folder: Path, expected: dict, preset: str) -> None:
+    """Refuse, before any compute, a VAE folder that is not the VAE the preset describes."""
+    found = vae_architecture(json.loads((folder / "config.json").read_text()))
+    wanted = vae_architecture(expected)
+    differ = [k for k in VAE_ARCHITECTURE_KEYS if json.dumps(found[k]) != json.dumps(wanted[k])]
+    if differ:
+        raise ValueError(
+            f"{folder} holds {describe_vae(found)}, but preset {preset} describes {describe_vae(wanted)} "
+            f"(model.arch_vae; they differ in {', '.join(differ)}). Use the preset of that model, or its folder."
+        )
+
+
+def latent_shape(vae_config: dict, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
+    """(channels, frames, height, width) of the latents of a video of this size, from the VAE's config."""
+    spatial, temporal = vae_config.get("scale_factor_spatial", 8), vae_config.get("scale_factor_temporal", 4)
+    return (vae_config.get("z_dim", 16), (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+
+def latent_space(pipe) -> dict:
+    """What the stored latents are: channels, compression, and the statistics they were normalised with."""
+    vae = pipe.vae.config
+    return {
+        "channels": len(vae.latents_mean),
+        "spatial": pipe.vae_scale_factor_spatial,
+        "temporal": pipe.vae_scale_factor_temporal,
+        "latents_mean": list(vae.latents_mean),
+        "latents_std": list(vae.latents_std),
+    }
 
 
 def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", transformer_path=None):

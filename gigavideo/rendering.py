@@ -66,11 +66,15 @@ def configure_pipeline(pipe, render_cfg: dict, flow_shift: float, device) -> Non
 
 
 class Renderer:
-    def __init__(self, pipe, render_cfg: dict, max_sequence_length: int, device, flow_shift: float | None = None):
+    def __init__(
+        self, pipe, family, render_cfg: dict, max_sequence_length: int, device, flow_shift: float | None = None
+    ):
         check_frames(render_cfg["num_frames"])
+        family.check_video_shape(pipe, render_cfg["height"], render_cfg["width"], render_cfg["num_frames"])
         if flow_shift is not None:
             configure_pipeline(pipe, render_cfg, flow_shift, device)
         self.pipe, self.cfg, self.device = pipe, render_cfg, device
+        self.sampler_kwargs = family.sampler_kwargs(render_cfg)
         self.max_sequence_length = int(max_sequence_length)
 
     def settings(self) -> dict:
@@ -125,6 +129,7 @@ class Renderer:
             guidance_scale=self.cfg["guidance_scale"],
             generator=generators,
             output_type="latent",
+            **self.sampler_kwargs,
         ).frames
         frames = decode_latents(self.pipe.vae, latents)
         seconds = (time.time() - start) / len(prompts)

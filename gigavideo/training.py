@@ -63,8 +63,9 @@ class StepMetrics:
         self.grad_accum, self.world = grad_accum, world
         self.sums = dict.fromkeys(self.SUMS, 0.0)
         self.w_min, self.w_max = math.inf, -math.inf
+        self.t_min, self.t_max = math.inf, -math.inf
 
-    def add(self, loss: torch.Tensor, per_sample: torch.Tensor, batch: dict) -> None:
+    def add(self, loss: torch.Tensor, per_sample: torch.Tensor, batch: dict, t: torch.Tensor) -> None:
         real, w, z0 = batch["is_real"], batch["weights"], batch["latents"]
         on_device = real.to(per_sample.device)
         self.sums["loss"] += loss.item() / self.grad_accum
@@ -77,6 +78,7 @@ class StepMetrics:
         self.sums["tokens"] += z0[0].numel() / z0.shape[1] / 4 * len(z0)  # latent patches (1x2x2) per sample
         if (~real).any():
             self.w_min, self.w_max = min(self.w_min, w[~real].min().item()), max(self.w_max, w[~real].max().item())
+        self.t_min, self.t_max = min(self.t_min, t.min().item()), max(self.t_max, t.max().item())
 
     def reduce(self) -> dict:
         """Every rank takes part; the totals over ranks (loss: the mean over ranks)."""
@@ -84,6 +86,8 @@ class StepMetrics:
         totals["loss"] /= self.world
         totals["w_min"] = all_ranks([self.w_min], dist.ReduceOp.MIN)[0]
         totals["w_max"] = all_ranks([self.w_max], dist.ReduceOp.MAX)[0]
+        totals["t_min"] = all_ranks([self.t_min], dist.ReduceOp.MIN)[0]
+        totals["t_max"] = all_ranks([self.t_max], dist.ReduceOp.MAX)[0]
         return totals
 
     @staticmethod
@@ -100,6 +104,8 @@ class StepMetrics:
             writer.add_scalar("weights/effective_sample_fraction", effective, step)
         if n_real:
             writer.add_scalar("train/fm_loss_real", totals["real"] / n_real, step)
+        writer.add_scalar("timesteps/min", totals["t_min"], step)  # flow time t of the step's samples
+        writer.add_scalar("timesteps/max", totals["t_max"], step)
         for tag, value in scalars.items():
             if value is not None:
                 writer.add_scalar(tag, float(value), step)

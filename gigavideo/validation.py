@@ -19,15 +19,19 @@ from .video import gif_bytes, video_statistics
 
 
 class Validation:
-    def __init__(
-        self, run, base_path, keys_wanted: int, steps: int, fps: int, max_sequence_length: int, device, rank: int
-    ):
+    """Samples with the transformer being trained in its pipeline slot (`component`); a family with more
+    transformers gets the others from the base model, frozen."""
+
+    def __init__(self, run, base_path, family, component: str, cfg, device, rank: int):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
-        chosen = sorted(k for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic")[:keys_wanted]
-        self.samples = sorted(iter_samples(run, "stage2", keys=set(chosen)), key=lambda s: s["__key__"])
-        self.steps, self.fps, self.device, self.rank = int(steps), int(fps), device, rank
-        self.max_sequence_length = int(max_sequence_length)
+        synthetic = sorted(k for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic")
+        chosen = set(synthetic[: cfg.train.sample_count])
+        self.samples = sorted(iter_samples(run, "stage2", keys=chosen), key=lambda s: s["__key__"])
+        self.steps, self.fps, self.device, self.rank = int(cfg.train.sample_steps), int(cfg.render.fps), device, rank
+        self.max_sequence_length = int(cfg.model.max_sequence_length)
+        self.family, self.component = family, component
+        self.frozen = family.frozen_transformers(base_path, component, cfg.model.dtype, device)
         self.scheduler_config = UniPCMultistepScheduler.load_config(base_path / "scheduler")
         self.vae = AutoencoderKLWan.from_pretrained(base_path / "vae").to(device).eval() if rank == 0 else None
         vae_config = AutoencoderKLWan.load_config(base_path / "vae")  # every rank samples, only rank 0 decodes
@@ -42,8 +46,10 @@ class Validation:
             tokenizer=None,
             text_encoder=None,
             vae=None,
-            transformer=transformer,
             scheduler=UniPCMultistepScheduler.from_config(self.scheduler_config),
+            **{c: frozen.to(transformer.dtype) for c, frozen in self.frozen.items()},
+            **{self.component: transformer},
+            **self.family.pipeline_config(),
         )
         pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal = self.spatial, self.temporal
         pipe.set_progress_bar_config(disable=True)

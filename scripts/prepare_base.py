@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import shutil
 
+from gigavideo.base_model import prepare_base
 from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config
-from gigavideo.models import prepare_base
 from gigavideo.schema import RunDir
 
 log = logging.getLogger("gigavideo.base")

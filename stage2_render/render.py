@@ -14,9 +14,11 @@ import time
 
 from tqdm import tqdm
 
+from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
-from gigavideo.models import base_model_path, load_pipeline
+from gigavideo.families import family_for
+from gigavideo.models import latent_space, load_pipeline
 from gigavideo.rendering import CACHES, Renderer, check_frames
 from gigavideo.schema import ShardWriter, finish_rank, index_json, iter_samples, rank_prefix, read_manifest, resume_rank
 from gigavideo.seeding import derive_seed
@@ -80,6 +82,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     device = pick_device(cfg.model.device)
     renderer = Renderer(
         load_pipeline(model_path, cfg.model.dtype, device),
+        family_for(cfg.model),
         cfg.render,
         cfg.model.max_sequence_length,
         device,
@@ -131,6 +134,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     info = {
         "render": settings,
         "model": model_id,
+        "latents": latent_space(renderer.pipe),
         "failures": failures,
         "device_seconds": {str(rank): round(seconds_total, 2)},
     }

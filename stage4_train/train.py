@@ -5,20 +5,25 @@
 
 w_i is the stage-3 reward of a synthetic sample mapped to a weight (--weight_mapping), or the
 realism weight for a real video paired with its real caption (--realism_weight, 0 disables it).
-Full fine-tuning or LoRA (--mode). Launch with torchrun (or slurm/stage4.sh). Checkpoints go to
-RUN_DIR/stage4/checkpoints and a rerun resumes exactly (model, optimizer, scheduler, each rank's
-data position; noise and timesteps are a function of the step). SIGUSR1, or the file
-RUN_DIR/stage4/stop-request (what slurm/stage4.sh creates on SLURM's warning before preemption),
-makes every rank save a checkpoint and exit with code 3. A sample with non-finite
-latents or embeddings gets weight 0 and is counted (too many stop the run); a micro-batch whose
-loss is not finite on any rank is skipped on every rank and counted, and --max_bad_steps in a row
-stop the run with a message. TensorBoard goes to
+Full fine-tuning or LoRA (--mode) of each transformer of the model family: Wan2.2-A14B's two experts
+one after the other (--expert=high|low|both), each on its own side of the boundary, with its own
+optimizer state, checkpoints (RUN_DIR/stage4/checkpoints/high, .../low) and TensorBoard run.
+Launch with torchrun (or slurm/stage4.sh). Checkpoints go to RUN_DIR/stage4/checkpoints and a rerun
+resumes exactly (model, optimizer, scheduler, each rank's data position; noise and timesteps are a
+function of the step). SIGUSR1, or the file RUN_DIR/stage4/stop-request (what slurm/stage4.sh
+creates on SLURM's warning before preemption), makes every rank save a checkpoint and exit with
+code 3. A sample with non-finite latents or embeddings gets weight 0 and is counted (too many stop
+the run); a micro-batch whose loss is not finite on any rank is skipped on every rank and counted,
+and --max_bad_steps in a row stop the run with a message. TensorBoard goes to
 RUN_DIR/stage4/tensorboard, with validation videos and drift monitors every --sample_every steps;
-the model to RUN_DIR/stage4/export in diffusers format.
+each trained transformer to RUN_DIR/stage4/trained, and the model to RUN_DIR/stage4/export in
+diffusers format.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
 import sys
@@ -35,13 +40,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gigavideo import checkpoint
+from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.data import DataPosition, training_loader, training_weights
 from gigavideo.distributed import single_process_defaults
 from gigavideo.ds_config import build_ds_config
-from gigavideo.export import export_model
+from gigavideo.export import assemble_export, save_trained
+from gigavideo.families import family_for
+from gigavideo.families.wan21 import Expert
+from gigavideo.files import write_json_atomic
 from gigavideo.loss import batch_loss, sample_timesteps
-from gigavideo.models import base_model_path
 from gigavideo.schema import read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
 from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest
@@ -57,24 +65,24 @@ def gather_positions(position: DataPosition) -> list[dict]:
     return out
 
 
-def build_model(cfg, base: Path):
+def build_model(cfg, base: Path, family, expert: Expert):
     from diffusers import WanTransformer3DModel
 
     tc = cfg.train
-    transformer = WanTransformer3DModel.from_pretrained(base / "transformer", torch_dtype=torch.float32)
+    transformer = WanTransformer3DModel.from_pretrained(base / expert.component, torch_dtype=torch.float32)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if tc.mode == "lora":
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        torch.manual_seed(int(tc.seed))  # the adapters' random init: the same seed, the same run
+        torch.manual_seed(derive_seed(tc.seed, *expert.seed_parts) if expert.name else int(tc.seed))  # adapter init
         transformer.add_adapter(
             LoraConfig(
                 r=int(tc.lora_rank),
                 lora_alpha=float(tc.lora_alpha),
                 init_lora_weights="gaussian",
-                target_modules=list(tc.lora_targets),
+                target_modules=list(tc.lora_targets or family.lora_targets),
             )
         )
     elif tc.mode != "full":
@@ -82,10 +90,10 @@ def build_model(cfg, base: Path):
     return transformer.train()
 
 
-def build_engine(cfg, base: Path, ds_config: dict):
-    """The DeepSpeed engine around the model, with AdamW and a linear warm-up."""
+def build_engine(cfg, base: Path, family, expert: Expert, ds_config: dict):
+    """The DeepSpeed engine around one expert's transformer, with AdamW and a linear warm-up."""
     tc = cfg.train
-    transformer = build_model(cfg, base)
+    transformer = build_model(cfg, base, family, expert)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     # A torch AdamW needs no compiled ops; a config with its own "optimizer" (e.g. CPU offload) gets DeepSpeed's.
     optimizer = None
@@ -102,15 +110,31 @@ def build_engine(cfg, base: Path, ds_config: dict):
     return engine, scheduler
 
 
+def check_latents(run, base: Path) -> None:
+    """The stage-2 latents must live in the base VAE's latent space (same channels and statistics)."""
+    stored = read_manifest(run, "stage2").get("latents")
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    if stored and (stored["latents_mean"], stored["latents_std"]) != (vae["latents_mean"], vae["latents_std"]):
+        raise ValueError(
+            f"{run.stage('stage2')} holds latents of a {stored['channels']}-channel VAE with other statistics than "
+            f"the base model's VAE ({base / 'vae'}, {len(vae['latents_mean'])} channels): stage 2 was rendered "
+            "with another model. Render again with this preset (stage 2 --overwrite) or train with that model's."
+        )
+
+
 def preflight(cfg, run):
     """Inputs and an inconsistent DeepSpeed config fail here, before any compute (or any --overwrite)."""
     read_manifest(run, "stage3")
     if cfg.train.mode not in ("full", "lora"):
         raise ValueError(f"--mode={cfg.train.mode!r} not in (full, lora)")
-    return base_model_path(cfg, run), build_ds_config(cfg.train, dist.get_world_size())
+    family = family_for(cfg.model)
+    experts = family.select_experts(cfg.train.expert)
+    base = base_model_path(cfg, run)
+    check_latents(run, base)
+    return base, family, experts, build_ds_config(cfg.train, dist.get_world_size())
 
 
-def train_step(engine, data: DataPosition, cfg, step: int, rank: int, device, nonfinite: NonFiniteCounts):
+def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, nonfinite):
     """One optimizer step over --grad_accum micro-batches; returns their metrics (not yet reduced)."""
     tc = cfg.train
     compute_dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
@@ -119,25 +143,31 @@ def train_step(engine, data: DataPosition, cfg, step: int, rank: int, device, no
         while True:  # until a micro-batch whose loss is finite on every rank
             batch = data.next()
             nonfinite.inputs(batch, step + 1)
-            # Noise and timesteps depend only on (seed, step, rank, micro step, retry): a resume replays them.
-            gen = torch.Generator().manual_seed(derive_seed(tc.seed, step, rank, micro, nonfinite.losses_in_a_row))
+            # Noise and timesteps depend only on (seed, expert, step, rank, micro step, retry): a resume replays them.
+            retry = nonfinite.losses_in_a_row
+            gen = torch.Generator().manual_seed(derive_seed(tc.seed, *expert.seed_parts, step, rank, micro, retry))
             z0 = batch["latents"]
-            t = sample_timesteps(len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean, tc.logit_std)
+            t = sample_timesteps(
+                len(z0), tc.timestep_sampling, cfg.model.flow_shift, gen, tc.logit_mean, tc.logit_std, expert.t_range
+            )
             noise = torch.randn(z0.shape, generator=gen)
             weights = batch["weights"].to(device)
-            loss, per_sample = batch_loss(engine, z0, batch["prompt_embeds"], weights, t, noise, compute_dtype)
+            timestep = family.transformer_timestep(t, z0)
+            loss, per_sample = batch_loss(
+                engine, z0, batch["prompt_embeds"], weights, t, noise, compute_dtype, timestep=timestep
+            )
             if nonfinite.loss_is_finite_on_every_rank(per_sample, batch["keys"], step + 1):
                 break
             del loss, per_sample
         engine.backward(loss)
-        metrics.add(loss, per_sample, batch)
+        metrics.add(loss, per_sample, batch, t)
         engine.step()
     return metrics
 
 
-def resume(engine, run, lora: bool, rank: int, world: int) -> tuple[int, dict]:
+def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tuple[int, dict]:
     """(step, this rank's data position) from the latest checkpoint, or a fresh start."""
-    state = checkpoint.resume(engine, run.checkpoints, trainable_only=lora) or {"step": 0}
+    state = checkpoint.resume(engine, checkpoints, trainable_only=lora) or {"step": 0}
     positions = state.get("data_positions")
     if positions and len(positions) != world:
         log.warning(
@@ -147,27 +177,17 @@ def resume(engine, run, lora: bool, rank: int, world: int) -> tuple[int, dict]:
     return state["step"], positions[rank] if positions else {"epoch": 0, "batches": 0}
 
 
-def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes.
-
-    e.g. --lr=1e-6 --mode=lora
-    """
-    single_process_defaults()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    started = start_stage("stage4", "train", run_dir, config, overwrite, overrides, preflight)
-    if started is None:
-        return
-    cfg, run, (base, ds_config) = started
+def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, weights: dict, stop) -> dict | None:
+    """Train one transformer (every family has at least one) to --max_steps from its latest checkpoint, and
+    save it in RUN_DIR/stage4/trained; returns its summary, or None when a stop request ended it early."""
     tc, lora = cfg.train, cfg.train.mode == "lora"
     rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg.model.device)
-    stop = StopRequest(run.stage("stage4") / STOP_FILE, rank)
-    weights, data_stats = training_weights(run, tc)
-    if rank == 0:
-        log.info("training data: %s", data_stats)
-
-    engine, scheduler = build_engine(cfg, base, ds_config)
-    step, position = resume(engine, run, lora, rank, world)
+    checkpoints, tensorboard = run.checkpoints / expert.name, run.tensorboard / expert.name
+    if expert.name:
+        log.info("training the %s-noise expert (%s) on t in [%g, %g)", expert.name, expert.component, *expert.t_range)
+    engine, scheduler = build_engine(cfg, base, family, expert, ds_config)
+    step, position = resume(engine, checkpoints, lora, rank, world)
     data = DataPosition(
         lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
         position["epoch"],
@@ -177,19 +197,18 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run.tensorboard), purge_step=step + 1 if step else None)
+        writer = SummaryWriter(str(tensorboard), purge_step=step + 1 if step else None)
     validation = None
     if tc.sample_every > 0:
         from gigavideo.validation import Validation
 
-        validation = Validation(
-            run, base, tc.sample_count, tc.sample_steps, cfg.render.fps, cfg.model.max_sequence_length, device, rank
-        )
+        validation = Validation(run, base, family, expert.component, cfg, device, rank)
     nonfinite = NonFiniteCounts(tc.max_bad_samples, tc.max_bad_steps)
-    progress = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
+    label = f"train {expert.name}".strip()
+    progress = tqdm(total=tc.max_steps, initial=step, desc=label, unit="step", disable=rank != 0)
     stopped, last, totals = False, time.time(), {"loss": None}
     while step < tc.max_steps:
-        metrics = train_step(engine, data, cfg, step, rank, device, nonfinite)
+        metrics = train_step(engine, data, cfg, family, expert, step, rank, device, nonfinite)
         step += 1
         progress.update(1)
         nonfinite.check_samples()
@@ -211,7 +230,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         stop_now = stop.any_rank()
         if step % tc.save_every == 0 or step == tc.max_steps or stop_now:
             client_state = {"config": dict(tc), "data_positions": gather_positions(data)}
-            checkpoint.save(engine, run.checkpoints, step, client_state, tc.keep_last, trainable_only=lora)
+            checkpoint.save(engine, checkpoints, step, client_state, tc.keep_last, trainable_only=lora)
         if stop_now and step < tc.max_steps:
             stopped = True
             break
@@ -219,23 +238,62 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     if writer:
         writer.close()
     if stopped:
-        log.warning("stopped at step %d on request; rerun (or the requeued job) resumes from there", step)
-        dist.barrier()
-        sys.exit(PREEMPTED_EXIT_CODE)
-
-    exported = export_model(engine, tc.mode, base, run.export)
+        return None
+    target = save_trained(engine, tc.mode, run.stage("stage4") / "trained" / expert.component)
+    summary = {
+        "steps": step,
+        "final_loss": totals["loss"],
+        "non_finite_samples": nonfinite.samples,
+        "non_finite_losses": nonfinite.losses,
+        "t_range": list(expert.t_range),
+    }
     if rank == 0:
+        write_json_atomic(target.with_suffix(".json"), summary)
+    del engine, validation
+    gc.collect()
+    return summary
+
+
+def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
+    """Fine-tune on RUN_DIR/stage2 renders weighted by RUN_DIR/stage3 rewards; a rerun resumes.
+
+    e.g. --lr=1e-6 --mode=lora (Wan2.2-A14B: --expert=high|low|both)
+    """
+    single_process_defaults()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    started = start_stage("stage4", "train", run_dir, config, overwrite, overrides, preflight)
+    if started is None:
+        return
+    cfg, run, (base, family, experts, ds_config) = started
+    rank, world = dist.get_rank(), dist.get_world_size()
+    stop = StopRequest(run.stage("stage4") / STOP_FILE, rank)
+    weights, data_stats = training_weights(run, cfg.train)
+    if rank == 0:
+        log.info("training data: %s", data_stats)
+
+    trained, summaries = {}, {}
+    for expert in experts:  # one after the other: one expert's model and optimizer state in memory at a time
+        target = run.stage("stage4") / "trained" / expert.component
+        if not target.is_dir() and train_expert(cfg, run, family, expert, base, ds_config, weights, stop) is None:
+            log.warning("stopped on request; rerun (or the requeued job) resumes from the last checkpoint")
+            dist.barrier()
+            sys.exit(PREEMPTED_EXIT_CODE)
+        trained[expert.component] = target
+        summaries[expert.name or expert.component] = json.loads(target.with_suffix(".json").read_text())
+
+    if rank == 0:
+        exported = assemble_export(trained, cfg.train.mode, base, run.export)
+        last = summaries[experts[-1].name or experts[-1].component]
         summary = {
-            "steps": step,
-            "final_loss": totals["loss"],
-            "non_finite_samples": nonfinite.samples,
-            "non_finite_losses": nonfinite.losses,
+            **last,
+            "experts": summaries,
             "world_size": world,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "mode": tc.mode,
+            "mode": cfg.train.mode,
+            "family": family.name,
             "export": str(exported),
             "data": data_stats,
-            "config": dict(tc),
+            "config": dict(cfg.train),
         }
         write_manifest(run.stage("stage4"), "stage4", summary)
         log.info("stage4 complete: exported %s", exported)

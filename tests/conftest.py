@@ -46,13 +46,26 @@ def run_stage(
     return proc
 
 
+def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def scored(run_dir: Path, *args: str) -> Path:
+    """Stages 1-3 into run_dir (args: e.g. the preset)."""
+    for stage in ("stage1", "stage2", "stage3"):
+        run_stage(stage, run_dir, *args)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def scored_run(tmp_path_factory) -> Path:
     """A run directory with stages 1-3 complete (built once per test session; copy before changing it)."""
-    run_dir = tmp_path_factory.mktemp("scored") / "run"
-    for stage in ("stage1", "stage2", "stage3"):
-        run_stage(stage, run_dir)
-    return run_dir
+    return scored(tmp_path_factory.mktemp("scored") / "run")
 
 
 @pytest.fixture

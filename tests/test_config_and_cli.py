@@ -44,13 +44,15 @@ def test_every_script_has_a_useful_help(stage):
 def test_presets_list_only_what_differs_from_the_documented_defaults():
     import tomllib
 
-    from gigavideo.config import PRESETS_DIR, defaults, docs
+    from gigavideo.config import PRESETS_DIR, defaults, docs, read_preset, resolve_preset
 
     for path in sorted(PRESETS_DIR.glob("*.toml")):
         raw = tomllib.loads(path.read_text())
+        parent = raw.pop("extends", None)  # a preset that extends another lists only what differs from it
+        inherited = read_preset(resolve_preset(parent)) if parent else {}
         for section, table in raw.items():
-            same = [k for k, v in table.items() if defaults(section)[k] == v]
-            assert not same, f"{path.name} [{section}] repeats defaults: {same}"
+            same = [k for k, v in table.items() if inherited.get(section, defaults(section)).get(k) == v]
+            assert not same, f"{path.name} [{section}] repeats defaults or its parent's values: {same}"
     assert not tomllib.loads((PRESETS_DIR / "wan2.1-t2v-1.3b.toml").read_text())  # the paper setting is the default
     for section in ("model", "prompts", "render", "score", "train", "eval", "toy"):
         assert all(docs(section).values()), f"[{section}] has keys without a doc"
@@ -64,3 +66,14 @@ def test_an_unknown_key_in_a_preset_is_an_error_naming_it(tmp_path):
     preset.write_text("[rendr]\nsteps = 8\n")
     with pytest.raises(ConfigError, match="rendr"):
         load_config(str(preset), "render")
+
+
+def test_a_preset_extends_another_and_its_own_keys_win(tmp_path):
+    (tmp_path / "child.toml").write_text('extends = "tiny"\n[render]\nsteps = 7\n[model]\nfamily = "wan2.2-a14b"\n')
+    cfg = load_config(str(tmp_path / "child.toml"), "render")
+    assert cfg.render.steps == 7 and cfg.render.height == 64 and cfg.model.kind == "tiny"  # tiny's, kept
+    assert cfg.model.family == "wan2.2-a14b" and cfg.train.max_steps == 12
+    (tmp_path / "a.toml").write_text(f'extends = "{tmp_path / "b.toml"}"\n')
+    (tmp_path / "b.toml").write_text(f'extends = "{tmp_path / "a.toml"}"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.toml"), "render")

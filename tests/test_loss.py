@@ -57,3 +57,15 @@ def test_timesteps_are_shifted_towards_noise_and_stay_in_range():
     assert 0 < shifted.min() and shifted.max() < 1
     assert shifted.mean() > plain.mean() + 0.1
     assert abs(plain.mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("method", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("t_range", [(0.875, 1.0), (0.0, 0.875)])
+def test_an_experts_timesteps_are_the_distribution_conditioned_on_its_side_of_the_boundary(method, t_range):
+    lo, hi = t_range
+    t = sample_timesteps(50000, method, 12.0, torch.Generator().manual_seed(0), t_range=t_range)
+    assert lo <= t.min() and t.max() < hi  # never on the other side, even by rounding
+    whole = sample_timesteps(400000, method, 12.0, torch.Generator().manual_seed(1))
+    kept = whole[(whole >= lo) & (whole < hi)]  # the same distribution by rejection
+    quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    torch.testing.assert_close(t.quantile(quantiles), kept.quantile(quantiles), atol=0.005, rtol=0)

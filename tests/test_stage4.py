@@ -10,16 +10,16 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_stage
+from conftest import REPO, run_stage, scalars
 
 from gigavideo.config import load_config
+from gigavideo.families import family_for
 from gigavideo.loss import batch_loss
-from gigavideo.models import build_tiny_pipeline
 from gigavideo.schema import RunDir, read_manifest
 
 
 def tiny_transformer():
-    return build_tiny_pipeline(load_config("tiny", "train").model).transformer.eval()
+    return family_for(load_config("tiny", "train").model).build_tiny_pipeline().transformer.eval()
 
 
 def test_the_weighted_loss_equals_a_hand_computation_on_a_fixed_batch():
@@ -102,11 +102,7 @@ def test_zero_stages_train_and_the_export_loads_in_stock_diffusers_and_changes_t
 
 
 def loss_curve(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(RunDir(run_dir).tensorboard))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+    return scalars(RunDir(run_dir).tensorboard, "train/loss")
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def test_missing_model_path_is_a_clear_error_before_any_work(tmp_path):
     run_stage("stage1", tmp_path)
     proc = run_stage("stage2", tmp_path, "--model_path=/nonexistent/wan", check=False)
     assert proc.returncode == 2
-    assert "Wan2.1 base model not found at /nonexistent/wan" in proc.stderr
+    assert "Wan base model not found at /nonexistent/wan" in proc.stderr
     assert "Wan2.1-T2V-1.3B-Diffusers" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(RunDir(tmp_path).stage("stage2").glob("*.tar*"))
     proc = run_stage("stage2", tmp_path, "--config=wan2.1-t2v-1.3b", check=False)

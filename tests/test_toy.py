@@ -124,8 +124,8 @@ def test_realism_change_comes_with_an_interval_that_tells_drift_from_noise():
 
 
 def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_path):
+    from gigavideo.base_model import base_model_path
     from gigavideo.config import load_config
-    from gigavideo.models import base_model_path
     from gigavideo.schema import RunDir
 
     run = RunDir(tmp_path / "run")
@@ -149,8 +149,8 @@ checkpoint_every = 20
 def test_toy_base_is_an_explicit_step_and_its_pretraining_killed_midway_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
+    from gigavideo.base_model import base_model_path
     from gigavideo.config import load_config
-    from gigavideo.models import base_model_path
     from gigavideo.schema import RunDir
 
     preset = tmp_path / "short-toy.toml"

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..base_model import BaseModelKind
+from ..families import family_for
 from ..files import write_atomic, write_json_atomic
 from ..loss import noisy_latents_and_target, sample_timesteps
-from ..models import BaseModelKind, build_tiny_pipeline, check_recipe, model_recipe, normalize_latents, write_recipe
+from ..models import check_recipe, model_recipe, normalize_latents, write_recipe
 from ..schema import RunDir
 from .clips import make_clip
 from .config import toy_settings
@@ -142,7 +144,7 @@ def pretrain(cfg, run: RunDir) -> Path:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(recipe_file, wanted)
-    pipe = build_tiny_pipeline(cfg.model, make_vae=pixel_vae)
+    pipe = family_for(cfg.model).build_tiny_pipeline(make_vae=pixel_vae)
     settings = toy_settings(cfg).pretrain
     summary = pretrain_base(
         pipe,
@@ -164,4 +166,4 @@ def pretrain(cfg, run: RunDir) -> Path:
     return target
 
 
-TOY_BASE = BaseModelKind(find=toy_base, prepare=pretrain)  # model.kind = "toy" (gigavideo.models.BASE_MODELS)
+TOY_BASE = BaseModelKind(find=toy_base, prepare=pretrain)  # model.kind = "toy" (gigavideo.base_model.BASE_MODELS)

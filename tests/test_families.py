@@ -1,0 +1,119 @@
+"""Model families behind one seam: each tiny Wan2.2 preset runs every stage and exports what stock
+diffusers loads; Wan2.2-A14B's experts train only on their own side of the boundary, leave the other
+expert untouched, and resume exactly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, run_stage, scalars, scored
+
+from gigavideo.export import LORA_FILE
+from gigavideo.schema import RunDir, iter_samples, read_manifest
+
+A14B = "--config=tiny-wan2.2-a14b"
+BOUNDARY = 0.875  # the tiny preset's, as the real model's
+
+
+@pytest.fixture(scope="session")
+def scored_a14b(tmp_path_factory):
+    return scored(tmp_path_factory.mktemp("a14b") / "run", A14B)
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,mode", [("tiny-wan2.2-5b", "full"), ("tiny-wan2.2-a14b", "lora")])
+def test_each_tiny_family_runs_every_stage_and_its_export_generates_in_stock_diffusers(tmp_path, preset, mode):
+    from diffusers import WanPipeline
+
+    run_dir = tmp_path / "run"
+    scored(run_dir, f"--config={preset}")
+    run_stage("stage4", run_dir, f"--config={preset}", f"--mode={mode}", "--lr=1e-2")
+    run_stage("eval", run_dir, f"--config={preset}", "--suites=[heldout]")
+    run = RunDir(run_dir)
+    assert (run.eval / "report.json").is_file()
+
+    vae = json.loads((run.models / "base" / "vae" / "config.json").read_text())
+    stored = read_manifest(run, "stage2")["latents"]  # the latent space is stored with the shards
+    assert (stored["latents_mean"], stored["latents_std"]) == (vae["latents_mean"], vae["latents_std"])
+    sample = next(iter_samples(run, "stage2"))
+    assert sample["latents.npy"].shape[0] == stored["channels"] == vae["z_dim"]  # 48 for Wan2.2-TI2V
+
+    base = WanPipeline.from_pretrained(run.models / "base")
+    args = dict(prompt="a red square", num_frames=5, height=64, width=64, num_inference_steps=3, output_type="np")
+    before = base(**args, generator=torch.Generator().manual_seed(0)).frames
+    if mode == "lora":  # one LoRA file per expert, each loaded onto its own transformer
+        for component in ("transformer", "transformer_2"):
+            assert (run.export / component / LORA_FILE).is_file()
+            base.load_lora_weights(run.export / component, load_into_transformer_2=component == "transformer_2")
+        tuned = base
+    else:
+        tuned = WanPipeline.from_pretrained(run.export)
+    after = tuned(**args, generator=torch.Generator().manual_seed(0)).frames
+    assert after.shape == before.shape and abs(after - before).mean() > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expert,other,other_name", [("low", "transformer", "high"), ("high", "transformer_2", "low")])
+def test_training_one_expert_leaves_the_other_bit_identical_and_samples_only_its_side(
+    scored_a14b, tmp_path, expert, other, other_name
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_a14b, run_dir)
+    run_stage("stage4", run_dir, A14B, f"--expert={expert}", "--lr=1e-2", "--max_steps=6")
+    run = RunDir(run_dir)
+    trained = "transformer_2" if other == "transformer" else "transformer"
+    untouched, base = weights(run.export / other), weights(run.models / "base" / other)
+    assert untouched.keys() == base.keys() and all(torch.equal(untouched[k], base[k]) for k in base)
+    tuned, before = weights(run.export / trained), weights(run.models / "base" / trained)
+    assert not all(torch.equal(tuned[k], before[k]) for k in before)
+    t_min = [v for _, v in scalars(run.tensorboard / expert, "timesteps/min")]
+    t_max = [v for _, v in scalars(run.tensorboard / expert, "timesteps/max")]
+    assert len(t_min) == len(t_max) == 6
+    if expert == "low":
+        assert max(t_max) < BOUNDARY
+    else:
+        assert min(t_min) >= BOUNDARY
+    assert not (run.checkpoints / other_name).exists() and not (run.tensorboard / other_name).exists()
+    assert set(read_manifest(run, "stage4")["experts"]) == {expert}
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_two_expert_run_has_the_loss_curves_of_an_uninterrupted_one(scored_a14b, tmp_path):
+    args = [A14B, "--max_steps=150", "--save_every=10", "--micro_batch_size=1", "--shuffle_buffer=4"]
+    args += ["--sample_every=0"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for run_dir in (whole, killed):
+        shutil.copytree(scored_a14b, run_dir)
+    run_stage("stage4", whole, *args)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stage4_train/train.py"), f"--run_dir={killed}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = RunDir(killed).checkpoints / "low" / "latest"  # killed in the second expert's training
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= "step0000040") and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not RunDir(killed).is_complete("stage4"), "the run finished before it could be killed"
+    run_stage("stage4", killed, *args)
+    for expert in ("high", "low"):
+        curve = scalars(RunDir(killed).tensorboard / expert, "train/loss")
+        assert curve == scalars(RunDir(whole).tensorboard / expert, "train/loss")
+        assert [s for s, _ in curve] == list(range(1, 151))
