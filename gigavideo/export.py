@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .files import write_atomic
+from .files import write_atomic, write_json_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
+SUMMARY_FILE = "training.json"  # beside a trained component: how its training ended
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -34,21 +35,22 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def save_trained(engine, mode: str, target: Path) -> Path:
-    """Gather (ZeRO-3) and write the trained transformer (full) or its adapters (LoRA) on rank 0."""
+def save_trained(engine, mode: str, target: Path, summary: dict) -> Path:
+    """Gather (ZeRO-3) and write the trained transformer (full) or its adapters (LoRA) on rank 0, with the
+    summary of its training: the folder appears complete or not at all, so it marks the expert done."""
     import deepspeed
 
     module = engine.module
     zero3 = engine.zero_optimization_stage() == 3
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=zero3):
         if not dist.is_initialized() or dist.get_rank() == 0:
-            write_atomic(target, lambda directory: _save(module, mode, directory), keep_existing=True)
+            write_atomic(target, lambda directory: _save(module, mode, directory, summary), keep_existing=True)
     if dist.is_initialized():
         dist.barrier()
     return target
 
 
-def _save(transformer, mode: str, directory: Path) -> None:
+def _save(transformer, mode: str, directory: Path, summary: dict) -> None:
     if mode == "lora":
         from diffusers import WanPipeline
         from peft.utils import get_peft_model_state_dict
@@ -58,6 +60,7 @@ def _save(transformer, mode: str, directory: Path) -> None:
         )
     else:
         transformer.save_pretrained(directory)
+    write_json_atomic(directory / SUMMARY_FILE, summary)
 
 
 def assemble_export(trained: dict[str, Path], mode: str, base_path: Path, target: Path) -> Path:
@@ -66,7 +69,8 @@ def assemble_export(trained: dict[str, Path], mode: str, base_path: Path, target
     def full(directory: Path):
         shutil.copytree(base_path, directory, ignore=shutil.ignore_patterns(*trained), copy_function=_link_or_copy)
         for component, saved in trained.items():
-            shutil.copytree(saved, directory / component, copy_function=_link_or_copy)
+            ignore = shutil.ignore_patterns(SUMMARY_FILE)
+            shutil.copytree(saved, directory / component, ignore=ignore, copy_function=_link_or_copy)
 
     def lora(directory: Path):
         for component, saved in trained.items():

@@ -45,10 +45,9 @@ from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.data import DataPosition, training_loader, training_weights
 from gigavideo.distributed import single_process_defaults
 from gigavideo.ds_config import build_ds_config
-from gigavideo.export import assemble_export, save_trained
+from gigavideo.export import SUMMARY_FILE, assemble_export, save_trained
 from gigavideo.families import family_for
 from gigavideo.families.wan21 import Expert
-from gigavideo.files import write_json_atomic
 from gigavideo.loss import batch_loss, sample_timesteps
 from gigavideo.schema import read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
@@ -239,7 +238,6 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
         writer.close()
     if stopped:
         return None
-    target = save_trained(engine, tc.mode, run.stage("stage4") / "trained" / expert.component)
     summary = {
         "steps": step,
         "final_loss": totals["loss"],
@@ -247,8 +245,7 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
         "non_finite_losses": nonfinite.losses,
         "t_range": list(expert.t_range),
     }
-    if rank == 0:
-        write_json_atomic(target.with_suffix(".json"), summary)
+    save_trained(engine, tc.mode, run.stage("stage4") / "trained" / expert.component, summary)
     del engine, validation
     gc.collect()
     return summary
@@ -279,7 +276,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             dist.barrier()
             sys.exit(PREEMPTED_EXIT_CODE)
         trained[expert.component] = target
-        summaries[expert.name or expert.component] = json.loads(target.with_suffix(".json").read_text())
+        summaries[expert.name or expert.component] = json.loads((target / SUMMARY_FILE).read_text())
 
     if rank == 0:
         exported = assemble_export(trained, cfg.train.mode, base, run.export)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,24 @@ def run_stage(
     if check and proc.returncode != 0:
         raise AssertionError(f"{stage} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def train_and_kill(run_dir: Path, args: list[str], latest: Path, step: int) -> None:
+    """Start stage 4 in run_dir and SIGKILL it once the checkpoint file `latest` names `step` or a later one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / SCRIPTS["stage4"]), f"--run_dir={run_dir}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= f"step{step:07d}") and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "stage4" / "manifest.json").is_file(), "the run finished before it could be killed"
 
 
 def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:

@@ -3,16 +3,11 @@ diffusers loads; Wan2.2-A14B's experts train only on their own side of the bound
 expert untouched, and resume exactly."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, run_stage, scalars, scored
+from conftest import run_stage, scalars, scored, train_and_kill
 
 from gigavideo.export import LORA_FILE
 from gigavideo.schema import RunDir, iter_samples, read_manifest
@@ -97,21 +92,7 @@ def test_a_killed_and_resumed_two_expert_run_has_the_loss_curves_of_an_uninterru
     for run_dir in (whole, killed):
         shutil.copytree(scored_a14b, run_dir)
     run_stage("stage4", whole, *args)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "stage4_train/train.py"), f"--run_dir={killed}", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    latest = RunDir(killed).checkpoints / "low" / "latest"  # killed in the second expert's training
-    deadline = time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() >= "step0000040") and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not RunDir(killed).is_complete("stage4"), "the run finished before it could be killed"
+    train_and_kill(killed, args, RunDir(killed).checkpoints / "low" / "latest", 40)  # in the second expert
     run_stage("stage4", killed, *args)
     for expert in ("high", "low"):
         curve = scalars(RunDir(killed).tensorboard / expert, "train/loss")

@@ -3,14 +3,12 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, run_stage, scalars
+from conftest import REPO, run_stage, scalars, train_and_kill
 
 from gigavideo.config import load_config
 from gigavideo.families import family_for
@@ -112,21 +110,7 @@ def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_ru
     for run_dir in (whole, killed):
         shutil.copytree(scored_run, run_dir)
     run_stage("stage4", whole, *args)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "stage4_train/train.py"), f"--run_dir={killed}", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    latest = RunDir(killed).checkpoints / "latest"
-    deadline = time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() >= "step0000075") and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not RunDir(killed).is_complete("stage4"), "the run finished before it could be killed"
+    train_and_kill(killed, args, RunDir(killed).checkpoints / "latest", 75)
     run_stage("stage4", killed, *args)
     assert loss_curve(killed) == loss_curve(whole)
     assert [s for s, _ in loss_curve(killed)] == list(range(1, 401))
