@@ -75,7 +75,8 @@ def build_model(cfg, base: Path, family, expert: Expert):
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        torch.manual_seed(derive_seed(tc.seed, *expert.seed_parts) if expert.name else int(tc.seed))  # adapter init
+        # The adapters' random init: the same seed, the same run (and each expert its own).
+        torch.manual_seed(derive_seed(tc.seed, *expert.seed_parts) if expert.seed_parts else int(tc.seed))
         transformer.add_adapter(
             LoraConfig(
                 r=int(tc.lora_rank),
@@ -164,8 +165,8 @@ def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: in
     return metrics
 
 
-def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tuple[int, dict]:
-    """(step, this rank's data position) from the latest checkpoint, or a fresh start."""
+def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tuple[int, dict, float | None]:
+    """(step, this rank's data position, the step's loss) from the latest checkpoint, or a fresh start."""
     state = checkpoint.resume(engine, checkpoints, trainable_only=lora) or {"step": 0}
     positions = state.get("data_positions")
     if positions and len(positions) != world:
@@ -173,7 +174,7 @@ def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tupl
             "resuming with %d ranks from a checkpoint of %d: each rank restarts its epoch", world, len(positions)
         )
         positions = None
-    return state["step"], positions[rank] if positions else {"epoch": 0, "batches": 0}
+    return state["step"], positions[rank] if positions else {"epoch": 0, "batches": 0}, state.get("loss")
 
 
 def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, weights: dict, stop) -> dict | None:
@@ -186,7 +187,7 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
     if expert.name:
         log.info("training the %s-noise expert (%s) on t in [%g, %g)", expert.name, expert.component, *expert.t_range)
     engine, scheduler = build_engine(cfg, base, family, expert, ds_config)
-    step, position = resume(engine, checkpoints, lora, rank, world)
+    step, position, loss = resume(engine, checkpoints, lora, rank, world)
     data = DataPosition(
         lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
         position["epoch"],
@@ -203,9 +204,8 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
 
         validation = Validation(run, base, family, expert.component, cfg, device, rank)
     nonfinite = NonFiniteCounts(tc.max_bad_samples, tc.max_bad_steps)
-    label = f"train {expert.name}".strip()
-    progress = tqdm(total=tc.max_steps, initial=step, desc=label, unit="step", disable=rank != 0)
-    stopped, last, totals = False, time.time(), {"loss": None}
+    progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {expert.label}", unit="step", disable=rank != 0)
+    stopped, last, totals = False, time.time(), {"loss": loss}
     while step < tc.max_steps:
         metrics = train_step(engine, data, cfg, family, expert, step, rank, device, nonfinite)
         step += 1
@@ -228,7 +228,7 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
             validation.run(engine.module, writer, step)
         stop_now = stop.any_rank()
         if step % tc.save_every == 0 or step == tc.max_steps or stop_now:
-            client_state = {"config": dict(tc), "data_positions": gather_positions(data)}
+            client_state = {"config": dict(tc), "data_positions": gather_positions(data), "loss": totals["loss"]}
             checkpoint.save(engine, checkpoints, step, client_state, tc.keep_last, trainable_only=lora)
         if stop_now and step < tc.max_steps:
             stopped = True
@@ -268,7 +268,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     if rank == 0:
         log.info("training data: %s", data_stats)
 
-    trained, summaries = {}, {}
+    trained = {}
     for expert in experts:  # one after the other: one expert's model and optimizer state in memory at a time
         target = run.stage("stage4") / "trained" / expert.component
         if not target.is_dir() and train_expert(cfg, run, family, expert, base, ds_config, weights, stop) is None:
@@ -276,13 +276,12 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             dist.barrier()
             sys.exit(PREEMPTED_EXIT_CODE)
         trained[expert.component] = target
-        summaries[expert.name or expert.component] = json.loads((target / SUMMARY_FILE).read_text())
 
     if rank == 0:
         exported = assemble_export(trained, cfg.train.mode, base, run.export)
-        last = summaries[experts[-1].name or experts[-1].component]
+        summaries = {e.label: json.loads((trained[e.component] / SUMMARY_FILE).read_text()) for e in experts}
         summary = {
-            **last,
+            **summaries[experts[-1].label],
             "experts": summaries,
             "world_size": world,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

@@ -30,6 +30,10 @@ class Expert:
     t_range: tuple[float, float] = (0.0, 1.0)
 
     @property
+    def label(self) -> str:
+        return self.name or self.component
+
+    @property
     def seed_parts(self) -> tuple[str, ...]:
         """What sets this expert's noise apart from another's (nothing where there is one)."""
         return (self.name,) if self.name else ()
