@@ -58,6 +58,10 @@ class ModelConfig:
     device: str = key("auto", "auto = cuda when available, else cpu")
     flow_shift: float = key(3.0, "the sampler's and the timestep sampling's shift (Wan2.1 uses 3.0 at 480p)")
     max_sequence_length: int = key(512, "text tokens")
+    gpu_mem_gib: float = key(
+        0.0, "memory plan (stages 2 and 4): GiB per GPU to plan for; 0 = the GPU seen (on a CPU: no plan)"
+    )
+    force: bool = key(False, "run even when the memory plan says the setting cannot fit")
     boundary_ratio: float = key(
         0.875, "family wan2.2-a14b: t (of 1) at or above which the high-noise expert denoises (Wan2.2's 0.875)"
     )

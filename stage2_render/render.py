@@ -18,6 +18,7 @@ from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.families import family_for
+from gigavideo.memory import check_rendering_memory
 from gigavideo.models import latent_space, load_pipeline
 from gigavideo.rendering import CACHES, Renderer, check_frames
 from gigavideo.schema import ShardWriter, finish_rank, index_json, iter_samples, rank_prefix, read_manifest, resume_rank
@@ -53,6 +54,7 @@ def preflight(cfg, run):
     check_frames(cfg.render.num_frames)
     if cfg.render.cache not in CACHES:
         raise ValueError(f"--cache={cfg.render.cache!r} not in {CACHES}")
+    check_rendering_memory(cfg, rank_and_world()[1], log)
     return base_model_path(cfg, run)
 
 

@@ -49,6 +49,7 @@ from gigavideo.export import SUMMARY_FILE, assemble_export, save_trained
 from gigavideo.families import family_for
 from gigavideo.families.wan21 import Expert
 from gigavideo.loss import batch_loss, sample_timesteps
+from gigavideo.memory import check_training_memory
 from gigavideo.schema import read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
 from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest
@@ -131,7 +132,9 @@ def preflight(cfg, run):
     experts = family.select_experts(cfg.train.expert)
     base = base_model_path(cfg, run)
     check_latents(run, base)
-    return base, family, experts, build_ds_config(cfg.train, dist.get_world_size())
+    ds_config = build_ds_config(cfg.train, dist.get_world_size())
+    check_training_memory(cfg, ds_config, dist.get_world_size(), log)
+    return base, family, experts, ds_config
 
 
 def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, nonfinite):

@@ -139,6 +139,10 @@ class Wan21:
         """What the transformer is given for flow time t in [0, 1] (Wan: t * 1000, one per sample)."""
         return t * 1000
 
+    def modulation_bytes_per_token(self, dim: int) -> int:
+        """Activation bytes per token and block beyond a Wan block's usual ones (the memory planner's)."""
+        return 0
+
     def sampler_kwargs(self, render_cfg: dict) -> dict:
         """WanPipeline arguments beyond the common ones."""
         return {}

@@ -14,6 +14,10 @@ class Wan22TI2V(Wan21):
     def pipeline_config(self) -> dict:
         return {"boundary_ratio": None, "expand_timesteps": True}
 
+    def modulation_bytes_per_token(self, dim: int) -> int:
+        """Per-token timesteps make each block's six modulation vectors per token, in float32."""
+        return 6 * dim * 4
+
     def transformer_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """(batch, tokens): every latent patch gets t * 1000, as WanPipeline does with expand_timesteps."""
         p_t, p_h, p_w = self.model["arch_transformer"]["patch_size"]

@@ -1,0 +1,324 @@
+"""Will it fit: the per-GPU memory of stage 4 (training) and stage 2 (rendering) at a preset's shapes,
+before any compute, and the cheapest setting that fits when the asked one does not.
+
+Model states (parameters, gradients, optimizer states under ZeRO-0/2/3 and offload) come from
+DeepSpeed's own estimators. Activations, the frozen components and the VAE decode are predicted from
+the architecture and the video's shape; they are predictions until a GPU has measured them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .families import family_for
+from .models import latent_shape, transformer_parameters
+
+GIB = 2**30
+RESERVED = 2 * GIB  # CUDA context, NCCL buffers and allocator slack, per GPU
+UMT5_VOCAB = 256384  # the real text encoder's vocabulary (the tiny presets' is a few hundred)
+DS_CONFIGS = {
+    (2, False): "ds_configs/zero2.json",
+    (3, False): "ds_configs/zero3.json",
+    (3, True): "ds_configs/zero3_offload.json",
+}
+
+
+@dataclass(frozen=True)
+class TrainSetting:
+    """What a user can change to make stage 4 fit, cheapest first in `alternatives`."""
+
+    zero: int
+    offload: bool
+    checkpointing: bool
+    mode: str
+    micro_batch: int
+    grad_accum: int
+    validation: bool
+
+    def flags(self, ds_config: str) -> str:
+        return (
+            f"--ds_config={ds_config} --gradient_checkpointing={self.checkpointing} --mode={self.mode} "
+            f"--micro_batch_size={self.micro_batch} --grad_accum={self.grad_accum}"
+            + ("" if self.validation else " --sample_every=0")
+        )
+
+
+def ds_zero(ds_config: dict) -> tuple[int, bool]:
+    zero = ds_config.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+    return int(zero.get("stage", 0)), offload
+
+
+def lora_parameters(arch: dict, targets: list[str], rank: int) -> int:
+    """The adapters' parameters: r x (in + out) for every targeted Linear, counted on the meta device."""
+    from diffusers import WanTransformer3DModel
+
+    arch = {k: tuple(v) if k == "patch_size" else v for k, v in arch.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**arch)
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    )
+
+
+def largest_layer(arch: dict) -> int:
+    dim = arch["num_attention_heads"] * arch["attention_head_dim"]
+    return max(dim * arch["ffn_dim"], dim * dim)
+
+
+def component_parameters(cfg) -> dict[str, int]:
+    """Parameters of the text encoder and the VAE the preset describes (0 where arch_vae is not a Wan VAE's)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    m = cfg.model
+    vocab = UMT5_VOCAB if m.kind == "wan" or m.path else 512
+    with torch.device("meta"):
+        text = UMT5EncoderModel(
+            UMT5Config(vocab_size=vocab, d_model=m.arch_transformer["text_dim"], **m.arch_text_encoder)
+        )
+        try:
+            vae = sum(p.numel() for p in AutoencoderKLWan(**m.arch_vae).parameters())
+        except TypeError:
+            vae = 0  # another VAE (the toy world's pixel VAE)
+    return {"text_encoder": sum(p.numel() for p in text.parameters()), "vae": vae}
+
+
+def tokens_per_sample(cfg) -> int:
+    _, frames, height, width = latent_shape(
+        cfg.model.arch_vae, cfg.render.height, cfg.render.width, cfg.render.num_frames
+    )
+    p_t, p_h, p_w = cfg.model.arch_transformer["patch_size"]
+    return (frames // p_t) * (height // p_h) * (width // p_w)
+
+
+def activation_bytes(cfg, micro_batch: int, checkpointing: bool, element_bytes: int) -> int:
+    """Activations kept for the backward pass of one micro-batch. A Wan block keeps about 22 x dim + 2 x ffn
+    values per token (norms, q/k/v with their norms and rotary, attention out, cross-attention, the FFN); with
+    gradient checkpointing only each block's input is kept, plus one block recomputed at a time."""
+    arch = cfg.model.arch_transformer
+    dim, layers, tokens = (
+        arch["num_attention_heads"] * arch["attention_head_dim"],
+        arch["num_layers"],
+        tokens_per_sample(cfg),
+    )
+    per_block = (22 * dim + 2 * arch["ffn_dim"]) * element_bytes + family_for(cfg.model).modulation_bytes_per_token(dim)
+    kept = layers * dim * element_bytes + per_block if checkpointing else layers * per_block
+    return micro_batch * tokens * kept
+
+
+def model_state_bytes(
+    params: int, trainable: int, setting: TrainSetting, arch: dict, nodes: int, per_node: int, bf16: bool
+) -> dict:
+    """Per GPU: the trainable parameters' model states (DeepSpeed's estimators) and the frozen parameters."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    gpus = nodes * per_node
+    layer = min(largest_layer(arch), trainable)
+    if not bf16:  # fp32 (CPU runs): 4-byte parameters and gradients and fp32 Adam, no 16-bit copies
+        if setting.zero == 0:
+            gpu = 16 * trainable  # the client optimizer as it is: parameters, gradients, two moments
+        elif setting.zero == 3:
+            gpu = 4 * layer + (0 if setting.offload else 16 * trainable // gpus)
+        else:  # parameters whole; the fp32 master copy, gradients and moments partitioned
+            gpu = 4 * trainable + (0 if setting.offload else 16 * trainable // gpus)
+    elif setting.zero == 3:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+            trainable, layer, per_node, nodes, setting.offload, setting.offload, True, 1.0
+        )
+    else:
+        shards = (nodes, per_node) if setting.zero else (1, 1)  # ZeRO-0: every rank holds everything
+        _, gpu = estimate_zero2_model_states_mem_needs(trainable, shards[1], shards[0], setting.offload, 1.0)
+    frozen = (params - trainable) * (2 if bf16 else 4)
+    if setting.zero == 3:
+        frozen = 0 if setting.offload else frozen // gpus
+    return {"model_states": int(gpu), "frozen_parameters": int(frozen)}
+
+
+def plan_training(cfg, setting: TrainSetting, nodes: int, per_node: int) -> dict:
+    """Bytes per GPU of stage 4 under `setting`."""
+    arch, tc, family = cfg.model.arch_transformer, cfg.train, family_for(cfg.model)
+    bf16 = tc.precision == "bf16"
+    params = transformer_parameters(arch)
+    trainable = (
+        params
+        if setting.mode == "full"
+        else lora_parameters(arch, list(tc.lora_targets or family.lora_targets), int(tc.lora_rank))
+    )
+    parts = model_state_bytes(params, trainable, setting, arch, nodes, per_node, bf16)
+    parts["activations"] = activation_bytes(cfg, setting.micro_batch, setting.checkpointing, 2 if bf16 else 4)
+    if setting.validation:  # validation: the VAE (rank 0) and the family's other transformers, frozen
+        others = len(family.components) - 1
+        parts["validation_models"] = others * params * 2 + component_parameters(cfg)["vae"] * 4
+    parts["reserved"] = RESERVED
+    return {
+        "setting": asdict(setting),
+        "bytes": parts,
+        "total": sum(parts.values()),
+        "parameters": params,
+        "trainable": trainable,
+    }
+
+
+def alternatives(setting: TrainSetting) -> list[tuple[float, TrainSetting]]:
+    """Every setting within reach, with a cost: the slowdown or change of method it brings."""
+    batch = setting.micro_batch * setting.grad_accum
+    micros = sorted(
+        {m for m in (setting.micro_batch, 4, 2, 1) if m <= setting.micro_batch and batch % m == 0}, reverse=True
+    )
+    found = []
+    choices = itertools.product(DS_CONFIGS, (False, True), ("full", "lora"), micros, (True, False))
+    for (zero, offload), checkpointing, mode, micro, validation in choices:
+        if (mode == "full" and setting.mode == "lora") or (validation and not setting.validation):
+            continue  # never suggest more than asked
+        cost = (
+            (zero > setting.zero) * 1.0
+            + (offload and not setting.offload) * 3.0
+            + (checkpointing and not setting.checkpointing) * 1.0
+            + (mode != setting.mode) * 10.0  # LoRA instead of full changes the method: the last resort
+            + (setting.micro_batch // micro - 1) * 0.5
+            + (setting.validation and not validation) * 0.5  # no validation videos while training
+        )
+        found.append((cost, TrainSetting(zero, offload, checkpointing, mode, micro, batch // micro, validation)))
+    return sorted(found, key=lambda c: c[0])
+
+
+def train_plan(cfg, ds_config: dict, nodes: int, per_node: int, gpu_mem_gib: float) -> dict:
+    """The asked setting's plan and verdict; when it does not fit, the cheapest setting that does."""
+    tc = cfg.train
+    zero, offload = ds_zero(ds_config)
+    checkpointing, validation = bool(tc.gradient_checkpointing), tc.sample_every > 0
+    asked = TrainSetting(
+        zero, offload, checkpointing, tc.mode, int(tc.micro_batch_size), int(tc.grad_accum), validation
+    )
+    plan = plan_training(cfg, asked, nodes, per_node)
+    limit = int(gpu_mem_gib * GIB)
+    plan |= {"stage": "stage4", "gpu_bytes": limit, "gpus": nodes * per_node, "fits": plan["total"] <= limit}
+    plan["headroom"] = limit - plan["total"]
+    if not plan["fits"]:
+        for _, setting in alternatives(asked):
+            candidate = plan_training(cfg, setting, nodes, per_node)
+            if candidate["total"] <= limit:
+                plan["fitting"] = candidate | {"flags": setting.flags(DS_CONFIGS[setting.zero, setting.offload])}
+                break
+    return plan
+
+
+def render_plan(cfg, nodes: int, per_node: int, gpu_mem_gib: float) -> dict:
+    """Bytes per GPU of stage 2: the frozen models, the sampler's peak, and the VAE decode (tiled or not)."""
+    m, r, family = cfg.model, cfg.render, family_for(cfg.model)
+    weight = 2 if m.dtype in ("bfloat16", "float16") else 4
+    arch = m.arch_transformer
+    dim = arch["num_attention_heads"] * arch["attention_head_dim"]
+    components = component_parameters(cfg)
+    models = {
+        "transformers": len(family.components) * transformer_parameters(arch) * weight,
+        "text_encoder": components["text_encoder"] * weight,
+        "vae": components["vae"] * weight,
+    }
+    guidance = 2 if r.guidance_scale > 1 else 1
+    sampling = r.batch_size * guidance * tokens_per_sample(cfg) * (arch["ffn_dim"] + 4 * dim) * weight
+    # The decoder's widest activations: a few tensors of base_dim channels over 4 frames at full size.
+    base_dim = m.arch_vae.get("decoder_base_dim") or m.arch_vae.get("base_dim", 96)
+    tile = (256 * 256) if r.vae_tiling else r.height * r.width
+    decode = 12 * base_dim * 4 * min(tile, r.height * r.width) * weight * (1 if r.vae_slicing else r.batch_size)
+    held = max(models.values()) if r.cpu_offload else sum(models.values())  # offload: one model on the GPU at a time
+    # Sampling and the decode come one after the other: the larger of the two is the peak.
+    peak = "sampling" if sampling >= decode else "vae_decode"
+    parts = {"models": held, f"{peak} (peak)": max(sampling, decode), "reserved": RESERVED}
+    total = sum(parts.values())
+    limit = int(gpu_mem_gib * GIB)
+    return {
+        "stage": "stage2",
+        "bytes": parts,
+        "models": models,
+        "peaks": {"sampling": sampling, "vae_decode": decode, "vae_tiling": bool(r.vae_tiling)},
+        "total": total,
+        "gpu_bytes": limit,
+        "gpus": nodes * per_node,
+        "fits": total <= limit,
+        "headroom": limit - total,
+    }
+
+
+def size(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB" if abs(n) >= GIB / 10 else f"{n / 2**20:8.2f} MiB"
+
+
+def describe(plan: dict) -> str:
+    """The plan as text, in GiB per GPU."""
+    lines = [
+        f"{plan['stage']} memory plan per GPU ({plan['gpus']} GPUs of {plan['gpu_bytes'] / GIB:.0f} GiB; predicted):"
+    ]
+    for name, value in plan["bytes"].items():
+        if isinstance(value, dict):
+            continue
+        lines.append(f"  {name:<20} {size(value)}")
+    lines.append(
+        f"  {'total':<20} {size(plan['total'])}: "
+        + ("fits" if plan["fits"] else "DOES NOT FIT")
+        + f" ({size(plan['headroom']).strip()} headroom)"
+    )
+    if "fitting" in plan:
+        lines.append(
+            f"  cheapest setting that fits ({size(plan['fitting']['total']).strip()}): {plan['fitting']['flags']}"
+        )
+    elif not plan["fits"] and plan["stage"] == "stage4":
+        lines.append("  no setting within reach fits: use more GPUs or GPUs with more memory")
+    return "\n".join(lines)
+
+
+def to_json(plan: dict) -> str:
+    return json.dumps(plan, indent=1, sort_keys=True)
+
+
+class MemoryPlanError(ValueError):
+    """A setting the plan says cannot fit (a user error: exit code 2 with the plan, no traceback)."""
+
+
+def planned_gpu_memory_gib(model_cfg) -> float | None:
+    """model.gpu_mem_gib, else the memory of the GPU this process sees; None on a CPU (nothing to plan)."""
+    if float(model_cfg.gpu_mem_gib) > 0:
+        return float(model_cfg.gpu_mem_gib)
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    return None
+
+
+def enforce(plan: dict, force: bool, log) -> None:
+    """Print the plan; refuse, before any compute, a setting it says cannot fit (unless --force)."""
+    text = describe(plan)
+    if plan["fits"]:
+        log.info("%s", text)
+    elif force:
+        log.warning("%s\n--force: running anyway", text)
+    else:
+        raise MemoryPlanError(f"{text}\nRefused before any compute; pass --force to run anyway.")
+
+
+def cluster_shape(world: int) -> tuple[int, int]:
+    """(nodes, GPUs per node) of this run, from torchrun's LOCAL_WORLD_SIZE."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(1, world // per_node), per_node
+
+
+def check_training_memory(cfg, ds_config: dict, world: int, log) -> None:
+    """Stage 4: plan for the GPUs seen (or model.gpu_mem_gib), print it, refuse what cannot fit."""
+    gib = planned_gpu_memory_gib(cfg.model)
+    if gib is not None:
+        enforce(train_plan(cfg, ds_config, *cluster_shape(world), gib), cfg.model.force, log)
+
+
+def check_rendering_memory(cfg, world: int, log) -> None:
+    """Stage 2: the same for rendering."""
+    gib = planned_gpu_memory_gib(cfg.model)
+    if gib is not None:
+        enforce(render_plan(cfg, *cluster_shape(world), gib), cfg.model.force, log)

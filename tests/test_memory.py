@@ -1,0 +1,92 @@
+"""The memory planner: a plan for every preset, the cheapest fitting setting when the asked one does not
+fit, and stages 2 and 4 refusing before any compute what the plan says cannot fit (unless --force)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_stage
+
+from gigavideo.config import PRESETS_DIR, load_config
+from gigavideo.ds_config import build_ds_config
+from gigavideo.memory import GIB, plan_training, render_plan, train_plan
+
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def plan_for(preset: str, gpus: int = 8, gib: float = 80.0, **overrides) -> dict:
+    cfg = load_config(preset, "train", overrides)
+    return train_plan(cfg, build_ds_config(cfg.train, gpus), 1, gpus, gib)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_has_a_plan_for_both_stages(preset):
+    cfg = load_config(preset, "train")
+    for plan in (plan_for(preset), render_plan(cfg, 1, 8, 80.0)):
+        assert plan["total"] == sum(v for v in plan["bytes"].values() if isinstance(v, int))
+        assert plan["fits"] == (plan["total"] <= 80 * GIB) and all(
+            v >= 0 for v in plan["bytes"].values() if isinstance(v, int)
+        )
+
+
+def test_a_setting_that_does_not_fit_gets_the_cheapest_one_that_does():
+    plan = plan_for("wan2.1-t2v-14b")  # full fine-tuning at 720p on 8 x 80 GiB
+    assert not plan["fits"] and plan["fitting"]["total"] <= 80 * GIB
+    assert plan["fitting"]["setting"]["mode"] == "full"  # LoRA (another method) only as the last resort
+    assert plan_for("wan2.1-t2v-1.3b")["fits"] and "fitting" not in plan_for("wan2.1-t2v-1.3b")
+    lora = plan_for("wan2.1-t2v-14b", mode="lora")
+    assert (
+        lora["trainable"] < lora["parameters"] / 100 and lora["bytes"]["model_states"] < plan["bytes"]["model_states"]
+    )
+
+
+def test_zero_partitions_model_states_over_gpus_and_checkpointing_cuts_activations():
+    cfg = load_config("wan2.1-t2v-1.3b", "train")
+    base = plan_for("wan2.1-t2v-1.3b")["setting"]
+
+    def states(gpus, **change):
+        return plan_training(cfg, type_of_setting()(**{**base, **change}), 1, gpus)["bytes"]
+
+    assert states(1, zero=0)["model_states"] == states(8, zero=0)["model_states"]  # nothing partitioned
+    assert states(8, zero=2)["model_states"] < states(1, zero=2)["model_states"]
+    assert states(8, zero=3)["model_states"] < states(8, zero=2)["model_states"]
+    assert states(8, checkpointing=True)["activations"] * 5 < states(8, checkpointing=False)["activations"]
+
+
+def type_of_setting():
+    from gigavideo.memory import TrainSetting
+
+    return TrainSetting
+
+
+def test_bench_prints_the_plan_as_json_in_bytes_per_gpu():
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/memory_plan.py"),
+            "--preset=wan2.2-t2v-a14b",
+            "--gpu_mem_gib=141",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    train, render = json.loads(out[out.index("[") :])
+    assert train["stage"] == "stage4" and render["stage"] == "stage2" and train["gpu_bytes"] == 141 * GIB
+    assert train["bytes"]["validation_models"] > 28e9  # the other expert, frozen, for validation videos
+
+
+@pytest.mark.slow
+def test_stages_refuse_before_any_compute_what_cannot_fit_and_force_runs_anyway(scored_copy):
+    proc = run_stage("stage4", scored_copy, "--gpu_mem_gib=1", "--max_steps=2", check=False)
+    assert proc.returncode == 2 and "DOES NOT FIT" in proc.stderr and "Refused before any compute" in proc.stderr
+    assert not (scored_copy / "stage4" / "checkpoints").exists()
+    proc = run_stage("stage2", scored_copy, "--gpu_mem_gib=1", "--overwrite", check=False)
+    assert proc.returncode == 2 and "stage2 memory plan" in proc.stderr
+    assert (scored_copy / "stage2" / "manifest.json").is_file()  # refused before --overwrite removed anything
+    proc = run_stage("stage4", scored_copy, "--gpu_mem_gib=1", "--force", "--max_steps=2", "--sample_every=0")
+    assert "--force: running anyway" in proc.stderr and (scored_copy / "stage4" / "manifest.json").is_file()
