@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import REPO_ROOT
 from .families import family_for
 from .models import latent_shape, transformer_parameters
 
@@ -48,24 +49,35 @@ class TrainSetting:
         )
 
 
+def ds_file(path: str) -> dict:
+    """A shipped DeepSpeed config's zero_optimization section."""
+    return json.loads((REPO_ROOT / path).read_text()).get("zero_optimization", {})
+
+
 def ds_zero(ds_config: dict) -> tuple[int, bool]:
     zero = ds_config.get("zero_optimization", {})
     offload = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
     return int(zero.get("stage", 0)), offload
 
 
-def lora_parameters(arch: dict, targets: list[str], rank: int) -> int:
-    """The adapters' parameters: r x (in + out) for every targeted Linear, counted on the meta device."""
+def parameter_sizes(arch: dict, mode: str, targets: list[str], rank: int) -> tuple[list[int], list[int]]:
+    """The sizes of the trained and of the frozen parameter tensors (LoRA: r x in and out x r per targeted
+    Linear, the base frozen), from the transformer built on the meta device."""
     from diffusers import WanTransformer3DModel
 
     arch = {k: tuple(v) if k == "patch_size" else v for k, v in arch.items() if not k.startswith("_")}
     with torch.device("meta"):
         model = WanTransformer3DModel(**arch)
-    return sum(
-        rank * (m.in_features + m.out_features)
+    base = [p.numel() for p in model.parameters()]
+    if mode == "full":
+        return base, []
+    adapters = [
+        size
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    )
+        for size in (rank * m.in_features, m.out_features * rank)
+    ]
+    return adapters, base
 
 
 def largest_layer(arch: dict) -> int:
@@ -115,45 +127,64 @@ def activation_bytes(cfg, micro_batch: int, checkpointing: bool, element_bytes: 
 
 
 def model_state_bytes(
-    params: int, trainable: int, setting: TrainSetting, arch: dict, nodes: int, per_node: int, bf16: bool
+    trained: list[int],
+    frozen: list[int],
+    setting: TrainSetting,
+    zero_cfg: dict,
+    nodes: int,
+    per_node: int,
+    bf16: bool,
+    arch: dict,
 ) -> dict:
-    """Per GPU: the trainable parameters' model states (DeepSpeed's estimators) and the frozen parameters."""
+    """Per GPU: the trained parameters' model states at their peak (the backward pass, once the optimizer
+    has state) and the frozen parameters.
+
+    Without offload these are the bytes DeepSpeed holds, per trained parameter, as measured per rank on
+    CPU with two ranks (tests/test_memory.py keeps them honest): ZeRO-0 16; ZeRO-2 bf16 2 + 14/N, fp32
+    4 + 16/N; ZeRO-3 bf16 16/N, fp32 20/N for a partitioned tensor, and bf16 4 + 12/N, fp32 8 + 12/N for
+    one under stage3_param_persistence_threshold, which every rank keeps whole, plus the reduce bucket.
+    DeepSpeed's own estimators (used with offload) also count a 4-byte gradient copy per parameter that
+    it no longer holds at the peak.
+    """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    gpus = nodes * per_node
-    layer = min(largest_layer(arch), trainable)
-    if not bf16:  # fp32 (CPU runs): 4-byte parameters and gradients and fp32 Adam, no 16-bit copies
-        if setting.zero == 0:
-            gpu = 16 * trainable  # the client optimizer as it is: parameters, gradients, two moments
-        elif setting.zero == 3:
-            gpu = 4 * layer + (0 if setting.offload else 16 * trainable // gpus)
-        else:  # parameters whole; the fp32 master copy, gradients and moments partitioned
-            gpu = 4 * trainable + (0 if setting.offload else 16 * trainable // gpus)
-    elif setting.zero == 3:
-        _, gpu, _ = estimate_zero3_model_states_mem_needs(
-            trainable, layer, per_node, nodes, setting.offload, setting.offload, True, 1.0
+    gpus, width = nodes * per_node, 2 if bf16 else 4
+    threshold = int(zero_cfg.get("stage3_param_persistence_threshold", 100000))
+    kept = sum(n for n in trained if n < threshold)  # ZeRO-3 keeps these whole on every rank
+    total = sum(trained)
+    if setting.offload and setting.zero == 3:
+        _, states, _ = estimate_zero3_model_states_mem_needs(
+            total, min(largest_layer(arch), total), per_node, nodes, True, True, True, 1.0
         )
+    elif setting.offload:
+        _, states = estimate_zero2_model_states_mem_needs(total, per_node, nodes, True, 1.0)
+    elif setting.zero == 0:
+        states = 16 * total
+    elif setting.zero == 3:
+        whole, split = (4, 16) if bf16 else (8, 20)
+        states = whole * kept + 12 * kept / gpus + split * (total - kept) / gpus
+        states += int(zero_cfg.get("reduce_bucket_size", 500_000_000)) * width  # the contiguous gradient bucket
     else:
-        shards = (nodes, per_node) if setting.zero else (1, 1)  # ZeRO-0: every rank holds everything
-        _, gpu = estimate_zero2_model_states_mem_needs(trainable, shards[1], shards[0], setting.offload, 1.0)
-    frozen = (params - trainable) * (2 if bf16 else 4)
+        states = (2 + 14 / gpus) * total if bf16 else (4 + 16 / gpus) * total
+    frozen_bytes = sum(frozen) * width
     if setting.zero == 3:
-        frozen = 0 if setting.offload else frozen // gpus
-    return {"model_states": int(gpu), "frozen_parameters": int(frozen)}
+        small = sum(n for n in frozen if n < threshold)
+        frozen_bytes = (small + (0 if setting.offload else (sum(frozen) - small) / gpus)) * width
+    return {"model_states": int(states), "frozen_parameters": int(frozen_bytes)}
 
 
-def plan_training(cfg, setting: TrainSetting, nodes: int, per_node: int) -> dict:
+def plan_training(cfg, setting: TrainSetting, nodes: int, per_node: int, zero_cfg: dict | None = None) -> dict:
     """Bytes per GPU of stage 4 under `setting`."""
     arch, tc, family = cfg.model.arch_transformer, cfg.train, family_for(cfg.model)
     bf16 = tc.precision == "bf16"
-    params = transformer_parameters(arch)
-    trainable = (
-        params
-        if setting.mode == "full"
-        else lora_parameters(arch, list(tc.lora_targets or family.lora_targets), int(tc.lora_rank))
-    )
-    parts = model_state_bytes(params, trainable, setting, arch, nodes, per_node, bf16)
+    if zero_cfg is None:  # a shipped config of that ZeRO stage (ZeRO-0 has none: nothing to read)
+        shipped = DS_CONFIGS.get((setting.zero, setting.offload))
+        zero_cfg = ds_file(shipped) if shipped else {"stage": setting.zero}
+    targets = list(tc.lora_targets or family.lora_targets)
+    trained, frozen = parameter_sizes(arch, setting.mode, targets, int(tc.lora_rank))
+    params, trainable = sum(trained) + sum(frozen), sum(trained)
+    parts = model_state_bytes(trained, frozen, setting, zero_cfg, nodes, per_node, bf16, arch)
     parts["activations"] = activation_bytes(cfg, setting.micro_batch, setting.checkpointing, 2 if bf16 else 4)
     if setting.validation:  # validation: the VAE (rank 0) and the family's other transformers, frozen
         others = len(family.components) - 1
@@ -199,7 +230,7 @@ def train_plan(cfg, ds_config: dict, nodes: int, per_node: int, gpu_mem_gib: flo
     asked = TrainSetting(
         zero, offload, checkpointing, tc.mode, int(tc.micro_batch_size), int(tc.grad_accum), validation
     )
-    plan = plan_training(cfg, asked, nodes, per_node)
+    plan = plan_training(cfg, asked, nodes, per_node, ds_config.get("zero_optimization", {}))
     limit = int(gpu_mem_gib * GIB)
     plan |= {"stage": "stage4", "gpu_bytes": limit, "gpus": nodes * per_node, "fits": plan["total"] <= limit}
     plan["headroom"] = limit - plan["total"]

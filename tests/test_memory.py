@@ -2,6 +2,7 @@
 fit, and stages 2 and 4 refusing before any compute what the plan says cannot fit (unless --force)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,9 +32,10 @@ def test_every_preset_has_a_plan_for_both_stages(preset):
 
 
 def test_a_setting_that_does_not_fit_gets_the_cheapest_one_that_does():
-    plan = plan_for("wan2.1-t2v-14b")  # full fine-tuning at 720p on 8 x 80 GiB
+    plan = plan_for("wan2.2-t2v-a14b")  # full fine-tuning of an expert at 720p on 8 x 80 GiB
     assert not plan["fits"] and plan["fitting"]["total"] <= 80 * GIB
     assert plan["fitting"]["setting"]["mode"] == "full"  # LoRA (another method) only as the last resort
+    assert "--sample_every=0" in plan["fitting"]["flags"]  # validation holds the other expert
     assert plan_for("wan2.1-t2v-1.3b")["fits"] and "fitting" not in plan_for("wan2.1-t2v-1.3b")
     lora = plan_for("wan2.1-t2v-14b", mode="lora")
     assert (
@@ -90,3 +92,41 @@ def test_stages_refuse_before_any_compute_what_cannot_fit_and_force_runs_anyway(
     assert (scored_copy / "stage2" / "manifest.json").is_file()  # refused before --overwrite removed anything
     proc = run_stage("stage4", scored_copy, "--gpu_mem_gib=1", "--force", "--max_steps=2", "--sample_every=0")
     assert "--force: running anyway" in proc.stderr and (scored_copy / "stage4" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("ds_config,zero", [("zero0", 0), ("ds_configs/zero2.json", 2), ("ds_configs/zero3.json", 3)])
+def test_the_planned_model_states_are_the_bytes_each_of_two_ranks_holds(tmp_path, precision, ds_config, zero):
+    """Tiny preset, two ranks, full fine-tuning: every live tensor at the peak, per rank, against the plan."""
+    if ds_config == "zero0":
+        config = json.loads((REPO / "ds_configs/zero2.json").read_text())
+        config["zero_optimization"] = {"stage": 0}
+        ds_config = tmp_path / "zero0.json"
+        ds_config.write_text(json.dumps(config))
+    flags = [f"--ds_config={ds_config}", f"--precision={precision}", "--micro_batch_size=1", "--grad_accum=1"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests/measure_model_states.py"),
+            str(tmp_path),
+            *flags,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = [json.loads(m)["bytes"] for m in re.findall(r'\{"rank": \d+, "bytes": \d+\}', proc.stdout)]
+    cfg = load_config("tiny", "train", {f.split("=")[0][2:]: f.split("=")[1] for f in flags})
+    ds = build_ds_config(cfg.train, 2)
+    setting = type_of_setting()(zero, False, False, "full", 1, 1, False)
+    planned = plan_training(cfg, setting, 1, 2, ds["zero_optimization"])["bytes"]
+    assert len(measured) == 2
+    for held in measured:  # within 1%: a few hundred bytes of gradient norms and padding
+        assert abs(held / (planned["model_states"] + planned["frozen_parameters"]) - 1) < 0.01, (held, planned)
