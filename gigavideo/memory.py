@@ -8,6 +8,7 @@ the architecture and the video's shape; they are predictions until a GPU has mea
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -60,24 +61,33 @@ def ds_zero(ds_config: dict) -> tuple[int, bool]:
     return int(zero.get("stage", 0)), offload
 
 
-def parameter_sizes(arch: dict, mode: str, targets: list[str], rank: int) -> tuple[list[int], list[int]]:
-    """The sizes of the trained and of the frozen parameter tensors (LoRA: r x in and out x r per targeted
-    Linear, the base frozen), from the transformer built on the meta device."""
+@functools.lru_cache(maxsize=16)
+def _transformer_shapes(arch_json: str) -> tuple[tuple[int, ...], tuple[tuple[str, int, int], ...]]:
+    """A transformer built once on the meta device: its parameter sizes, and every Linear's (name, in, out)."""
     from diffusers import WanTransformer3DModel
 
-    arch = {k: tuple(v) if k == "patch_size" else v for k, v in arch.items() if not k.startswith("_")}
+    arch = {k: tuple(v) if k == "patch_size" else v for k, v in json.loads(arch_json).items() if not k.startswith("_")}
     with torch.device("meta"):
         model = WanTransformer3DModel(**arch)
-    base = [p.numel() for p in model.parameters()]
+    linears = tuple(
+        (name, m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    )
+    return tuple(p.numel() for p in model.parameters()), linears
+
+
+def parameter_sizes(arch: dict, mode: str, targets: list[str], rank: int) -> tuple[list[int], list[int]]:
+    """The sizes of the trained and of the frozen parameter tensors (LoRA: r x in and out x r per targeted
+    Linear, the base frozen)."""
+    base, linears = _transformer_shapes(json.dumps(arch, sort_keys=True))
     if mode == "full":
-        return base, []
+        return list(base), []
     adapters = [
         size
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-        for size in (rank * m.in_features, m.out_features * rank)
+        for name, d_in, d_out in linears
+        if any(name == t or name.endswith("." + t) for t in targets)
+        for size in (rank * d_in, d_out * rank)
     ]
-    return adapters, base
+    return adapters, list(base)
 
 
 def largest_layer(arch: dict) -> int:
@@ -87,17 +97,21 @@ def largest_layer(arch: dict) -> int:
 
 def component_parameters(cfg) -> dict[str, int]:
     """Parameters of the text encoder and the VAE the preset describes (0 where arch_vae is not a Wan VAE's)."""
+    m = cfg.model
+    vocab = UMT5_VOCAB if m.kind == "wan" or m.path else 512
+    text = {"vocab_size": vocab, "d_model": m.arch_transformer["text_dim"], **m.arch_text_encoder}
+    return _component_parameters(json.dumps(text, sort_keys=True), json.dumps(m.arch_vae, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _component_parameters(text_json: str, vae_json: str) -> dict[str, int]:
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
-    m = cfg.model
-    vocab = UMT5_VOCAB if m.kind == "wan" or m.path else 512
     with torch.device("meta"):
-        text = UMT5EncoderModel(
-            UMT5Config(vocab_size=vocab, d_model=m.arch_transformer["text_dim"], **m.arch_text_encoder)
-        )
+        text = UMT5EncoderModel(UMT5Config(**json.loads(text_json)))
         try:
-            vae = sum(p.numel() for p in AutoencoderKLWan(**m.arch_vae).parameters())
+            vae = sum(p.numel() for p in AutoencoderKLWan(**json.loads(vae_json)).parameters())
         except TypeError:
             vae = 0  # another VAE (the toy world's pixel VAE)
     return {"text_encoder": sum(p.numel() for p in text.parameters()), "vae": vae}
