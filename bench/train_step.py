@@ -6,8 +6,9 @@
                                              # the real-size architecture (random weights), bf16: adds MFU,
                                              # peak memory and the projected GPU-hours of the paper's recipe
 
-Prints: (1) the stage-4 step (DeepSpeed engine, the reward-weighted objective) divided by a bare
-PyTorch forward + backward + AdamW step of the same model on the same batch (target <= 1.10);
+Prints, as medians of interleaved rounds (one thread on CPU): (1) the stage-4 step (DeepSpeed engine,
+the reward-weighted objective) divided by a bare PyTorch forward + backward + AdamW step of the same
+model on the same batch (target <= 1.10);
 (2) a step on precomputed latents and embeddings vs encoding the video and the prompt on the fly
 (target >= 3x); (3) per-rank optimizer-state memory under ZeRO-0/2/3 with two ranks (the
 `--memory_probe` subprocesses, launched with torchrun).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -37,8 +39,21 @@ from gigavideo.models import encode_video
 REPO = Path(__file__).resolve().parent.parent
 
 
-def timed(fn, steps: int, device) -> float:
-    fn()  # warm-up
+def interleaved(variants: dict, rounds: int, steps: int, device) -> dict[str, float]:
+    """Median seconds per step of each variant, timed in interleaved rounds (the order rotating each round),
+    so that a drift in the machine's speed hits every variant alike."""
+    for fn in variants.values():
+        fn()  # warm-up
+    names, times = list(variants), {name: [] for name in variants}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed(variants[name], steps, device, warm_up=False))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed(fn, steps: int, device, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -123,7 +138,7 @@ def flops_per_sample(transformer, latents) -> float:
 
 def main(
     device: str = "cpu",
-    steps: int = 10,
+    steps: int = 20,
     batch: int = 2,
     frames: int = 33,
     size: int = 128,
@@ -134,10 +149,14 @@ def main(
     peak_tflops: float = 989.0,
     paper_samples: int = 10000,
     memory_probe_zero: int = -1,
+    rounds: int = 5,
+    threads: int = 1,
 ):
     """See the module docstring."""
     if memory_probe_zero >= 0:
         return memory_probe(memory_probe_zero)
+    if device == "cpu":
+        torch.set_num_threads(threads)  # one thread: the per-step overheads are what is compared
     import deepspeed
 
     single_process_defaults()
@@ -185,8 +204,14 @@ def main(
         engine.backward(loss)
         engine.step()
 
-    bare, stage4, fly = (timed(f, steps, dev) for f in (bare_step, stage4_step, on_the_fly_step))
-    print(f"device {device}, tiny preset, batch {batch} of {frames}x{size}x{size} videos, {steps} steps each")
+    medians = interleaved(
+        {"bare": bare_step, "stage4": stage4_step, "on_the_fly": on_the_fly_step}, rounds, max(1, steps // rounds), dev
+    )
+    bare, stage4, fly = medians["bare"], medians["stage4"], medians["on_the_fly"]
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), tiny preset, batch {batch} of {frames}x{size}x{size} "
+        f"videos; medians of {rounds} interleaved rounds of {max(1, steps // rounds)} steps"
+    )
     print(f"bare forward+backward+AdamW: {bare * 1000:8.1f} ms/step")
     print(f"stage-4 step (DeepSpeed):    {stage4 * 1000:8.1f} ms/step   ratio {stage4 / bare:.2f} (target <= 1.10)")
     print(
