@@ -6,9 +6,10 @@
                                              # the real-size architecture (random weights), bf16: adds MFU,
                                              # peak memory and the projected GPU-hours of the paper's recipe
 
-Prints, as medians of interleaved rounds (one thread on CPU): (1) the stage-4 step (DeepSpeed engine,
-the reward-weighted objective) divided by a bare PyTorch forward + backward + AdamW step of the same
-model on the same batch (target <= 1.10);
+Prints, as medians of interleaved rounds (one thread per process on CPU): (1) the stage-4 step (DeepSpeed
+engine, the reward-weighted objective) divided by a bare PyTorch step of the same model on the same batch
+(forward, backward, the recipe's gradient clipping, AdamW; with two processes the bare model is wrapped
+in DistributedDataParallel), with one process and with two (target <= 1.10 for both);
 (2) a step on precomputed latents and embeddings vs encoding the video and the prompt on the fly
 (target >= 3x); (3) per-rank optimizer-state memory under ZeRO-0/2/3 with two ranks (the
 `--memory_probe` subprocesses, launched with torchrun).
@@ -138,7 +139,7 @@ def flops_per_sample(transformer, latents) -> float:
 
 def main(
     device: str = "cpu",
-    steps: int = 20,
+    steps: int = 36,
     batch: int = 2,
     frames: int = 33,
     size: int = 128,
@@ -149,8 +150,9 @@ def main(
     peak_tflops: float = 989.0,
     paper_samples: int = 10000,
     memory_probe_zero: int = -1,
-    rounds: int = 5,
+    rounds: int = 9,
     threads: int = 1,
+    ranks_probe: bool = False,
 ):
     """See the module docstring."""
     if memory_probe_zero >= 0:
@@ -159,7 +161,7 @@ def main(
         torch.set_num_threads(threads)  # one thread: the per-step overheads are what is compared
     import deepspeed
 
-    single_process_defaults()
+    single_process_defaults()  # one process without torchrun; under torchrun (--ranks_probe) its world
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -174,22 +176,10 @@ def main(
     pipe = family_for(cfg.model).build_tiny_pipeline().to(dev)
     pixels, latents, embeds, noise = make_batch(pipe, batch, frames, size, dev)
     t, weights = torch.full((batch,), 0.5), torch.ones(batch, device=dev)
-
-    bare_model = family_for(cfg.model).build_tiny_pipeline().transformer.to(dev).train()
-    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-5)
-
-    def bare_step():
-        loss, _ = batch_loss(bare_model, latents, embeds, weights, t, noise)
-        loss.backward()
-        bare_opt.step()
-        bare_opt.zero_grad()
-
-    engine = engine_for(family_for(cfg.model).build_tiny_pipeline().transformer.to(dev).train(), cfg.train)
-
-    def stage4_step():
-        loss, _ = batch_loss(engine, latents, embeds, weights, t, noise)
-        engine.backward(loss)
-        engine.step()
+    bare_step, stage4_step, engine = step_functions(cfg, pipe, latents, embeds, weights, t, noise, dev)
+    medians = interleaved({"bare": bare_step, "stage4": stage4_step}, rounds, max(1, steps // rounds), dev)
+    if ranks_probe:
+        return report_ranks(medians | {"zero": engine.zero_optimization_stage()})
 
     def on_the_fly_step():
         with torch.no_grad():
@@ -204,41 +194,103 @@ def main(
         engine.backward(loss)
         engine.step()
 
-    medians = interleaved(
-        {"bare": bare_step, "stage4": stage4_step, "on_the_fly": on_the_fly_step}, rounds, max(1, steps // rounds), dev
-    )
-    bare, stage4, fly = medians["bare"], medians["stage4"], medians["on_the_fly"]
+    bare, stage4 = medians["bare"], medians["stage4"]
+    fly = timed(on_the_fly_step, 2, dev)  # tens of times slower: a couple of steps tell
     print(
         f"device {device} ({torch.get_num_threads()} threads), tiny preset, batch {batch} of {frames}x{size}x{size} "
         f"videos; medians of {rounds} interleaved rounds of {max(1, steps // rounds)} steps"
     )
-    print(f"bare forward+backward+AdamW: {bare * 1000:8.1f} ms/step")
-    print(f"stage-4 step (DeepSpeed):    {stage4 * 1000:8.1f} ms/step   ratio {stage4 / bare:.2f} (target <= 1.10)")
+    zero = engine.zero_optimization_stage()
+    print(f"1 process, bare step:        {bare * 1000:8.1f} ms/step   (forward, backward, clipping, AdamW)")
+    print(
+        f"1 process, stage-4 step:     {stage4 * 1000:8.1f} ms/step   ratio {stage4 / bare:.2f} (target <= 1.10; "
+        f"ZeRO-{zero})"
+    )
+    two = torchrun_json(
+        [
+            "--ranks_probe=True",
+            f"--rounds={rounds}",
+            f"--steps={steps}",
+            f"--frames={frames}",
+            f"--size={size}",
+            f"--batch={batch}",
+            f"--threads={threads}",
+        ]
+    )
+    if "error" in two:
+        print(f"2 processes: failed: {two['error']}")
+    else:
+        print(f"2 processes, bare step:      {two['bare'] * 1000:8.1f} ms/step   (DistributedDataParallel)")
+        print(
+            f"2 processes, stage-4 step:   {two['stage4'] * 1000:8.1f} ms/step   "
+            f"ratio {two['stage4'] / two['bare']:.2f} (target <= 1.10; ZeRO-{two['zero']})"
+        )
     print(
         f"encoding on the fly:         {fly * 1000:8.1f} ms/step   precomputed is {fly / stage4:.1f}x faster "
         f"(target >= 3x)"
     )
     for zero in (0, 2, 3):
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                __file__,
-                f"--memory_probe_zero={zero}",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        result = json.loads(lines[-1]) if lines else {"error": out.stderr[-300:]}
+        result = torchrun_json([f"--memory_probe_zero={zero}"])
         print(
             f"ZeRO-{zero}, 2 ranks: optimizer state on rank 0: "
             f"{result.get('optimizer_state_bytes_rank0', 0) / 2**20:.3f} MiB {result.get('error', '')}"
         )
+
+
+def step_functions(cfg, pipe, latents, embeds, weights, t, noise, dev):
+    """(bare step, stage-4 step, engine) on the same tiny weights and batch. The bare step is the same update
+    by hand: forward, backward, the recipe's gradient clipping, AdamW (DDP with more than one process)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    bare_model = pipe.transformer.__class__.from_config(pipe.transformer.config).to(dev).train()
+    bare_model.load_state_dict(pipe.transformer.state_dict())
+    bare_params = list(bare_model.parameters())
+    if world > 1:
+        bare_model = torch.nn.parallel.DistributedDataParallel(bare_model)
+    bare_opt = torch.optim.AdamW(bare_params, lr=1e-5)
+    clip = float(build_ds_config(cfg.train, world).get("gradient_clipping", 0.0))
+
+    def bare_step():
+        loss, _ = batch_loss(bare_model, latents, embeds, weights, t, noise)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(bare_params, clip)
+        bare_opt.step()
+        bare_opt.zero_grad()
+
+    model = pipe.transformer.__class__.from_config(pipe.transformer.config).to(dev).train()
+    model.load_state_dict(pipe.transformer.state_dict())
+    engine = engine_for(model, cfg.train, world)
+
+    def stage4_step():
+        loss, _ = batch_loss(engine, latents, embeds, weights, t, noise)
+        engine.backward(loss)
+        engine.step()
+
+    return bare_step, stage4_step, engine
+
+
+def report_ranks(medians: dict) -> None:
+    """Rank 0 of the two-process run prints its medians as one JSON line; the slowest rank sets the pace."""
+    import torch.distributed as dist
+
+    slowest = [None] * dist.get_world_size()
+    dist.all_gather_object(slowest, medians)
+    if dist.get_rank() == 0:
+        print(json.dumps({name: max(m[name] for m in slowest) for name in medians}), flush=True)
+
+
+def torchrun_json(flags: list[str]) -> dict:
+    """This script on two processes (torchrun); its last JSON line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": out.stderr[-300:]}
 
 
 def bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops, paper_samples):

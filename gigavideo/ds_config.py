@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import torch
+
 from .config import REPO_ROOT
+
+log = logging.getLogger("gigavideo.ds_config")
 
 
 def build_ds_config(train_cfg: dict, world_size: int) -> dict:
@@ -48,4 +53,25 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
             params[key] = float(train_cfg[flag])
     if ds.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{path}: fp16 is not supported for Wan training; use bf16")
-    return ds
+    return fixed_cost_settings(ds, world_size, on_cpu=not torch.cuda.is_available())
+
+
+def fixed_cost_settings(ds: dict, world_size: int, on_cpu: bool) -> dict:
+    """ZeRO-2 settings that cost time per step and buy nothing here, dropped (bench/train_step.py measures
+    it; the updates and the bytes held are the same, bit for bit):
+    - one process has nothing to partition or reduce: ZeRO-2's per-parameter gradient hooks and bucket
+      copies cost about 10% of a small model's step, and ZeRO-1 without overlap or contiguous gradients
+      installs no hooks (its checkpoints convert with zero_to_fp32 alike);
+    - on CPU, contiguous gradients (a copy of every gradient into one buffer, against fragmentation of the
+      GPU's caching allocator) only cost a copy.
+    A config with offload keeps what it asks for."""
+    zero = ds.get("zero_optimization", {})
+    offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+    if zero.get("stage") != 2 or offload:
+        return ds
+    if world_size == 1:
+        log.info("one process: ZeRO-2 runs as ZeRO-1 without gradient hooks (nothing to partition or reduce)")
+        zero = zero | {"stage": 1, "overlap_comm": False, "contiguous_gradients": False, "reduce_scatter": False}
+    elif on_cpu:
+        zero = zero | {"contiguous_gradients": False}
+    return ds | {"zero_optimization": zero}

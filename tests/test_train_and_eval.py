@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from gigavideo.config import REPO_ROOT
 from gigavideo.ds_config import build_ds_config
 from gigavideo.schema import RunDir, read_manifest
 
@@ -93,3 +94,78 @@ def test_inconsistent_deepspeed_batch_sizes_fail_before_any_compute(tmp_path):
         filled["train_batch_size"],
         filled["bf16"]["enabled"],
     ) == (2, 3, 12, False)
+
+
+SAME_UPDATES = """
+import os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+import deepspeed, torch, torch.distributed as dist
+from gigavideo.config import load_config
+from gigavideo.distributed import single_process_defaults
+from gigavideo.config import REPO_ROOT
+from gigavideo.ds_config import build_ds_config
+from gigavideo.families import family_for
+from gigavideo.loss import batch_loss
+
+single_process_defaults()
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = load_config("tiny", "train", {"micro_batch_size": 1, "grad_accum": 1, "precision": sys.argv[1]})
+dtype = torch.bfloat16 if sys.argv[1] == "bf16" else torch.float32
+gen = torch.Generator().manual_seed(dist.get_rank())
+z0, embeds = torch.randn(1, 16, 3, 8, 8, generator=gen), torch.randn(1, 10, 32, generator=gen)
+
+
+def train(ds):
+    torch.manual_seed(0)
+    model = family_for(cfg.model).build_tiny_pipeline().transformer.train()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=ds)
+    for _ in range(3):
+        loss, _ = batch_loss(engine, z0, embeds, torch.ones(1), torch.tensor([0.5]), torch.ones_like(z0), dtype)
+        engine.backward(loss)
+        engine.step()
+    return engine.zero_optimization_stage(), [p.detach().clone() for p in engine.module.parameters()]
+
+
+asked = build_ds_config(cfg.train, dist.get_world_size())
+as_written = asked | {"zero_optimization": {**asked["zero_optimization"], "stage": 2, "overlap_comm": True,
+                                            "contiguous_gradients": True, "reduce_scatter": True}}
+(stage, ours), (_, stock) = train(asked), train(as_written)
+assert all(torch.equal(a, b) for a, b in zip(ours, stock)), "the updates differ"
+print("same updates under ZeRO", stage)
+"""
+
+
+def test_zero2_drops_per_step_costs_that_buy_nothing_here():
+    train = {"ds_config": "ds_configs/zero2.json", "micro_batch_size": 1, "grad_accum": 1, "precision": "fp32"}
+    one = build_ds_config(train, world_size=1)["zero_optimization"]
+    assert (one["stage"], one["overlap_comm"], one["contiguous_gradients"], one["reduce_scatter"]) == (
+        1,
+        False,
+        False,
+        False,
+    )
+    two = build_ds_config(train, world_size=2)["zero_optimization"]
+    assert (two["stage"], two["overlap_comm"], two["contiguous_gradients"]) == (2, True, torch.cuda.is_available())
+    offload = build_ds_config(
+        train | {"ds_config": "ds_configs/zero3_offload.json", "lr": 1e-5, "weight_decay": 0.0}, world_size=1
+    )
+    assert (
+        offload["zero_optimization"]
+        == json.loads((REPO_ROOT / "ds_configs/zero3_offload.json").read_text())["zero_optimization"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_faster_zero_settings_update_the_same_bits_as_the_config_as_written(ranks, precision, tmp_path):
+    script = tmp_path / "same_updates.py"
+    script.write_text(SAME_UPDATES)
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    )
+    proc = subprocess.run([*launcher, str(script), precision], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"same updates under ZeRO {1 if ranks == 1 else 2}" in proc.stdout
