@@ -1,10 +1,9 @@
 #!/usr/bin/env python
 """Stage-4 step cost, every number measured in this one run on this one device.
 
-    python bench/train_step.py               # tiny preset on CPU
-    python bench/train_step.py --device=cuda --preset=wan2.1-t2v-1.3b --height=480 --width=832 --frames=81 --batch=1
-                                             # the real-size architecture (random weights), bf16: adds MFU,
-                                             # peak memory and the projected GPU-hours of the paper's recipe
+    python bench/train_step.py               # tiny preset on CPU (--device=cuda: the same on a GPU)
+
+The real-size step (MFU, peak memory against the plan) is bench/gpu_check.sh's.
 
 Prints, as medians of interleaved rounds (one thread per process on CPU): (1) the stage-4 step (DeepSpeed
 engine, the reward-weighted objective) divided by a bare PyTorch step of the same model on the same batch
@@ -115,40 +114,13 @@ def memory_probe(zero: int) -> None:
         print(json.dumps({"zero": zero, "optimizer_state_bytes_rank0": state}))
 
 
-def build_models(cfg, dev, dtype, layers: int):
-    """(transformer, VAE) of the preset's published architecture with random weights."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-
-    arch = dict(cfg.model.arch_transformer, patch_size=tuple(cfg.model.arch_transformer["patch_size"]))
-    if layers:
-        arch["num_layers"] = layers
-    transformer = WanTransformer3DModel(**arch).to(dev, dtype)
-    transformer.enable_gradient_checkpointing()
-    return transformer, AutoencoderKLWan(**cfg.model.arch_vae).to(dev)
-
-
-def flops_per_sample(transformer, latents) -> float:
-    """Forward + backward (3x forward) FLOPs of one sample: the linear layers plus self-attention."""
-    c, t, h, w = latents.shape[1:]
-    tokens = t * (h // 2) * (w // 2)
-    params = sum(p.numel() for p in transformer.parameters())
-    cfg = transformer.config
-    attention = 4 * cfg.num_layers * tokens**2 * cfg.num_attention_heads * cfg.attention_head_dim
-    return 3 * (2 * params * tokens + attention)
-
-
 def main(
     device: str = "cpu",
     steps: int = 36,
     batch: int = 2,
     frames: int = 33,
     size: int = 128,
-    height: int = 0,
-    width: int = 0,
     preset: str = "tiny",
-    layers: int = 0,
-    peak_tflops: float = 989.0,
-    paper_samples: int = 10000,
     memory_probe_zero: int = -1,
     rounds: int = 9,
     threads: int = 1,
@@ -170,9 +142,8 @@ def main(
         "train",
         {"micro_batch_size": batch, "grad_accum": 1, "precision": "bf16" if dtype == torch.bfloat16 else "fp32"},
     )
-    height, width = height or size, width or size
-    if cfg.model.kind == "wan":  # random weights of the real size
-        return bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops, paper_samples)
+    if cfg.model.kind == "wan":
+        raise SystemExit("the real-size step is bench/gpu_check.sh's (random weights of the published architecture)")
     pipe = family_for(cfg.model).build_tiny_pipeline().to(dev)
     pixels, latents, embeds, noise = make_batch(pipe, batch, frames, size, dev)
     t, weights = torch.full((batch,), 0.5), torch.ones(batch, device=dev)
@@ -291,51 +262,6 @@ def torchrun_json(flags: list[str]) -> dict:
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {"error": out.stderr[-300:]}
-
-
-def bench_real_size(cfg, dev, dtype, batch, frames, height, width, steps, layers, peak_tflops, paper_samples):
-    """The published architecture at the given shape: step time, MFU, peak memory, projected GPU-hours."""
-    transformer, vae = build_models(cfg, dev, dtype, layers)
-    engine = engine_for(transformer.train(), cfg.train)
-    latent_shape = (batch, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(latent_shape, generator=gen).to(dev)
-    embeds = torch.randn(
-        batch, cfg.model.max_sequence_length, cfg.model.arch_transformer["text_dim"], generator=gen
-    ).to(dev, dtype)
-    noise, t, weights = torch.randn_like(latents), torch.full((batch,), 0.5), torch.ones(batch, device=dev)
-
-    def stage4_step():
-        loss, _ = batch_loss(engine, latents, embeds, weights, t, noise, dtype)
-        engine.backward(loss)
-        engine.step()
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    step = timed(stage4_step, steps, dev)
-    pixels = torch.rand(1, 3, frames, height, width, device=dev) * 2 - 1
-    with torch.no_grad():
-        encode = timed(lambda: vae.encode(pixels).latent_dist.mode(), 2, dev)
-    flops = flops_per_sample(transformer, latents) * batch
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(
-        f"device {name}, {cfg.preset}: {sum(p.numel() for p in transformer.parameters()) / 1e9:.2f}B parameters, "
-        f"batch {batch} of {width}x{height}x{frames}, {str(dtype).split('.')[-1]}, gradient checkpointing"
-    )
-    print(
-        f"stage-4 step: {step:.2f} s; {flops / step / 1e12:.1f} TFLOP/s = MFU {flops / step / 1e12 / peak_tflops:.1%}"
-        f" of {peak_tflops:.0f} TFLOP/s"
-    )
-    if dev.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(
-        f"VAE encoding one video on the fly would add {encode:.2f} s per sample ({encode * batch / step:.1f}x "
-        f"the step): precomputed latents avoid it"
-    )
-    print(
-        f"paper recipe, {paper_samples} samples x 1 epoch: {paper_samples / batch * step / 3600:.2f} GPU-hours "
-        f"of training on this device"
-    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -126,9 +127,15 @@ def tokens_per_sample(cfg) -> int:
 
 
 def activation_bytes(cfg, micro_batch: int, checkpointing: bool, element_bytes: int) -> int:
-    """Activations kept for the backward pass of one micro-batch. A Wan block keeps about 22 x dim + 2 x ffn
-    values per token (norms, q/k/v with their norms and rotary, attention out, cross-attention, the FFN); with
-    gradient checkpointing only each block's input is kept, plus one block recomputed at a time."""
+    """Activations kept for the backward pass of one micro-batch, at their peak.
+
+    Per video token, a Wan block keeps about 22 x dim + 2 x ffn values (norms, q/k/v with their norms and
+    rotary, attention out, cross-attention, the FFN). With gradient checkpointing only each block's input
+    is kept, plus one block recomputed at a time and, during its backward pass, its FFN's hidden gradient (ffn).
+    Per text token, the condition embedder keeps 3 x dim and each block's cross-attention 3 x dim (its keys,
+    their norm, its values): every block's without checkpointing, one block's with it. Measured on CPU at
+    the tiny and the real 1.3B widths (tests/test_memory.py), within 25%.
+    """
     arch = cfg.model.arch_transformer
     dim, layers, tokens = (
         arch["num_attention_heads"] * arch["attention_head_dim"],
@@ -136,8 +143,12 @@ def activation_bytes(cfg, micro_batch: int, checkpointing: bool, element_bytes: 
         tokens_per_sample(cfg),
     )
     per_block = (22 * dim + 2 * arch["ffn_dim"]) * element_bytes + family_for(cfg.model).modulation_bytes_per_token(dim)
-    kept = layers * dim * element_bytes + per_block if checkpointing else layers * per_block
-    return micro_batch * tokens * kept
+    if checkpointing:
+        video = layers * dim * element_bytes + per_block + arch["ffn_dim"] * element_bytes
+    else:
+        video = layers * per_block
+    text = cfg.model.max_sequence_length * dim * element_bytes * (3 + 3 * (1 if checkpointing else layers))
+    return micro_batch * (tokens * video + text)
 
 
 def model_state_bytes(
@@ -236,14 +247,24 @@ def alternatives(setting: TrainSetting) -> list[tuple[float, TrainSetting]]:
     return sorted(found, key=lambda c: c[0])
 
 
-def train_plan(cfg, ds_config: dict, nodes: int, per_node: int, gpu_mem_gib: float) -> dict:
-    """The asked setting's plan and verdict; when it does not fit, the cheapest setting that does."""
+def asked_setting(cfg, ds_config: dict) -> TrainSetting:
+    """The setting stage 4's flags and DeepSpeed config ask for."""
     tc = cfg.train
     zero, offload = ds_zero(ds_config)
-    checkpointing, validation = bool(tc.gradient_checkpointing), tc.sample_every > 0
-    asked = TrainSetting(
-        zero, offload, checkpointing, tc.mode, int(tc.micro_batch_size), int(tc.grad_accum), validation
+    return TrainSetting(
+        zero,
+        offload,
+        bool(tc.gradient_checkpointing),
+        tc.mode,
+        int(tc.micro_batch_size),
+        int(tc.grad_accum),
+        tc.sample_every > 0,
     )
+
+
+def train_plan(cfg, ds_config: dict, nodes: int, per_node: int, gpu_mem_gib: float) -> dict:
+    """The asked setting's plan and verdict; when it does not fit, the cheapest setting that does."""
+    asked = asked_setting(cfg, ds_config)
     plan = plan_training(cfg, asked, nodes, per_node, ds_config.get("zero_optimization", {}))
     limit = int(gpu_mem_gib * GIB)
     plan |= {"stage": "stage4", "gpu_bytes": limit, "gpus": nodes * per_node, "fits": plan["total"] <= limit}
@@ -360,6 +381,49 @@ def check_training_memory(cfg, ds_config: dict, world: int, log) -> None:
     gib = planned_gpu_memory_gib(cfg.model)
     if gib is not None:
         enforce(train_plan(cfg, ds_config, *cluster_shape(world), gib), cfg.model.force, log)
+
+
+class PeakMemory:
+    """The measured peak of a training phase, to put beside the plan. On a GPU: the allocator's peak. On a CPU
+    (Linux): the resident set's high-water mark, reset by `start` (so loading the model in another precision
+    does not count), above the resident set before the model was built (`__init__`)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.before = 0 if self.cuda else _resident("VmRSS")
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif self.before is not None:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            except OSError:
+                self.before = None
+
+    def peak(self) -> dict | None:
+        if self.cuda:
+            return {"bytes": torch.cuda.max_memory_allocated(), "measured_by": "torch.cuda.max_memory_allocated"}
+        high = _resident("VmHWM")
+        if self.before is None or high is None:
+            return None
+        return {"bytes": high - self.before, "measured_by": "resident set high-water mark above the process before"}
+
+
+def _resident(field: str) -> int | None:
+    """A /proc/self/status memory field in bytes (None where there is no /proc)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
+
+
+def training_memory_record(cfg, ds_config: dict, world: int, peak: PeakMemory) -> dict:
+    """For the stage-4 manifest: the planned bytes per GPU (less the fixed reserve) and the measured peak."""
+    plan = plan_training(cfg, asked_setting(cfg, ds_config), *cluster_shape(world), ds_config.get("zero_optimization"))
+    planned = {k: v for k, v in plan["bytes"].items() if k != "reserved"}
+    return {"planned": planned, "planned_total": sum(planned.values()), "measured_peak": peak.peak()}
 
 
 def check_rendering_memory(cfg, world: int, log) -> None:

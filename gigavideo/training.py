@@ -17,6 +17,33 @@ import torch.distributed as dist
 log = logging.getLogger("gigavideo.stage4")
 
 
+def prepare_for_training(transformer, train_cfg, family, expert):
+    """Gradient checkpointing and, for --mode=lora, the family's LoRA adapters on a frozen base, as the flags
+    ask (stage 4 and bench/gpu_check.py)."""
+    tc = train_cfg
+    if tc.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if tc.mode == "lora":
+        from peft import LoraConfig
+
+        from .seeding import derive_seed
+
+        transformer.requires_grad_(False)
+        # The adapters' random init: the same seed, the same run (and each expert its own).
+        torch.manual_seed(derive_seed(tc.seed, *expert.seed_parts) if expert.seed_parts else int(tc.seed))
+        transformer.add_adapter(
+            LoraConfig(
+                r=int(tc.lora_rank),
+                lora_alpha=float(tc.lora_alpha),
+                init_lora_weights="gaussian",
+                target_modules=list(tc.lora_targets or family.lora_targets),
+            )
+        )
+    elif tc.mode != "full":
+        raise ValueError(f"--mode={tc.mode!r} not in (full, lora)")
+    return transformer.train()
+
+
 def all_ranks(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:

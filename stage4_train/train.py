@@ -49,10 +49,10 @@ from gigavideo.export import SUMMARY_FILE, assemble_export, save_trained
 from gigavideo.families import family_for
 from gigavideo.families.wan21 import Expert
 from gigavideo.loss import batch_loss, sample_timesteps
-from gigavideo.memory import check_training_memory
+from gigavideo.memory import PeakMemory, check_training_memory, training_memory_record
 from gigavideo.schema import read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
-from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest
+from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest, prepare_for_training
 
 log = logging.getLogger("gigavideo.stage4")
 PREEMPTED_EXIT_CODE = 3
@@ -69,26 +69,12 @@ def build_model(cfg, base: Path, family, expert: Expert):
     from diffusers import WanTransformer3DModel
 
     tc = cfg.train
-    transformer = WanTransformer3DModel.from_pretrained(base / expert.component, torch_dtype=torch.float32)
-    if tc.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if tc.mode == "lora":
-        from peft import LoraConfig
-
-        transformer.requires_grad_(False)
-        # The adapters' random init: the same seed, the same run (and each expert its own).
-        torch.manual_seed(derive_seed(tc.seed, *expert.seed_parts) if expert.seed_parts else int(tc.seed))
-        transformer.add_adapter(
-            LoraConfig(
-                r=int(tc.lora_rank),
-                lora_alpha=float(tc.lora_alpha),
-                init_lora_weights="gaussian",
-                target_modules=list(tc.lora_targets or family.lora_targets),
-            )
-        )
-    elif tc.mode != "full":
-        raise ValueError(f"--mode={tc.mode!r} not in (full, lora)")
-    return transformer.train()
+    # LoRA in bf16 trains the adapters only (DeepSpeed keeps their fp32 master copy): the frozen base loads in
+    # bf16, the precision DeepSpeed would cast it to, and a 14B model needs 28 GB of host memory, not 56.
+    frozen_bf16 = tc.mode == "lora" and tc.precision == "bf16"
+    dtype = torch.bfloat16 if frozen_bf16 else torch.float32
+    transformer = WanTransformer3DModel.from_pretrained(base / expert.component, torch_dtype=dtype)
+    return prepare_for_training(transformer, tc, family, expert)
 
 
 def build_engine(cfg, base: Path, family, expert: Expert, ds_config: dict):
@@ -189,7 +175,9 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
     checkpoints, tensorboard = run.checkpoints / expert.name, run.tensorboard / expert.name
     if expert.name:
         log.info("training the %s-noise expert (%s) on t in [%g, %g)", expert.name, expert.component, *expert.t_range)
+    peak = PeakMemory(device)
     engine, scheduler = build_engine(cfg, base, family, expert, ds_config)
+    peak.start()
     step, position, loss = resume(engine, checkpoints, lora, rank, world)
     data = DataPosition(
         lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
@@ -247,7 +235,17 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
         "non_finite_samples": nonfinite.samples,
         "non_finite_losses": nonfinite.losses,
         "t_range": list(expert.t_range),
+        "memory": training_memory_record(cfg, ds_config, world, peak),
     }
+    measured = summary["memory"]["measured_peak"]
+    if measured and rank == 0:
+        log.info(
+            "peak memory of training %s: %.2f GiB measured (%s), %.2f GiB planned (without the fixed reserve)",
+            expert.label,
+            measured["bytes"] / 2**30,
+            measured["measured_by"],
+            summary["memory"]["planned_total"] / 2**30,
+        )
     save_trained(engine, tc.mode, run.stage("stage4") / "trained" / expert.component, summary)
     del engine, validation
     gc.collect()

@@ -2,6 +2,7 @@
 fit, and stages 2 and 4 refusing before any compute what the plan says cannot fit (unless --force)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -139,3 +140,87 @@ def test_the_planned_model_states_are_the_bytes_each_rank_holds(tmp_path, precis
     assert len(measured) == ranks
     for held in measured:  # within 1%: a few hundred bytes of gradient norms and padding
         assert abs(held / (planned["model_states"] + planned["frozen_parameters"]) - 1) < 0.01, (held, planned)
+
+
+REAL_SIZE = "wan2.1-t2v-1.3b-cpu"  # Wan2.1-1.3B's transformer at its real width and depth, 128x128x9, LoRA, bf16
+
+
+@pytest.fixture(scope="module")
+def real_size_run(tmp_path_factory):
+    """Stages 1-4 of the real-size preset (about 3 minutes and under 4 GiB of memory on 2 cores)."""
+    run_dir = tmp_path_factory.mktemp("real-size") / "run"
+    for stage in ("stage1", "stage2", "stage3", "stage4"):
+        run_stage(stage, run_dir, f"--config={REAL_SIZE}", small=False, timeout=900)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_the_real_size_lora_run_exports_for_stock_diffusers_and_peaks_near_its_plan(real_size_run):
+    import torch
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    from gigavideo.schema import RunDir, read_manifest
+
+    run = RunDir(real_size_run)
+    manifest = read_manifest(run, "stage4")
+    assert manifest["steps"] == 2 and manifest["mode"] == "lora"
+    memory = manifest["memory"]
+    assert memory["planned"]["frozen_parameters"] > 2.5e9  # 1.4B parameters in bf16: the real size
+    measured = memory["measured_peak"]["bytes"]
+    assert abs(measured / memory["planned_total"] - 1) < 0.25, memory
+
+    pipe = WanPipeline.from_pretrained(run.models / "base", torch_dtype=torch.bfloat16)
+    pipe.load_lora_weights(run.export)
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+    saved = load_file(run.export / "pytorch_lora_weights.safetensors")
+    trained = [k for k, v in saved.items() if "lora_B" in k and v.abs().max() > 0]
+    assert trained, "training left every LoRA B matrix at zero"
+    video = pipe(
+        "a ball rolls", height=128, width=128, num_frames=9, num_inference_steps=1, guidance_scale=1.0, output_type="np"
+    ).frames
+    assert video.shape == (1, 9, 128, 128, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["tiny", "real-size"])
+def test_the_planned_activations_are_within_25_percent_of_the_measured_peak(run, request):
+    """Every tensor one training micro-step creates, at its peak, against the plan: the tiny preset's run
+    (full fine-tuning, fp32, no checkpointing) and the real-size one (LoRA, bf16, checkpointing)."""
+    run_dir, preset = (
+        (request.getfixturevalue("scored_run"), "tiny")
+        if run == "tiny"
+        else (request.getfixturevalue("real_size_run"), REAL_SIZE)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/measure_activations.py"), str(run_dir), f"--config={preset}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(result["planned"] / result["measured"] - 1) < 0.25, result
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_whole_table_as_a_dry_run_on_cpu():
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench/gpu_check.sh"), "--dry_run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| full, checkpointing",
+        "| lora, checkpointing",
+        "| cache=none",
+        "| cache=first_block",
+    ], proc.stdout
+    for row in rows:  # every figure measured: no empty or non-finite cell
+        assert "nan" not in row and "inf" not in row and "||" not in row.replace(" ", ""), row

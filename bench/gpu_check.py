@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""The GPU check: Wan2.1-1.3B's architecture (random weights, bf16) at 832x480x81 on one GPU, one table.
+
+    bash bench/gpu_check.sh              # on a GPU: under 8 minutes
+    bash bench/gpu_check.sh --dry_run    # on CPU, tiny preset and size: the same code path, in seconds
+
+Stage 4: step time, tokens/s, MFU and peak memory beside the memory planner's prediction, for full
+fine-tuning (the preset's ZeRO config, gradient checkpointing) and for LoRA. Stage 2: seconds per video at
+50 steps with classifier-free guidance, without and with step caching (--cache=first_block), and how far
+caching moved the latents. Text embeddings are random: the 5.7B text encoder is not what is timed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from gigavideo.config import load_config
+from gigavideo.distributed import single_process_defaults
+from gigavideo.ds_config import build_ds_config
+from gigavideo.families import family_for
+from gigavideo.loss import batch_loss
+from gigavideo.memory import GIB, asked_setting, plan_training, tokens_per_sample
+from gigavideo.models import latent_shape
+from gigavideo.rendering import configure_pipeline
+from gigavideo.training import prepare_for_training
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None
+
+
+def random_transformer(cfg, device, dtype, keep_fp32: bool = False):
+    """The preset's transformer with random weights, built on the device. keep_fp32: the modules diffusers
+    keeps in float32 when loading in bf16 (as stage 2 loads it) stay float32; DeepSpeed's bf16 casts all."""
+    from diffusers import WanTransformer3DModel
+
+    arch = dict(cfg.model.arch_transformer, patch_size=tuple(cfg.model.arch_transformer["patch_size"]))
+    with torch.device(device):
+        model = WanTransformer3DModel(**arch)
+    model.to(dtype)
+    keep = set(model._keep_in_fp32_modules or []) if keep_fp32 else set()
+    for name, module in model.named_modules():
+        if keep.intersection(name.split(".")):
+            module.float()  # random weights: what was rounded to bf16 does not matter, the kernels' dtype does
+    return model
+
+
+def train_row(cfg, device, steps: int, peak_tflops: float) -> dict:
+    """Stage 4's engine (the preset's DeepSpeed config, bf16) on one random batch: median step time."""
+    import deepspeed
+
+    mode = cfg.train.mode
+    family = family_for(cfg.model)
+    ds_config = build_ds_config(cfg.train, 1)
+    reset_peak(device)
+    model = random_transformer(cfg, device, torch.bfloat16)
+    model = prepare_for_training(model, cfg.train, family, family.experts()[0])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=float(cfg.train.lr))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=trainable, config=ds_config)
+    r, batch = cfg.render, int(cfg.train.micro_batch_size)
+    gen = torch.Generator().manual_seed(0)
+    z0 = torch.randn(batch, *latent_shape(cfg.model.arch_vae, r.height, r.width, r.num_frames), generator=gen)
+    embeds = torch.randn(batch, cfg.model.max_sequence_length, cfg.model.arch_transformer["text_dim"], generator=gen)
+    t, weights = torch.full((batch,), 0.5), torch.ones(batch, device=device)
+
+    def step():
+        loss, _ = batch_loss(engine, z0, embeds, weights, t, torch.randn_like(z0), torch.bfloat16)
+        engine.backward(loss)
+        engine.step()
+
+    step()  # warm-up: kernels, the optimizer's state
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    tokens = tokens_per_sample(cfg) * batch
+    parameters = sum(p.numel() for p in model.parameters())
+    # Model FLOPs: forward 2 x parameters per token plus attention; backward twice that for full fine-tuning,
+    # once for LoRA (no weight gradients of the frozen base); the checkpointing recompute is not counted.
+    arch = cfg.model.arch_transformer
+    attention = (
+        4 * arch["num_layers"] * tokens_per_sample(cfg) ** 2 * arch["num_attention_heads"] * arch["attention_head_dim"]
+    )
+    forward = batch * (2 * parameters * tokens_per_sample(cfg) + attention)
+    flops = forward * (3 if mode == "full" else 2)
+    plan = plan_training(cfg, asked_setting(cfg, ds_config), 1, 1, ds_config.get("zero_optimization"))
+    planned = sum(v for k, v in plan["bytes"].items() if k not in ("reserved", "validation_models"))
+    row = {
+        "mode": mode,
+        "zero": engine.zero_optimization_stage(),
+        "step_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "mfu": flops / seconds / (peak_tflops * 1e12),
+        "peak_gib": peak_gib(device),
+        "planned_gib": planned / GIB,
+    }
+    return row
+
+
+def render_rows(cfg, device, steps: int) -> list[dict]:
+    """Seconds per video (sampling + VAE decode) without and with first-block caching, the same seed."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    r = cfg.render
+    transformer = random_transformer(cfg, device, torch.bfloat16, keep_fp32=True)
+    vae = AutoencoderKLWan(**cfg.model.arch_vae).to(device)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=1.0
+    )
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, cfg.model.max_sequence_length, cfg.model.arch_transformer["text_dim"], generator=gen)
+    kwargs = dict(
+        prompt_embeds=embeds.to(device, torch.bfloat16),
+        negative_prompt_embeds=torch.zeros_like(embeds).to(device, torch.bfloat16),
+        height=r.height,
+        width=r.width,
+        num_frames=r.num_frames,
+        guidance_scale=r.guidance_scale,
+    )
+    rows, reference = [], None
+    for cache in ("none", "first_block"):
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        configure_pipeline(pipe, dict(r) | {"cache": cache}, cfg.model.flow_shift, device)
+        pipe(**kwargs, num_inference_steps=2, output_type="latent")  # warm-up
+        reset_peak(device)
+        sync(device)
+        start = time.perf_counter()
+        latents = pipe(
+            **kwargs, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(1)
+        ).frames
+        sync(device)
+        sampling = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            vae.decode(latents.float(), return_dict=False)
+        sync(device)
+        row = {"cache": cache, "sampling_s": sampling, "decode_s": time.perf_counter() - start}
+        row["peak_gib"] = peak_gib(device)
+        if reference is None:
+            reference, row["moved"] = latents.float(), 0.0
+        else:
+            row["moved"] = float((latents.float() - reference).abs().mean() / reference.abs().mean())
+        rows.append(row)
+    return rows
+
+
+def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: int) -> str:
+    r = cfg.render
+    lines = [
+        f"{device_name}: {Path(cfg.preset).stem} architecture (random weights, bf16), "
+        f"{r.width}x{r.height}x{r.num_frames}, {tokens_per_sample(cfg)} tokens per video",
+        "",
+        "| stage 4 | ZeRO | step (s) | tokens/s | MFU | peak memory (GiB) | planned (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in train:
+        peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+        lines.append(
+            f"| {row['mode']}, checkpointing | {row['zero']} | {row['step_s']:.2f} | {row['tokens_per_s']:,.0f} | "
+            f"{row['mfu']:.1%} | {peak} | {row['planned_gib']:.1f} |"
+        )
+    lines += [
+        "",
+        f"| stage 2, {steps} steps, CFG | sampling (s) | VAE decode (s) | s/video | peak memory (GiB) | "
+        "latents moved |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in render:
+        peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+        lines.append(
+            f"| cache={row['cache']} | {row['sampling_s']:.1f} | {row['decode_s']:.1f} | "
+            f"{row['sampling_s'] + row['decode_s']:.1f} | {peak} | {row['moved']:.2%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(dry_run: bool = False, train_steps: int = 3, render_steps: int = 50, peak_tflops: float = 989.0):
+    """The table (module docstring). --dry_run: CPU, tiny preset at its own size, 2 sampler steps."""
+    import deepspeed
+
+    if dry_run:
+        device, preset, render_steps, train_steps = torch.device("cpu"), "tiny", 2, 1
+    elif torch.cuda.is_available():
+        device, preset = torch.device("cuda"), "wan2.1-t2v-1.3b"
+    else:
+        raise SystemExit("bench/gpu_check.py: no GPU here; --dry_run runs it on CPU at tiny size")
+    single_process_defaults()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    settings = {"precision": "bf16", "gradient_checkpointing": True, "sample_every": 0}
+    configs = [load_config(preset, "train", settings | {"mode": mode}) for mode in ("full", "lora")]
+    train = [train_row(cfg, device, train_steps, peak_tflops) for cfg in configs]
+    cfg = configs[0]
+    render = render_rows(cfg, device, render_steps)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
+    print(table(name, cfg, train, render, render_steps))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
