@@ -10,10 +10,11 @@ import sys
 
 from .config import ConfigError, Section, defaults, docs, load_config, to_json
 from .distributed import rank_and_world
+from .locks import StageLocked, acquire
 from .schema import RunDir, SchemaError, StageNotReady
 
 log = logging.getLogger("gigavideo")
-USER_ERRORS = (ConfigError, SchemaError, StageNotReady, FileNotFoundError, ValueError, FloatingPointError)
+USER_ERRORS = (ConfigError, SchemaError, StageNotReady, FileNotFoundError, ValueError, FloatingPointError, StageLocked)
 
 
 def setup_logging() -> None:
@@ -33,7 +34,9 @@ def start_stage(
     """Load the config; return None when the stage is already complete (and not --overwrite).
 
     `preflight(cfg, run)` checks the inputs (previous stage, model paths) and returns what it
-    resolved; it runs before --overwrite removes anything, so a bad input loses no data.
+    resolved; it runs before --overwrite removes anything, so a bad input loses no data. Before either,
+    this process takes the stage's lock for its rank (gigavideo/locks.py): a second process on the same
+    stage and rank refuses to start, and so cannot --overwrite the first one's work.
     """
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: weights come from local paths
@@ -47,6 +50,7 @@ def start_stage(
             run.manifest(stage),
         )
         return None
+    acquire(run.path, stage, rank_and_world()[0])
     checked = preflight(cfg, run) if preflight else None
     if overwrite:
         _clear_stage(run, stage)

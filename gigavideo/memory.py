@@ -166,8 +166,9 @@ def model_state_bytes(
 
     Without offload these are the bytes DeepSpeed holds, per trained parameter, as measured per rank on
     CPU with two ranks (tests/test_memory.py keeps them honest): ZeRO-0 16; ZeRO-2 bf16 2 + 14/N, fp32
-    4 + 16/N (and the hook-free ZeRO-1 that ZeRO-2 becomes with one process, N = 1, alike); ZeRO-3 bf16 16/N, fp32 20/N for a partitioned tensor, and bf16 4 + 12/N, fp32 8 + 12/N for
-    one under stage3_param_persistence_threshold, which every rank keeps whole, plus the reduce bucket.
+    4 + 16/N (and the hook-free ZeRO-1 that ZeRO-2 becomes with one process, N = 1, alike); ZeRO-3 bf16
+    16/N, fp32 20/N for a partitioned tensor, and bf16 4 + 12/N, fp32 8 + 12/N for one under
+    stage3_param_persistence_threshold, which every rank keeps whole, plus the reduce bucket.
     DeepSpeed's own estimators (used with offload) also count a 4-byte gradient copy per parameter that
     it no longer holds at the peak.
     """
