@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import shutil
+import signal
 import sys
 
 from .config import ConfigError, Section, defaults, docs, load_config, to_json
@@ -39,6 +40,9 @@ def start_stage(
     stage and rank refuses to start, and so cannot --overwrite the first one's work.
     """
     setup_logging()
+    # SIGTERM (scancel, preemption, node drain) unwinds like an error: the shard being written stays a .tmp
+    # (a rerun redoes its samples) and the lock is released. Stage 4 checkpoints first (StopRequest).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: weights come from local paths
     cfg = load_config(config, section, overrides)
     run = RunDir(run_dir)
@@ -58,6 +62,11 @@ def start_stage(
     log.info("%s: run dir %s, preset %s", stage, run.path, cfg.preset)
     log.debug("config:\n%s", to_json(cfg))
     return cfg, run, checked
+
+
+def _exit_on_sigterm(signum, _frame):
+    log.warning("received SIGTERM: stopping; a rerun resumes where this left off")
+    sys.exit(128 + signum)
 
 
 def _clear_stage(run: RunDir, stage: str) -> None:

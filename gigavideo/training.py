@@ -62,12 +62,14 @@ def sanitize(batch: dict) -> torch.Tensor:
 
 
 class StopRequest:
-    """SIGUSR1, or the stop file (what slurm/stage4.sh creates on SLURM's warning before preemption):
-    every rank saves a checkpoint at the end of the step and the run exits."""
+    """SIGTERM (preemption, scancel, node drain), SIGUSR1, or the stop file (what slurm/stage4.sh creates on
+    SLURM's warning before preemption): every rank saves a checkpoint at the end of the step and the run
+    exits. The stop file is left behind (`mark_stopped`) so that slurm/stage4.sh knows to requeue."""
 
     def __init__(self, stop_file: Path, rank: int):
-        self.stop_file, self.signalled = stop_file, False
-        signal.signal(signal.SIGUSR1, self._on_signal)
+        self.stop_file, self.rank, self.signalled = stop_file, rank, False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
         if rank == 0:
             stop_file.unlink(missing_ok=True)  # a request from a previous (preempted) run is done
         if dist.is_initialized():
@@ -79,6 +81,10 @@ class StopRequest:
 
     def any_rank(self) -> bool:
         return all_ranks([1.0 if self.signalled or self.stop_file.exists() else 0.0])[0] > 0
+
+    def mark_stopped(self) -> None:
+        if self.rank == 0:
+            self.stop_file.touch()
 
 
 class StepMetrics:

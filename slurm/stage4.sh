@@ -11,8 +11,10 @@
 #   sbatch slurm/stage4.sh [--lr=1e-6 --mode=lora ...]   (from the repository root; PRESET, RUN_DIR as below)
 #   sbatch --nodes=4 slurm/stage4.sh                      (multi-node: one torchrun per node, N nodes x G GPUs)
 #   PRESET=tiny bash slurm/stage4.sh                      (no SLURM: runs on this machine)
-# Preemption: SLURM sends USR1 180 s before the time limit (or scancel --batch --signal=USR1 JOBID);
-# the trainer then checkpoints and exits, and the job requeues itself and resumes.
+# Preemption: SLURM sends USR1 180 s before the time limit (or scancel --batch --signal=USR1 JOBID), and
+# SIGTERM on preemption, scancel --signal=TERM or a node drain (then SIGKILL after KillWait / GraceTime:
+# see the README). Either way the trainer checkpoints at the end of its step, exits and leaves the stop
+# file; the job then requeues itself and resumes.
 # Multi-node on GPUs: NCCL picks the fastest transport; set NCCL_SOCKET_IFNAME (e.g. ib0 or eth0) and
 # NCCL_IB_HCA where nodes have several interfaces, NCCL_DEBUG=WARN to see what it chose.
 # Settings: see slurm/_common.sh. Extra arguments go to stage4_train/train.py.
@@ -26,7 +28,7 @@ on_warning() {
   mkdir -p "$(dirname "$stop_file")" && touch "$stop_file"
   preempted=1
 }
-trap on_warning USR1
+trap on_warning USR1 TERM
 
 launch stage4_train/train.py "$@" &
 pid=$!
@@ -34,7 +36,9 @@ status=0
 while kill -0 "$pid" 2>/dev/null; do
   wait "$pid" && status=0 || status=$?   # a trapped signal interrupts wait; wait again
 done
-if [ -n "$preempted" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+# The trainer leaves the stop file when it stopped on a signal it received itself (srun delivers SIGTERM to
+# the job's tasks), as when this script asked it to.
+if { [ -n "$preempted" ] || [ -f "$stop_file" ]; } && [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "stage4.sh: requeueing job $SLURM_JOB_ID; it resumes from the checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

@@ -10,11 +10,12 @@ one after the other (--expert=high|low|both), each on its own side of the bounda
 optimizer state, checkpoints (RUN_DIR/stage4/checkpoints/high, .../low) and TensorBoard run.
 Launch with torchrun (or slurm/stage4.sh). Checkpoints go to RUN_DIR/stage4/checkpoints and a rerun
 resumes exactly (model, optimizer, scheduler, each rank's data position; noise and timesteps are a
-function of the step). SIGUSR1, or the file RUN_DIR/stage4/stop-request (what slurm/stage4.sh
-creates on SLURM's warning before preemption), makes every rank save a checkpoint and exit with
-code 3. A sample with non-finite latents or embeddings gets weight 0 and is counted (too many stop
-the run); a micro-batch whose loss is not finite on any rank is skipped on every rank and counted,
-and --max_bad_steps in a row stop the run with a message. TensorBoard goes to
+function of the step). SIGTERM (preemption, scancel, node drain), SIGUSR1, or the file
+RUN_DIR/stage4/stop-request (what slurm/stage4.sh creates on SLURM's warning before preemption) makes
+every rank save a checkpoint at the end of its step and exit with code 3, leaving the stop file for
+slurm/stage4.sh to requeue the job. A sample with non-finite latents or embeddings gets weight 0 and
+is counted (too many stop the run); a micro-batch whose loss is not finite on any rank is skipped on
+every rank and counted, and --max_bad_steps in a row stop the run with a message. TensorBoard goes to
 RUN_DIR/stage4/tensorboard, with validation videos and drift monitors every --sample_every steps;
 each trained transformer to RUN_DIR/stage4/trained, and the model to RUN_DIR/stage4/export in
 diffusers format.
@@ -274,6 +275,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         target = run.stage("stage4") / "trained" / expert.component
         if not target.is_dir() and train_expert(cfg, run, family, expert, base, ds_config, weights, stop) is None:
             log.warning("stopped on request; rerun (or the requeued job) resumes from the last checkpoint")
+            stop.mark_stopped()
             dist.barrier()
             sys.exit(PREEMPTED_EXIT_CODE)
         trained[expert.component] = target

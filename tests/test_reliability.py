@@ -1,0 +1,105 @@
+"""A shared cluster's faults: two processes on one stage, stale locks, SIGTERM, a full disk."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from conftest import REPO, SCRIPTS, run_stage
+
+from gigavideo.schema import RunDir, read_manifest, shard_keys
+
+
+def start(stage: str, run_dir, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID")}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / SCRIPTS[stage]), f"--run_dir={run_dir}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def every_key_once(run_dir, stage: str) -> Counter:
+    run = RunDir(run_dir)
+    counts = Counter(k for s in read_manifest(run, stage)["shards"] for k in shard_keys(run.stage(stage) / s["name"]))
+    assert counts and set(counts.values()) == {1}, counts.most_common(3)
+    return counts
+
+
+def test_a_second_process_on_the_same_stage_refuses_at_once_naming_the_holder(scored_copy):
+    lock = scored_copy / ".locks" / "stage2-rank00000.lock"
+    first = start("stage2", scored_copy, "--overwrite")
+    wait_for(lambda: lock.is_file() and lock.stat().st_size > 0, 120, "the first process's lock")
+    holder = json.loads(lock.read_text())
+    started = time.time()
+    second = run_stage("stage2", scored_copy, "--overwrite", check=False)  # would remove the first's work
+    assert second.returncode == 2 and time.time() - started < 60
+    message = second.stderr.strip().splitlines()[-2]
+    assert "stage2 (rank 0) is already running" in message and f"pid {holder['pid']}" in message, second.stderr
+    assert first.wait(timeout=600) == 0, first.stderr[-3000:]
+    assert not lock.exists()  # released at exit
+    assert len(every_key_once(scored_copy, "stage2")) == 12
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(scored_copy):
+    lock = scored_copy / ".locks" / "stage2-rank00000.lock"
+    first = start("stage2", scored_copy, "--overwrite")
+    wait_for(lambda: lock.is_file() and lock.stat().st_size > 0, 120, "the first process's lock")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert lock.is_file()
+    rerun = run_stage("stage2", scored_copy)
+    assert f"from a holder that is gone (process {first.pid} has exited)" in rerun.stderr
+    assert len(every_key_once(scored_copy, "stage2")) == 12
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_3_and_the_resumed_loss_curve_is_an_uninterrupted_one(scored_run, tmp_path):
+    from test_stage4 import loss_curve
+
+    args = ["--max_steps=200", "--save_every=20", "--sample_every=0", "--micro_batch_size=1", "--shuffle_buffer=4"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    for run_dir in (whole, stopped):
+        shutil.copytree(scored_run, run_dir)
+    run_stage("stage4", whole, *args)
+    latest = RunDir(stopped).checkpoints / "latest"
+    proc = start("stage4", stopped, *args)
+    wait_for(latest.is_file, 300, "the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "received signal 15" in stderr and (stopped / "stage4" / "stop-request").is_file()
+    step = int(latest.read_text().strip()[4:])
+    assert 20 <= step < 200 and not (stopped / "stage4" / "manifest.json").exists()
+    run_stage("stage4", stopped, *args)
+    assert loss_curve(stopped) == loss_curve(whole)
+    assert [s for s, _ in loss_curve(stopped)] == list(range(1, 201))
+    assert not (stopped / "stage4" / "stop-request").exists()
+
+
+def test_sigterm_leaves_stage2_resumable_with_every_key_once(scored_copy):
+    lock = scored_copy / ".locks" / "stage2-rank00000.lock"
+    shutil.rmtree(scored_copy / "stage2")
+    proc = start("stage2", scored_copy)
+    wait_for(lambda: any((scored_copy / "stage2").glob("*.tar")), 300, "a first complete shard")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "received SIGTERM" in stderr, stderr[-3000:]
+    assert not lock.exists()  # released on the way out
+    run_stage("stage2", scored_copy)
+    assert len(every_key_once(scored_copy, "stage2")) == 12
