@@ -170,7 +170,15 @@ def wait_for(predicate, seconds, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_usr1_before_preemption_checkpoints_requeues_and_the_job_completes(scored_copy, tmp_path):
+@pytest.mark.parametrize(
+    "scancel",
+    [
+        ["--batch", "--signal=USR1"],  # SLURM's warning before the time limit, to the batch shell
+        ["--signal=TERM"],  # preemption, scancel or a node drain: SIGTERM delivered to the job's tasks
+    ],
+    ids=["usr1-warning", "sigterm"],
+)
+def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, tmp_path, scancel):
     from test_stage4 import loss_curve
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -201,7 +209,7 @@ def test_usr1_before_preemption_checkpoints_requeues_and_the_job_completes(score
     )
     latest = RunDir(scored_copy).checkpoints / "latest"
     wait_for(latest.is_file, 300, "the first checkpoint")
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    subprocess.run(["scancel", *scancel, job_id], check=True)
     wait_for(
         lambda: job_field(job_id, "Restarts") == "1" and job_field(job_id, "JobState") == "PENDING",
         300,
@@ -219,7 +227,9 @@ def test_usr1_before_preemption_checkpoints_requeues_and_the_job_completes(score
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     wait_for(lambda: job_field(job_id, "JobState") == "COMPLETED", 600, "the requeued job to complete")
     output = log.read_text()
-    assert "preemption warning" in output and f"requeueing job {job_id}" in output
+    assert f"requeueing job {job_id}" in output
+    assert ("preemption warning" in output) == ("--batch" in scancel)
+    assert ("received signal 15" in output) == ("--signal=TERM" in scancel)
     manifest = read_manifest(RunDir(scored_copy), "stage4")
     assert manifest["steps"] == 300 and manifest["slurm_job_id"] == job_id
     assert [s for s, _ in loss_curve(scored_copy)] == list(range(1, 301))
