@@ -8,9 +8,11 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 from .config import ConfigError, Section, defaults, docs, load_config, to_json
 from .distributed import rank_and_world
+from .files import DISK_FULL, disk_full_message, writing_to
 from .locks import StageLocked, acquire
 from .schema import RunDir, SchemaError, StageNotReady
 
@@ -55,6 +57,7 @@ def start_stage(
         )
         return None
     acquire(run.path, stage, rank_and_world()[0])
+    writing_to(run.stage(stage))
     checked = preflight(cfg, run) if preflight else None
     if overwrite:
         _clear_stage(run, stage)
@@ -117,8 +120,34 @@ def run_cli(main, section: str) -> None:
     except USER_ERRORS as err:
         if os.environ.get("GIGAVIDEO_DEBUG"):
             raise
+        close_progress_bars()
         print(f"error: {err}\n(set GIGAVIDEO_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_FULL or os.environ.get("GIGAVIDEO_DEBUG"):
+            raise
+        close_progress_bars()
+        print(f"error: {disk_full_message(err, run_dir_argument())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def close_progress_bars() -> None:
+    """So that the error is the last line, not a progress bar redrawn after it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
+def run_dir_argument() -> Path:
+    """--run_dir as given on the command line (the stage scripts' default otherwise)."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg.startswith("--run_dir="):
+            return Path(arg.split("=", 1)[1])
+        if arg == "--run_dir" and i + 1 < len(args):
+            return Path(args[i + 1])
+    return Path("runs/demo")
 
 
 def pick_device(name: str):

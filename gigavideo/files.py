@@ -1,13 +1,20 @@
-"""Atomic writes: a file or folder appears complete under its name, or not at all."""
+"""Atomic writes: a file or folder appears complete under its name, or not at all. Disk space: what a
+stage still needs, and the one-line message when the disk or the quota is full."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("gigavideo")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_still_to_write: dict[str, int | None] = {}  # directory a stage writes -> bytes it estimates are still to come
 
 
 def write_atomic(
@@ -45,3 +52,56 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def writing_to(directory: Path) -> None:
+    """A stage writes here: where a disk-full error happened when the error does not say."""
+    _still_to_write.setdefault(str(directory), None)
+
+
+def check_space(
+    directory: Path, samples_written: int, bytes_written: int, samples_left: int, stage: str, warn: bool
+) -> None:
+    """From the samples written so far, estimate what the rest needs (for the disk-full message); with `warn`,
+    say so when the filesystem cannot hold it."""
+    if samples_written <= 0:
+        return
+    needed = int(bytes_written / samples_written * samples_left)
+    _still_to_write[str(directory)] = needed
+    free = shutil.disk_usage(directory).free
+    if warn and needed > free:
+        log.warning(
+            "%s: the %d samples still to write need about %s (%s each, from the first %d), but only %s are free "
+            "on %s: free space now, or the stage stops when the disk fills (a rerun then resumes)",
+            stage,
+            samples_left,
+            size(needed),
+            size(bytes_written / samples_written),
+            samples_written,
+            size(free),
+            directory,
+        )
+
+
+def disk_full_message(err: OSError, run_dir: Path) -> str:
+    """One line for a full disk or quota: where, how much is free, and what is still to write (if known)."""
+    written = [Path(d) for d in _still_to_write if Path(d).resolve().is_relative_to(Path(run_dir).resolve())]
+    where = Path(err.filename).parent if err.filename else (written[-1] if written else Path(run_dir))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    known = [n for n in (_still_to_write[str(d)] for d in written) if n is not None]
+    still = f", about {size(sum(known))} still to write" if known else ""
+    kind = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
+    return (
+        f"{kind} writing under {where} ({size(free)} free{still}). Everything complete is kept; free space and "
+        "rerun the same command to resume."
+    )

@@ -173,6 +173,7 @@ class ShardWriter:
         self._tar = None
         self._count = 0
         self.written: list[str] = []
+        self.samples_written, self.bytes_written = 0, 0
 
     def write(self, sample: dict) -> None:
         validate(sample, self.stage, where=f"{self.dir}/{self.prefix}-*")
@@ -187,7 +188,9 @@ class ShardWriter:
             info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
             info.size, info.mtime, info.mode = len(data), now, 0o644
             self._tar.addfile(info, io.BytesIO(data))
+            self.bytes_written += len(data) + 1024  # the member and its tar header (512 B, padded to 512)
         self._count += 1
+        self.samples_written += 1
         if self._count >= self.samples_per_shard:
             self.flush()
 
@@ -208,7 +211,10 @@ class ShardWriter:
         if exc_type is None:
             self.flush()
         elif self._tar is not None:  # never leave a half shard that looks complete
-            self._tar.close()
+            try:
+                self._tar.close()
+            except OSError:
+                pass  # e.g. the disk is full: the .tmp stays, a rerun discards it; the first error is the one to see
 
 
 # ---------------------------------------------------------------- resume and manifests

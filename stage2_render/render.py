@@ -18,6 +18,7 @@ from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.families import family_for
+from gigavideo.files import check_space
 from gigavideo.memory import check_rendering_memory
 from gigavideo.models import latent_space, load_pipeline
 from gigavideo.rendering import CACHES, Renderer, check_frames
@@ -109,7 +110,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
 
     progress = tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
     with ShardWriter(out, "stage2", rank_prefix(rank), cfg.render.samples_per_shard) as writer:
-        for keys in synthetic_batches:
+        for number, keys in enumerate(synthetic_batches):
             seeds = [derive_seed(cfg.render.seed, k) for k in keys]
             results = render_batch(renderer, keys, [prompts[k]["prompt"] for k in keys], seeds, failures)
             for key, seed, result in zip(keys, seeds, results, strict=False):
@@ -119,6 +120,9 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                     seconds_total += result["seconds"]
                     write(writer, key, result, seed, result["seconds"])
                 progress.update(1)
+            # The first batch tells the bytes per sample: warn now if the rest cannot fit.
+            left = todo - progress.n
+            check_space(out, writer.samples_written, writer.bytes_written, left, "stage2", warn=number == 0)
         for sample in iter_samples(run, "stage1", keys=real_todo) if real_todo else []:
             key = sample["__key__"]
             start = time.time()

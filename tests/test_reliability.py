@@ -103,3 +103,36 @@ def test_sigterm_leaves_stage2_resumable_with_every_key_once(scored_copy):
     assert not lock.exists()  # released on the way out
     run_stage("stage2", scored_copy)
     assert len(every_key_once(scored_copy, "stage2")) == 12
+
+
+@pytest.fixture
+def small_stage2_disk(scored_copy):
+    """scored_copy with an empty stage 2 on a 300 KB tmpfs (room for a few samples of the 12) (root only; CI runs as root)."""
+    stage2 = scored_copy / "stage2"
+    shutil.rmtree(stage2)
+    stage2.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(stage2)]).returncode
+    ):
+        pytest.skip("mounting a small tmpfs needs root")
+    yield stage2
+    subprocess.run(["umount", "-l", str(stage2)])
+
+
+def test_a_full_disk_stops_stage2_with_one_line_and_a_rerun_after_freeing_space_completes(
+    scored_copy, small_stage2_disk
+):
+    proc = run_stage("stage2", scored_copy, "--samples_per_shard=2", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith(f"error: no space left on the device writing under {small_stage2_disk} (")
+    assert " free, about " in lines[-1] and "still to write" in lines[-1] and "rerun" in lines[-1]
+    assert "stage2: the " in proc.stderr and "only" in proc.stderr  # the warning after the first batch
+    kept = {p.name for p in small_stage2_disk.glob("*.tar")}
+    assert kept  # the complete shards stay
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_stage2_disk)], check=True)
+    run_stage("stage2", scored_copy, "--samples_per_shard=2")
+    assert len(every_key_once(scored_copy, "stage2")) == 12
+    assert kept <= {p.name for p in small_stage2_disk.glob("*.tar")}
