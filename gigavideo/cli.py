@@ -14,7 +14,7 @@ from .config import ConfigError, Section, defaults, docs, load_config, to_json
 from .distributed import rank_and_world
 from .files import DISK_FULL, disk_full_message, writing_to
 from .locks import StageLocked, acquire
-from .schema import RunDir, SchemaError, StageNotReady
+from .schema import RunDir, SchemaError, StageNotReady, set_aside_unreadable_manifest
 
 log = logging.getLogger("gigavideo")
 USER_ERRORS = (ConfigError, SchemaError, StageNotReady, FileNotFoundError, ValueError, FloatingPointError, StageLocked)
@@ -48,7 +48,7 @@ def start_stage(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: weights come from local paths
     cfg = load_config(config, section, overrides)
     run = RunDir(run_dir)
-    if run.is_complete(stage) and not overwrite:
+    if run.is_complete(stage) and not overwrite and set_aside_unreadable_manifest(run, stage) is None:
         log.info(
             "%s already complete in %s (%s exists); skipping. Pass --overwrite to redo it.",
             stage,

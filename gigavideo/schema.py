@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -43,7 +44,9 @@ import numpy as np
 
 from .files import write_json_atomic
 
+log = logging.getLogger("gigavideo.schema")
 STAGES = ("stage1", "stage2", "stage3")
+SET_ASIDE = ".set-aside-"  # NAME.set-aside-WHY: kept for inspection, never read by a stage
 REQUIRED_FILES = {
     "stage1_units": ("json",),
     "stage1": ("json",),
@@ -225,7 +228,58 @@ def discard_partial_shards(stage_dir: Path, prefix: str = "") -> list[Path]:
     removed = sorted(Path(stage_dir).glob(f"{prefix}*.tar.tmp"))
     for path in removed:
         path.unlink(missing_ok=True)
+    if removed:
+        log.warning(
+            "%s: removed %d partial shards of an interrupted run (their samples are redone): %s",
+            stage_dir,
+            len(removed),
+            ", ".join(p.name for p in removed[:5]),
+        )
     return removed
+
+
+def set_aside_duplicates(stage_dir: Path) -> list[str]:
+    """Keep one copy of every key: the first in shard order. A shard holding keys that an earlier shard
+    holds (two processes wrote them) is set aside as NAME.set-aside-duplicate-keys and, if it holds other
+    keys too, written again without the duplicates. Returns one line per shard set aside."""
+    seen: set[str] = set()
+    notes = []
+    for path in sorted(Path(stage_dir).glob("*.tar")):
+        keys = shard_keys(path)
+        duplicates = {k for k in keys if k in seen}
+        seen.update(keys)
+        if not duplicates:
+            continue
+        aside = path.with_name(f"{path.name}{SET_ASIDE}duplicate-keys")
+        os.replace(path, aside)
+        kept = [k for k in keys if k not in duplicates]
+        if kept:
+            with tarfile.open(aside) as src, tarfile.open(str(path) + ".tmp", "w") as dst:
+                for member in src:
+                    if member.name.split(".", 1)[0] in kept:
+                        dst.addfile(member, src.extractfile(member))
+            os.replace(str(path) + ".tmp", path)
+        notes.append(
+            f"{path.name}: {len(duplicates)} keys an earlier shard holds set aside as {aside.name}"
+            + (f"; its {len(kept)} other keys kept in {path.name}" if kept else "")
+        )
+        log.warning("%s: %s", stage_dir, notes[-1])
+    return notes
+
+
+def set_aside_unreadable_manifest(run: RunDir, stage: str) -> Path | None:
+    """A manifest that does not parse (a disk filled while it was written, a copy cut short) is set aside
+    as manifest.json.set-aside-unreadable, so that the stage runs again instead of being taken as done."""
+    path = run.manifest(stage)
+    try:
+        if json.loads(path.read_text()).get("stage") == stage:
+            return None
+    except (OSError, ValueError, AttributeError):
+        pass
+    aside = path.with_name(f"{path.name}{SET_ASIDE}unreadable")
+    os.replace(path, aside)
+    log.warning("%s is unreadable: set aside as %s; %s runs again (and resumes)", path, aside.name, stage)
+    return aside
 
 
 def rank_prefix(rank: int) -> str:
@@ -297,10 +351,17 @@ def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: d
     failures = [f for part in parts for f in part.get("failures", [])]
     seconds = {r: s for part in parts for r, s in part.get("device_seconds", {}).items()}
     discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
+    set_aside = set_aside_duplicates(stage_dir)
     write_manifest(
         stage_dir,
         stage,
-        {**info, "failures": failures, "world_size": world_size, **({"device_seconds": seconds} if seconds else {})},
+        {
+            **info,
+            "failures": failures,
+            "world_size": world_size,
+            **({"device_seconds": seconds} if seconds else {}),
+            **({"set_aside": set_aside} if set_aside else {}),
+        },
     )
     return True
 

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 
@@ -107,7 +108,7 @@ def test_sigterm_leaves_stage2_resumable_with_every_key_once(scored_copy):
 
 @pytest.fixture
 def small_stage2_disk(scored_copy):
-    """scored_copy with an empty stage 2 on a 300 KB tmpfs (room for a few samples of the 12) (root only; CI runs as root)."""
+    """scored_copy with an empty stage 2 on a 300 KB tmpfs: room for a few of its 12 samples (root only, as in CI)."""
     stage2 = scored_copy / "stage2"
     shutil.rmtree(stage2)
     stage2.mkdir()
@@ -136,3 +137,36 @@ def test_a_full_disk_stops_stage2_with_one_line_and_a_rerun_after_freeing_space_
     run_stage("stage2", scored_copy, "--samples_per_shard=2")
     assert len(every_key_once(scored_copy, "stage2")) == 12
     assert kept <= {p.name for p in small_stage2_disk.glob("*.tar")}
+
+
+def test_reruns_heal_duplicate_keys_stray_tmp_shards_and_a_truncated_manifest(scored_copy):
+    run = RunDir(scored_copy)
+    for stage in ("stage2", "stage3"):
+        out = run.stage(stage)
+        shards = sorted(out.glob("*.tar"))
+        # A second process wrote keys again: a whole shard, and the first sample of another.
+        shutil.copy(shards[0], out / "r00007-00000.tar")
+        with tarfile.open(shards[-1]) as src, tarfile.open(out / "r00007-00001.tar", "w") as dst:
+            first = shard_keys(shards[-1])[0]
+            for member in src:
+                if member.name.startswith(first + "."):
+                    dst.addfile(member, src.extractfile(member))
+        (out / "r00003-00002.tar.tmp").write_bytes(b"half a shard")
+        manifest = run.manifest(stage).read_text()
+        run.manifest(stage).write_text(manifest[: len(manifest) // 2])
+    for stage in ("stage2", "stage3"):
+        proc = run_stage(stage, scored_copy)
+        assert "manifest.json is unreadable: set aside as manifest.json.set-aside-unreadable" in proc.stderr
+        assert "removed 1 partial shards" in proc.stderr and "r00003-00002.tar.tmp" in proc.stderr
+        assert "r00007-00000.tar: " in proc.stderr and "set aside as r00007-00000.tar.set-aside-duplicate-keys" in (
+            proc.stderr
+        )
+        counts = every_key_once(scored_copy, stage)
+        assert len(counts) == (12 if stage == "stage2" else 9)
+        out = run.stage(stage)
+        assert sorted(p.name for p in out.glob("*set-aside*")) == [
+            "manifest.json.set-aside-unreadable",
+            "r00007-00000.tar.set-aside-duplicate-keys",
+            "r00007-00001.tar.set-aside-duplicate-keys",
+        ]
+        assert len(read_manifest(run, stage)["set_aside"]) == 2

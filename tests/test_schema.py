@@ -17,7 +17,10 @@ from gigavideo.schema import (
     completed_keys,
     discard_partial_shards,
     iter_samples,
+    iter_shard,
     read_manifest,
+    set_aside_duplicates,
+    shard_keys,
     write_manifest,
 )
 
@@ -108,3 +111,20 @@ def test_keys_must_be_unique_across_shards(tmp_path):
             writer.write(stage1_sample("same"))
     with pytest.raises(SchemaError, match="more than once.*same"):
         write_manifest(tmp_path, "stage1", {})
+
+
+def test_duplicate_keys_are_set_aside_keeping_the_first_copy_and_the_other_keys(tmp_path):
+    for prefix, keys in (("r00000", ["a", "b"]), ("r00001", ["b", "c"]), ("r00002", ["c"])):
+        with ShardWriter(tmp_path, "stage1", prefix, 2) as writer:
+            for key in keys:
+                writer.write(stage1_sample(key, prompt=prefix))
+    notes = set_aside_duplicates(tmp_path)
+    assert len(notes) == 2 and "its 1 other keys kept in r00001-00000.tar" in notes[0]
+    assert [shard_keys(p) for p in sorted(tmp_path.glob("*.tar"))] == [["a", "b"], ["c"]]
+    kept = {s["__key__"]: s["json"]["prompt"] for p in sorted(tmp_path.glob("*.tar")) for s in iter_shard(str(p))}
+    assert kept == {"a": "r00000", "b": "r00000", "c": "r00001"}  # the first copy of each key, intact
+    assert sorted(p.name for p in tmp_path.glob("*set-aside*")) == [
+        "r00001-00000.tar.set-aside-duplicate-keys",
+        "r00002-00000.tar.set-aside-duplicate-keys",
+    ]
+    assert write_manifest(tmp_path, "stage1", {})["num_samples"] == 3
