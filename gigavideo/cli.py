@@ -59,6 +59,11 @@ def start_stage(
     acquire(run.path, stage, rank_and_world()[0])
     writing_to(run.stage(stage))
     checked = preflight(cfg, run) if preflight else None
+    if overwrite and "SLURM_ARRAY_JOB_ID" in os.environ and rank_and_world()[1] > 1:
+        raise ValueError(
+            f"--overwrite in a job array: its tasks start at different times, so one would remove what the others "
+            f"wrote. Remove {run.stage(stage)} first, then submit the array without --overwrite."
+        )
     if overwrite:
         _clear_stage(run, stage)
     run.stage(stage).mkdir(parents=True, exist_ok=True)

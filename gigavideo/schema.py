@@ -311,7 +311,11 @@ def completed_keys(stage_dir: Path) -> set[str]:
 
 
 def current_run_id() -> str:
-    """Identifies one launch of a stage: torchrun's run id (+ SLURM requeue count), else this process."""
+    """Identifies one launch of a stage: torchrun's run id (+ SLURM requeue count), a job array's task, else
+    this process."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        job, task = os.environ["SLURM_ARRAY_JOB_ID"], os.environ.get("SLURM_ARRAY_TASK_ID", "0")
+        return f"array{job}-task{task}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
         return f"pid{os.getpid()}-{time.time_ns()}"
@@ -324,20 +328,31 @@ _RUN_ID = current_run_id()
 def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[dict] | None:
     """Record this rank's result; return every rank's result to exactly one rank once all are in.
 
-    No collective is needed, so ranks may finish hours apart: parts from an earlier launch do not
-    count, and of the ranks that see all parts, only the one that claims the finalize file gets them.
+    No collective is needed, so ranks may finish hours apart. In one launch (torchrun), parts from an
+    earlier launch do not count. The tasks of a SLURM job array are launches of their own (a failed task
+    is resubmitted alone), so there every rank's latest part counts. Of the ranks that see all parts,
+    only the one that claims the finalize file for that set of parts gets them.
     """
     parts = Path(stage_dir) / "_parts"
     write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", {**info, "run_id": _RUN_ID})
     done = [json.loads(p.read_text()) for p in sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))]
-    done = [d for d in done if d.get("run_id") == _RUN_ID]
+    if not _RUN_ID.startswith("array"):
+        done = [d for d in done if d.get("run_id") == _RUN_ID]
     if len(done) < world_size:
         return None
+    claim = _RUN_ID if not _RUN_ID.startswith("array") else "array-" + "+".join(sorted({d["run_id"] for d in done}))
+    claim = claim if len(claim) < 200 else f"array-{hash_text(claim)}"
     try:
-        os.close(os.open(parts / f"finalize-{_RUN_ID}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(parts / f"finalize-{claim}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return None
     return done
+
+
+def hash_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: dict) -> bool:

@@ -23,13 +23,34 @@ gpus_here() {
   echo "${n:-0}"
 }
 
+# array_tasks STAGE: the number of tasks of this stage's job array. A task resubmitted alone
+# (sbatch --array=17 ...) keeps the count the array was first submitted with (recorded in RUN_DIR/.locks).
+array_tasks() {
+  local record="$RUN_DIR/.locks/$1-array-tasks"
+  mkdir -p "$(dirname "$record")"
+  if [ "${SLURM_ARRAY_TASK_COUNT:-1}" -gt 1 ] || [ ! -s "$record" ]; then
+    echo "${SLURM_ARRAY_TASK_COUNT:-1}" > "$record.$$" && mv "$record.$$" "$record"
+  fi
+  cat "$record"
+}
+
 # launch SCRIPT [ARGS...]: the stage script on every process of the job (or of this machine).
+# In a job array (sbatch --array=0-63 slurm/stage2.sh), each task is one process, rank SLURM_ARRAY_TASK_ID
+# of the array's task count, with no rendezvous: a failed task reruns alone. Stage 4 stays one job.
 launch() {
   local script=$1; shift
   local nproc=${NPROC_PER_NODE:-$(gpus_here)}
   [ "$nproc" -ge 1 ] 2>/dev/null || nproc=1
   local args=(--run_dir="$RUN_DIR" --config="$PRESET" "$@")
-  if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
+  if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    local stage; stage=$(basename "$(dirname "$script")"); stage=${stage%%_*}  # stage2_render -> stage2
+    if [ "$stage" = stage4 ]; then
+      echo "launch: stage 4 trains as one (multi-node) job, not a job array" >&2; return 2
+    fi
+    local world; world=$(array_tasks "$stage")
+    echo "launch: job array $SLURM_ARRAY_JOB_ID, task $SLURM_ARRAY_TASK_ID of $world (no rendezvous)"
+    RANK=$SLURM_ARRAY_TASK_ID WORLD_SIZE=$world LOCAL_RANK=0 "$PYTHON" "$script" "${args[@]}"
+  elif [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
     local nodes=${SLURM_NTASKS:-${SLURM_NNODES:-1}}
     export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}

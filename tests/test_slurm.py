@@ -233,3 +233,41 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
     manifest = read_manifest(RunDir(scored_copy), "stage4")
     assert manifest["steps"] == 300 and manifest["slurm_job_id"] == job_id
     assert [s for s, _ in loss_curve(scored_copy)] == list(range(1, 301))
+
+
+def test_a_job_array_renders_stage2_and_a_failed_task_reruns_alone(scored_copy, tmp_path):
+    """Three array tasks, no rendezvous; task 1 is cancelled mid-run, resubmitted alone, and completes the stage."""
+    from gigavideo.schema import shard_keys
+
+    shutil.rmtree(scored_copy / "stage2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"PYTHON": sys.executable, "RUN_DIR": str(scored_copy)})
+    submit = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"]
+    slow = ["--steps=100"]  # long enough to cancel a task mid-run
+    array = subprocess.run(
+        [*submit, "--array=0-2", "slurm/stage2.sh", *slow], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert array.returncode == 0, array.stderr
+    job = array.stdout.strip().split(";")[0]
+    lock = scored_copy / ".locks" / "stage2-rank00001.lock"
+    wait_for(lock.is_file, 300, "task 1 to start")
+    subprocess.run(["scancel", f"{job}_1"], check=True)
+    wait_for(
+        lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip(),
+        600,
+        "the array to end",
+    )
+    assert not (scored_copy / "stage2" / "manifest.json").exists()  # task 1's slice is missing
+    assert "task 0 of 3 (no rendezvous)" in (tmp_path / f"{job}_0.out").read_text()
+    again = subprocess.run(
+        [*submit, "--wait", "--array=1", "slurm/stage2.sh", *slow], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    rerun = again.stdout.strip().split(";")[0]
+    output = (tmp_path / f"{rerun}_1.out").read_text()
+    assert again.returncode == 0, output[-3000:]
+    assert "task 1 of 3 (no rendezvous)" in output  # the array's count, although resubmitted alone
+    manifest = read_manifest(RunDir(scored_copy), "stage2")
+    assert manifest["world_size"] == 3
+    keys = [k for s in manifest["shards"] for k in shard_keys(scored_copy / "stage2" / s["name"])]
+    assert len(keys) == len(set(keys)) == 12
+    assert {s["name"][:6] for s in manifest["shards"]} == {"r00000", "r00001", "r00002"}
