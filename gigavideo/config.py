@@ -227,6 +227,9 @@ class TrainConfig:
     seed: int = key(0, "training seed: LoRA init, noise, timesteps and data order")
     save_every: int = key(250, "checkpoint every N steps")
     keep_last: int = key(2, "checkpoints kept")
+    collective_timeout_s: int = key(
+        600, "a rank waiting in a collective this long fails (another rank died) instead of hanging till the time limit"
+    )
     log_every: int = key(1, "TensorBoard scalars every N steps")
     sample_every: int = key(250, "validation videos + drift monitors every N steps; 0 = off (it loads the VAE)")
     sample_count: int = key(4, "fixed stage-2 prompts rendered each time")

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from tqdm import tqdm
 from gigavideo import checkpoint
 from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.config import load_config
 from gigavideo.data import DataPosition, training_loader, training_weights
 from gigavideo.distributed import single_process_defaults
 from gigavideo.ds_config import build_ds_config
@@ -259,7 +261,9 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     e.g. --lr=1e-6 --mode=lora (Wan2.2-A14B: --expert=high|low|both)
     """
     single_process_defaults()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # Read before any collective: a rank whose peer died fails after this, instead of waiting for ever.
+    timeout = timedelta(seconds=int(load_config(config, "train", overrides).train.collective_timeout_s))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     started = start_stage("stage4", "train", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return

@@ -170,3 +170,71 @@ def test_reruns_heal_duplicate_keys_stray_tmp_shards_and_a_truncated_manifest(sc
             "r00007-00001.tar.set-aside-duplicate-keys",
         ]
         assert len(read_manifest(run, stage)["set_aside"]) == 2
+
+
+@pytest.mark.slow
+def test_when_one_rank_of_stage4_dies_the_other_fails_within_the_timeout_and_a_rerun_resumes(scored_copy):
+    """Two torchrun agents (as on two nodes, outside SLURM, where nothing else stops the survivor)."""
+    args = [
+        "--max_steps=100000",
+        "--save_every=5",
+        "--sample_every=0",
+        "--micro_batch_size=1",
+        "--collective_timeout_s=30",
+    ]
+    port = 29000 + os.getpid() % 1000
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID")}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=timeout-test",
+                str(REPO / SCRIPTS["stage4"]),
+                f"--run_dir={scored_copy}",
+                *args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    latest = RunDir(scored_copy).checkpoints / "latest"
+    wait_for(latest.is_file, 300, "the first checkpoint")
+    workers = subprocess.run(["pgrep", "-P", str(agents[1].pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker under the second agent"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    died = time.time()
+    agents[0].wait(timeout=30 + 120)  # the collective timeout, plus the agent's own shutdown
+    agents[1].wait(timeout=120)
+    assert agents[0].returncode != 0 and time.time() - died < 150
+    step = int(latest.read_text().strip()[4:])
+    more = [a for a in args if not a.startswith("--max_steps")] + [f"--max_steps={step + 2}"]
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / SCRIPTS["stage4"]),
+            f"--run_dir={scored_copy}",
+            *more,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"at step {step}" in rerun.stderr and read_manifest(RunDir(scored_copy), "stage4")["steps"] == step + 2
