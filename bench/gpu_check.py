@@ -168,33 +168,57 @@ def render_rows(cfg, device, steps: int) -> list[dict]:
     return rows
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: int) -> str:
     r = cfg.render
+    training = [
+        [
+            f"{row['mode']}, checkpointing",
+            str(row["zero"]),
+            f"{row['step_s']:.2f}",
+            f"{row['tokens_per_s']:,.0f}",
+            f"{row['mfu']:.1%}",
+            gib(row["peak_gib"]),
+            gib(row["planned_gib"]),
+        ]
+        for row in train
+    ]
+    rendering = [
+        [
+            f"cache={row['cache']}",
+            f"{row['sampling_s']:.1f}",
+            f"{row['decode_s']:.1f}",
+            f"{row['sampling_s'] + row['decode_s']:.1f}",
+            gib(row["peak_gib"]),
+            f"{row['moved']:.2%}",
+        ]
+        for row in render
+    ]
     lines = [
         f"{device_name}: {Path(cfg.preset).stem} architecture (random weights, bf16), "
         f"{r.width}x{r.height}x{r.num_frames}, {tokens_per_sample(cfg)} tokens per video",
         "",
-        "| stage 4 | ZeRO | step (s) | tokens/s | MFU | peak memory (GiB) | planned (GiB) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in train:
-        peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
-        lines.append(
-            f"| {row['mode']}, checkpointing | {row['zero']} | {row['step_s']:.2f} | {row['tokens_per_s']:,.0f} | "
-            f"{row['mfu']:.1%} | {peak} | {row['planned_gib']:.1f} |"
-        )
-    lines += [
+        *markdown(["stage 4", "ZeRO", "step (s)", "tokens/s", "MFU", "peak memory (GiB)", "planned (GiB)"], training),
         "",
-        f"| stage 2, {steps} steps, CFG | sampling (s) | VAE decode (s) | s/video | peak memory (GiB) | "
-        "latents moved |",
-        "|---|---|---|---|---|---|",
+        *markdown(
+            [
+                f"stage 2, {steps} steps, CFG",
+                "sampling (s)",
+                "VAE decode (s)",
+                "s/video",
+                "peak memory (GiB)",
+                "latents moved",
+            ],
+            rendering,
+        ),
     ]
-    for row in render:
-        peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
-        lines.append(
-            f"| cache={row['cache']} | {row['sampling_s']:.1f} | {row['decode_s']:.1f} | "
-            f"{row['sampling_s'] + row['decode_s']:.1f} | {peak} | {row['moved']:.2%} |"
-        )
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from collections import Counter
 import pytest
 from conftest import REPO, SCRIPTS, run_stage
 
-from gigavideo.schema import RunDir, read_manifest, shard_keys
+from gigavideo.schema import RunDir, iter_samples, read_manifest, shard_keys
 
 
 def start(stage: str, run_dir, *args: str) -> subprocess.Popen:
@@ -238,3 +239,48 @@ def test_when_one_rank_of_stage4_dies_the_other_fails_within_the_timeout_and_a_r
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"at step {step}" in rerun.stderr and read_manifest(RunDir(scored_copy), "stage4")["steps"] == step + 2
+
+
+KILL_WINDOW_S = {"stage1": 8, "stage2": 14, "stage3": 12, "eval": 40}  # about one clean run of each, here
+
+
+def stage_content(run_dir, stage: str) -> dict:
+    """What a stage produced, per key, less what legitimately differs between runs (timings)."""
+    run = RunDir(run_dir)
+    if stage == "eval":
+        lines = [
+            json.loads(line)
+            for path in sorted((run.eval / "records").glob("*.jsonl"))
+            for line in path.read_text().splitlines()
+            if line.startswith("{") and line.endswith("}")
+        ]
+        content = {(r["label"], r["key"]): r for r in lines}
+        assert len(content) == len(lines), "an eval video recorded twice"
+        videos = sorted(p for p in (run.eval / "videos").rglob("*") if p.is_file())
+        return content | {str(p.relative_to(run.eval)): p.read_bytes() for p in videos}
+    content = {}
+    for sample in iter_samples(run, stage):
+        key = sample.pop("__key__")
+        sample.pop("__url__")
+        sample["json"].pop("seconds", None)
+        assert key not in content, f"{key} twice in {stage}"
+        content[key] = {k: v.tobytes() if hasattr(v, "tobytes") else v for k, v in sample.items()}
+    return content
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3", "eval"])
+def test_chaos_five_kill9s_at_seeded_moments_then_a_rerun_give_the_uninterrupted_content(stage, trained_run, tmp_path):
+    from conftest import SMALL
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    shutil.rmtree(run_dir / stage)
+    moments = random.Random(f"chaos-{stage}")
+    for _ in range(5):
+        proc = start(stage, run_dir, *SMALL[stage])
+        time.sleep(moments.uniform(1.0, KILL_WINDOW_S[stage]))
+        proc.kill()
+        proc.wait()
+    run_stage(stage, run_dir)
+    assert stage_content(run_dir, stage) == stage_content(trained_run, stage)
