@@ -63,7 +63,8 @@ def fixed_cost_settings(ds: dict, world_size: int, on_cpu: bool) -> dict:
       copies cost about 10% of a small model's step, and ZeRO-1 without overlap or contiguous gradients
       installs no hooks (its checkpoints convert with zero_to_fp32 alike);
     - on CPU, contiguous gradients (a copy of every gradient into one buffer, against fragmentation of the
-      GPU's caching allocator) only cost a copy.
+      GPU's caching allocator) only cost a copy, and overlapping communication needs the GPU's streams (on
+      CPU it leaves asynchronous all-reduces in flight that have crashed a process at exit).
     A config with offload keeps what it asks for."""
     zero = ds.get("zero_optimization", {})
     offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
@@ -73,5 +74,5 @@ def fixed_cost_settings(ds: dict, world_size: int, on_cpu: bool) -> dict:
         log.info("one process: ZeRO-2 runs as ZeRO-1 without gradient hooks (nothing to partition or reduce)")
         zero = zero | {"stage": 1, "overlap_comm": False, "contiguous_gradients": False, "reduce_scatter": False}
     elif on_cpu:
-        zero = zero | {"contiguous_gradients": False}
+        zero = zero | {"contiguous_gradients": False, "overlap_comm": False}
     return ds | {"zero_optimization": zero}

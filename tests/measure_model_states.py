@@ -61,6 +61,8 @@ def main(run_dir: str, *flags: str):
             held = live_bytes() - before - sum(b.numel() * b.element_size() for b in engine.module.buffers())
         engine.step()
     print(json.dumps({"rank": dist.get_rank(), "bytes": held}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()  # no collective left in flight at exit
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ as_written = asked | {"zero_optimization": {**asked["zero_optimization"], "stage
 (stage, ours), (_, stock) = train(asked), train(as_written)
 assert all(torch.equal(a, b) for a, b in zip(ours, stock)), "the updates differ"
 print("same updates under ZeRO", stage)
+dist.barrier()
+dist.destroy_process_group()  # no collective left in flight at exit
 """
 
 
@@ -145,7 +147,7 @@ def test_zero2_drops_per_step_costs_that_buy_nothing_here():
         False,
     )
     two = build_ds_config(train, world_size=2)["zero_optimization"]
-    assert (two["stage"], two["overlap_comm"], two["contiguous_gradients"]) == (2, True, torch.cuda.is_available())
+    assert (two["stage"], two["overlap_comm"], two["contiguous_gradients"]) == (2,) + (torch.cuda.is_available(),) * 2
     offload = build_ds_config(
         train | {"ds_config": "ds_configs/zero3_offload.json", "lr": 1e-5, "weight_decay": 0.0}, world_size=1
     )
