@@ -97,7 +97,8 @@ def acquire(run_path: Path, stage: str, rank: int) -> Path:
             holder = _read(path)
             if holder is None:
                 continue  # gone meanwhile, or being written: try again
-            reason = why_stale(holder)
+            reason = "its lock file is unreadable and over a minute old" if holder.get("unreadable") else None
+            reason = reason or why_stale(holder)
             if reason is None:
                 raise StageLocked(
                     f"{stage} (rank {rank}) is already running in {run_path}: {describe(holder)}. Two processes "

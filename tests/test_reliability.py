@@ -287,3 +287,19 @@ def test_chaos_five_kill9s_at_seeded_moments_then_a_rerun_give_the_uninterrupted
         proc.wait()
     run_stage(stage, run_dir)
     assert stage_content(run_dir, stage) == stage_content(trained_run, stage)
+
+
+def test_an_empty_lock_file_over_a_minute_old_is_taken_over_and_a_live_holder_refuses(tmp_path):
+    from gigavideo.locks import StageLocked, acquire, release, this_process
+
+    lock = tmp_path / ".locks" / "stage3-rank00002.lock"
+    lock.parent.mkdir()
+    lock.write_text("")  # its writer died between creating and writing it
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    assert acquire(tmp_path, "stage3", 2) == lock
+    mine = json.loads(lock.read_text())
+    assert mine["pid"] == os.getpid()
+    with pytest.raises(StageLocked, match=rf"stage3 \(rank 2\) is already running in .*pid {os.getpid()}"):
+        acquire(tmp_path, "stage3", 2)  # this process is alive: never taken over
+    release(lock, this_process() | {"since": mine["since"]})
+    assert not lock.exists()
