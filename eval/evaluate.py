@@ -7,6 +7,10 @@ Prompt suites (--suites):
 - `vbench2`: VBench-2.0's standard prompts, read from the installed `vbench2` package, 3 videos
   per prompt; its camera-motion and instance expectations go to our specialist scorers.
 
+--diagnose renders and scores the base model alone, before stage 1, into RUN_DIR/diagnosis/ and writes
+RUN_DIR/diagnosis.json: per dimension the mean reward with its interval and a weakness rank, which stage 1
+reads with --dimensions=auto --num_weak=K (gigavideo/diagnosis.py).
+
 Both models render every (prompt, index) with the same seed into VBench-2.0's layout,
 `RUN_DIR/eval/videos/{baseline,finetuned}/{suite}/{Dimension}/{prompt[:180]}-{index}.mp4`. The
 stage-3 judge (and specialist) scores each saved video, and drift statistics are measured on the
@@ -30,8 +34,9 @@ from tqdm import tqdm
 from gigavideo import vbench2
 from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.diagnosis import DIAGNOSIS, DIAGNOSIS_FILE, diagnose, diagnosis_table
 from gigavideo.distributed import rank_and_world
-from gigavideo.eval_report import LABELS, dimension_summary, realism, write_outputs
+from gigavideo.eval_report import LABELS, dimension_summary, load_records, realism, write_outputs
 from gigavideo.export import load_exported
 from gigavideo.families import family_for
 from gigavideo.files import write_atomic, write_json_atomic
@@ -41,7 +46,7 @@ from gigavideo.models import load_pipeline
 from gigavideo.prompt_engine import Similarity, engine_prompts
 from gigavideo.prompts import load_style, resolve_dimensions
 from gigavideo.rendering import Renderer
-from gigavideo.schema import index_json, iter_samples, rank_parts, read_manifest
+from gigavideo.schema import index_json, iter_samples, process_seconds, rank_parts, read_manifest
 from gigavideo.scoring import detector_for, score_videos
 from gigavideo.seeding import derive_seed
 from gigavideo.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics
@@ -107,42 +112,30 @@ def eval_videos(cfg, dims, training_prompts: list[str]) -> tuple[list[dict], dic
     return videos, notes
 
 
-def load_records(records_dir: Path) -> dict:
-    """(label, key) -> record, from every rank's record file (a line cut short by a kill is ignored)."""
-    records = {}
-    for path in sorted(records_dir.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records[(record["label"], record["key"])] = record
-    return records
-
-
-def record_render_settings(renderer: Renderer, label: str, run) -> None:
+def record_render_settings(renderer: Renderer, label: str, out: Path) -> None:
     """Records the settings this label renders with; a rerun must use the ones the videos on disk were made with."""
-    path, settings = run.eval / f"settings-{label}.json", renderer.settings()
+    path, settings = out / f"settings-{label}.json", renderer.settings()
     if path.is_file() and json.loads(path.read_text()) != settings:
         raise ValueError(
-            f"{path}: the eval in {run.eval} was started with other render settings "
+            f"{path}: the eval in {out} was started with other render settings "
             f"({path.read_text().strip()}); pass --overwrite to start it again with these"
         )
     write_json_atomic(path, settings)
 
 
-def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, records_file) -> None:
-    """Render the videos of `todo` that are not on disk yet, then score every one of them from its file."""
+def render_and_score(label, pipe, todo, cfg, judge, detector, out: Path, device, records_file) -> None:
+    """Render the videos of `todo` that are not on disk yet (into OUT/videos/LABEL), then score every one of
+    them from its file."""
     renderer = Renderer(
         pipe, family_for(cfg.model), cfg.render, cfg.model.max_sequence_length, device, flow_shift=cfg.model.flow_shift
     )
-    record_render_settings(renderer, label, run)
-    root = run.eval / "videos" / label
+    record_render_settings(renderer, label, out)
+    root, partial = out / "videos" / label, out / "partial"
     batches = iter(todo)
     if records_file.is_file() and (data := records_file.read_bytes()) and not data.endswith(b"\n"):
-        with open(records_file, "ab") as out:
-            out.write(b"\n")  # end the line a kill cut short, so the next record starts on its own line
-    with tqdm(total=len(todo), desc=f"eval {label}", unit="video") as progress, open(records_file, "a") as out:
+        with open(records_file, "ab") as log_file:
+            log_file.write(b"\n")  # end the line a kill cut short, so the next record starts on its own line
+    with tqdm(total=len(todo), desc=f"eval {label}", unit="video") as progress, open(records_file, "a") as log_file:
         while chunk := list(islice(batches, int(cfg.render.batch_size))):
             missing = [v for v in chunk if not (root / v["path"]).exists()]
             if missing:
@@ -152,7 +145,6 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, recor
                 for v, result in zip(missing, rendered, strict=False):
                     data = encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt)
                     # nothing but complete videos in VBench-2.0's folders: the temporary file lives elsewhere
-                    partial = run.eval / "partial"
                     write_atomic(root / v["path"], lambda tmp, data=data: tmp.write_bytes(data), tmp_dir=partial)
             for v in chunk:
                 record = {"label": label, "key": v["key"], "reward": None}
@@ -166,9 +158,9 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, run, device, recor
                     record["reason"] = f"video: {err}"
                 if record["reward"] is None:
                     log.warning("%s %s: no score (%s)", label, v["path"], record["reason"])
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                os.fsync(log_file.fileno())
             progress.update(len(chunk))
 
 
@@ -246,9 +238,11 @@ def build_report(cfg, videos, records, notes, protocol, official, dims, referenc
     return report
 
 
-def preflight(cfg, run):
-    """The export, the judge, the base model and the suites must exist before any work (or any --overwrite)."""
-    read_manifest(run, "stage4")
+def preflight(cfg, run, diagnose: bool = False):
+    """The export (not for --diagnose), the judge, the base model and the suites must exist before any work (or any
+    --overwrite)."""
+    if not diagnose:
+        read_manifest(run, "stage4")
     ev = cfg.eval
     if not ev.suites or set(ev.suites) - set(SUITES):
         raise ValueError(f"--suites={ev.suites}: choose from {SUITES}")
@@ -264,25 +258,37 @@ def preflight(cfg, run):
     return dims, base_model_path(cfg, run)
 
 
-def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
-    """Compare the base model with RUN_DIR/stage4/export into RUN_DIR/eval (e.g. --suites='[heldout,vbench2]')."""
-    started = start_stage("eval", "eval", run_dir, config, overwrite, overrides, preflight)
+def main(
+    run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, diagnose: bool = False, **overrides
+):
+    """Compare the base model with RUN_DIR/stage4/export into RUN_DIR/eval (e.g. --suites='[heldout,vbench2]').
+    --diagnose: the base model alone, before stage 1: its weakness per dimension into RUN_DIR/diagnosis.json."""
+    stage = DIAGNOSIS if diagnose else "eval"
+    started = start_stage(
+        stage, "eval", run_dir, config, overwrite, overrides, lambda cfg, run: preflight(cfg, run, diagnose)
+    )
     if started is None:
         return
     cfg, run, (dims, base) = started
+    out = run.stage(stage)
     device = pick_device(cfg.model.device)
-    training_prompts = sorted({m["prompt"] for m in index_json(run, "stage1").values()})
+    training_prompts = [] if diagnose else sorted({m["prompt"] for m in index_json(run, "stage1").values()})
     videos, notes = eval_videos(cfg, dims, training_prompts)
     judge = load_judge(cfg.score, run, device)
     detector = detector_for(dims, cfg.score)
     rank, world = rank_and_world()
-    records_dir = run.eval / "records"
+    labels = ("baseline",) if diagnose else LABELS
+    records_dir = out / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     done = load_records(records_dir)
-    for label in LABELS:
+    for label in labels:
         todo = [v for v in videos[rank::world] if (label, v["key"]) not in done]
         log.info(
-            "eval %s: %d of this rank's %d videos still to render or score", label, len(todo), len(videos[rank::world])
+            "%s %s: %d of this rank's %d videos still to render or score",
+            stage,
+            label,
+            len(todo),
+            len(videos[rank::world]),
         )
         if todo:
             pipe = (
@@ -291,15 +297,19 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                 else load_exported(run.export, base, cfg.model.dtype, device)
             )
             render_and_score(
-                label, pipe, todo, cfg, judge, detector, run, device, records_dir / f"rank{rank:05d}.jsonl"
+                label, pipe, todo, cfg, judge, detector, out, device, records_dir / f"rank{rank:05d}.jsonl"
             )
             del pipe
-    if rank_parts(run.eval, rank, world, {"videos": len(videos[rank::world])}) is None:
+    parts = rank_parts(out, rank, world, {"videos": len(videos[rank::world])})
+    if parts is None:
         return  # another rank completes the report
     records = load_records(records_dir)
-    missing = [v["path"] for v in videos for label in LABELS if (label, v["key"]) not in records]
+    missing = [v["path"] for v in videos for label in labels if (label, v["key"]) not in records]
     if missing:
-        raise RuntimeError(f"{len(missing)} eval videos have no record (first: {missing[0]}); rerun to finish them")
+        raise RuntimeError(f"{len(missing)} {stage} videos have no record (first: {missing[0]}); rerun to finish them")
+    if diagnose:
+        write_diagnosis(cfg, run, videos, records, dims, base, judge.name, process_seconds(parts))
+        return
     settings = {label: json.loads((run.eval / f"settings-{label}.json").read_text()) for label in LABELS}
     if settings["baseline"] != settings["finetuned"]:
         raise ValueError(f"baseline and fine-tuned render settings differ: {settings}")
@@ -327,9 +337,37 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     write_json_atomic(run.eval / "report.json", report)
     write_json_atomic(
         run.manifest("eval"),
-        {"stage": "eval", "report": str(run.eval / "report.json"), "videos": len(videos), "world_size": world},
+        {
+            "stage": "eval",
+            "report": str(run.eval / "report.json"),
+            "videos": len(videos),
+            "world_size": world,
+            "process_seconds": process_seconds(parts),
+        },
     )
     log.info("eval report: %s\n%s", run.eval / "report.md", (run.eval / "report.md").read_text())
+
+
+def write_diagnosis(cfg, run, videos, records, dims, base, judge_name, seconds: float) -> None:
+    result = diagnose(dims, videos, records, cfg.eval.bootstrap_samples, cfg.eval.seed)
+    result |= {
+        "base": str(base),
+        "judge": judge_name,
+        "suites": list(cfg.eval.suites),
+        "render": json.loads((run.stage(DIAGNOSIS) / "settings-baseline.json").read_text()),
+    }
+    write_json_atomic(run.path / DIAGNOSIS_FILE, result)
+    write_json_atomic(
+        run.manifest(DIAGNOSIS),
+        {
+            "stage": DIAGNOSIS,
+            "diagnosis": str(run.path / DIAGNOSIS_FILE),
+            "videos": len(videos),
+            "ranking": result["ranking"],
+            "process_seconds": seconds,
+        },
+    )
+    log.info("diagnosis of %s: %s\n%s", base, run.path / DIAGNOSIS_FILE, diagnosis_table(result))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,12 @@ class PromptsConfig:
     """[prompts]: stage 1, the prompt data engine."""
 
     engine: str = key("openai", "template | transformers (a local chat model in llm_path) | openai (a server)")
-    dimensions: list = key(["all"], '"all" = every dimension file that is not excluded')
+    dimensions: list = key(
+        ["all"],
+        '"all" = every dimension file that is not excluded; "auto" = the num_weak weakest in RUN_DIR/diagnosis.json '
+        "(eval/evaluate.py --diagnose)",
+    )
+    num_weak: int = key(2, 'dimensions = "auto": how many of the weakest dimensions to target')
     dimensions_dir: str = key("", "empty = configs/dimensions")
     num_per_dimension: int = key(560, "synthetic prompts kept per dimension (the quota; ~9.5k over 17 in the paper)")
     prompts_per_call: int = key(8, "analogies asked for in one LLM call (one work unit)")
@@ -206,6 +211,11 @@ class TrainConfig:
     lora_rank: int = key(16, "mode = lora: the adapters' rank")
     lora_alpha: float = key(16.0, "mode = lora: their alpha")
     lora_targets: list = key([], "mode = lora: the modules adapted; empty = the family's (Wan: attention q, k, v, out)")
+    merge_lora: bool = key(
+        False,
+        "mode = lora: export a complete pipeline folder with the adapters fused into the base weights "
+        "(WanPipeline.from_pretrained(export); what the next round starts from), instead of the LoRA file(s)",
+    )
     max_bad_samples: int = key(100, "samples with non-finite latents/embeddings tolerated (weight 0) before a stop")
     max_bad_steps: int = key(5, "micro-batches in a row with a non-finite loss (each skipped) before the run stops")
     lr: float = key(1e-6, "learning rate (the paper's)")

@@ -6,6 +6,7 @@ statistics. Output is report.json, report.md, one bar chart per suite and Tensor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,19 @@ from .stats import paired_bootstrap
 
 LABELS = ("baseline", "finetuned")
 DRIFT_KEYS = ("brightness", "contrast", "saturation", "motion")
+
+
+def load_records(records_dir: Path) -> dict:
+    """(label, key) -> record, from every rank's record file (a line cut short by a kill is ignored)."""
+    records = {}
+    for path in sorted(records_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[(record["label"], record["key"])] = record
+    return records
 
 
 def drift(base_stats: list[dict], tuned_stats: list[dict]) -> dict:

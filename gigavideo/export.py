@@ -10,22 +10,27 @@ Each trained transformer (pipeline component) is saved first on its own, in RUN_
 - LoRA, two experts (Wan2.2-A14B): export/transformer/ and export/transformer_2/, one LoRA file each:
   `pipe.load_lora_weights(export / "transformer")` and
   `pipe.load_lora_weights(export / "transformer_2", load_into_transformer_2=True)`.
+- LoRA with train.merge_lora: a complete pipeline folder as for a full fine-tune, each trained transformer
+  the base's with its adapters fused in (in the base's stored dtype): `WanPipeline.from_pretrained(export)`.
 
 Under ZeRO-3 the parameters are gathered from all ranks first, so every rank must call `save_trained`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .files import write_atomic, write_json_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 SUMMARY_FILE = "training.json"  # beside a trained component: how its training ended
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -63,12 +68,17 @@ def _save(transformer, mode: str, directory: Path, summary: dict) -> None:
     write_json_atomic(directory / SUMMARY_FILE, summary)
 
 
-def assemble_export(trained: dict[str, Path], mode: str, base_path: Path, target: Path) -> Path:
+def assemble_export(
+    trained: dict[str, Path], mode: str, base_path: Path, target: Path, merge_lora: bool = False
+) -> Path:
     """The export folder from the trained components ({component: RUN_DIR/stage4/trained/...})."""
 
     def full(directory: Path):
         shutil.copytree(base_path, directory, ignore=shutil.ignore_patterns(*trained), copy_function=_link_or_copy)
         for component, saved in trained.items():
+            if mode == "lora":
+                fused_transformer(base_path / component, saved / LORA_FILE).save_pretrained(directory / component)
+                continue
             ignore = shutil.ignore_patterns(SUMMARY_FILE)
             shutil.copytree(saved, directory / component, ignore=ignore, copy_function=_link_or_copy)
 
@@ -80,7 +90,27 @@ def assemble_export(trained: dict[str, Path], mode: str, base_path: Path, target
 
     if target.exists():
         shutil.rmtree(target)
-    return write_atomic(target, lora if mode == "lora" else full, keep_existing=True)
+    return write_atomic(target, lora if mode == "lora" and not merge_lora else full, keep_existing=True)
+
+
+def fused_transformer(component: Path, lora_file: Path):
+    """The base transformer in `component` with the LoRA of `lora_file` fused into its weights, in the dtype it
+    is stored in (the fusion itself runs in float32, so a bfloat16 base rounds once, not per matrix)."""
+    import diffusers
+    from safetensors import safe_open
+
+    config = json.loads((component / "config.json").read_text())
+    weights = sorted(component.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{component}: no .safetensors weights to fuse the LoRA {lora_file} into")
+    with safe_open(str(weights[0]), "pt") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    model_class = getattr(diffusers, config["_class_name"])
+    model = model_class.from_pretrained(str(component), torch_dtype=torch.float32)
+    model.load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name, prefix="transformer")
+    model.fuse_lora()
+    model.unload_lora()
+    return model.to(SAFETENSORS_DTYPES[stored])
 
 
 def load_exported(export: Path, base_path: Path, dtype: str, device):

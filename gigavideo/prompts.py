@@ -29,6 +29,7 @@ SETTINGS = [
 ]
 CAMERAS = ["wide shot", "medium shot", "close-up shot", "eye-level shot", "low-angle shot"]
 LIGHTING = ["soft daylight", "warm evening light", "cool overcast light", "dramatic side light"]
+STYLE_FILE = "style.toml"  # beside the dimension files: the template engine's phrases, not a dimension
 
 
 @dataclass
@@ -45,12 +46,13 @@ class Dimension:
     actions: list[str] = field(default_factory=list)
     excluded: bool = False  # listed for completeness, never targeted (Diversity)
     paper: dict = field(default_factory=dict)  # the paper's VBench-2.0 scores: {wan2_1, gigavideo_1}
+    target: float = 1.0  # the reward this dimension should reach; diagnosis ranks weakness by the gap to it
 
 
 def load_style(directory: str | Path = "") -> tuple[list[str], list[str], list[str]]:
     """The template engine's settings, camera and lighting phrases: `style.toml` of the dimensions folder if
     it has one (the toy world describes its plain clips), else the general lists above."""
-    path = Path(directory or DIMENSIONS_DIR) / "style.toml"
+    path = Path(directory or DIMENSIONS_DIR) / STYLE_FILE
     if not path.is_file():
         return SETTINGS, CAMERAS, LIGHTING
     with open(path, "rb") as f:
@@ -78,7 +80,7 @@ def resolve_dimensions(names: list[str], directory: str | Path = "") -> list[Dim
     """Load the named dimensions; ["all"] is every dimension file not marked excluded."""
     directory = Path(directory or DIMENSIONS_DIR)
     if list(names) == ["all"]:
-        names = sorted(p.stem for p in directory.glob("*.toml"))
+        names = sorted(p.stem for p in directory.glob("*.toml") if p.name != STYLE_FILE)
         return [d for d in (load_dimension(n, directory) for n in names) if not d.excluded]
     dims = [load_dimension(n, directory) for n in names]
     excluded = [d.name for d in dims if d.excluded]

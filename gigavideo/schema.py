@@ -61,6 +61,7 @@ REQUIRED_JSON = {
 }
 SOURCES = ("synthetic", "real")
 MANIFEST = "manifest.json"
+PROCESS_STARTED = time.time()  # (about) when this process started: a stage's cost is its processes' wall time
 # The script that produces each stage's output, relative to the repository root.
 STAGE_SCRIPTS = {
     "base": "scripts/prepare_base.py",
@@ -334,7 +335,8 @@ def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[
     only the one that claims the finalize file for that set of parts gets them.
     """
     parts = Path(stage_dir) / "_parts"
-    write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", {**info, "run_id": _RUN_ID})
+    info = {**info, "run_id": _RUN_ID, "process_seconds": round(time.time() - PROCESS_STARTED, 2)}
+    write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", info)
     done = [json.loads(p.read_text()) for p in sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))]
     if not _RUN_ID.startswith("array"):
         done = [d for d in done if d.get("run_id") == _RUN_ID]
@@ -347,6 +349,12 @@ def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[
     except FileExistsError:
         return None
     return done
+
+
+def process_seconds(parts: list[dict]) -> float:
+    """What a stage cost: the wall time of its processes (of the launch that finished it), summed over ranks;
+    with one process per GPU, GPU-seconds."""
+    return round(sum(part.get("process_seconds", 0.0) for part in parts), 2)
 
 
 def hash_text(text: str) -> str:
@@ -374,6 +382,7 @@ def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: d
             **info,
             "failures": failures,
             "world_size": world_size,
+            "process_seconds": process_seconds(parts),
             **({"device_seconds": seconds} if seconds else {}),
             **({"set_aside": set_aside} if set_aside else {}),
         },

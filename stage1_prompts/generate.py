@@ -25,13 +25,22 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gigavideo.cli import pick_device, run_cli, start_stage
+from gigavideo.diagnosis import DIAGNOSIS_FILE, read_diagnosis, weakest
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend
 from gigavideo.models import torch_dtype
 from gigavideo.prompt_engine import Similarity, run_unit, select
 from gigavideo.prompts import load_style, resolve_dimensions
 from gigavideo.registry import resolve
-from gigavideo.schema import ShardWriter, iter_shard, rank_parts, rank_prefix, resume_rank, write_manifest
+from gigavideo.schema import (
+    ShardWriter,
+    iter_shard,
+    process_seconds,
+    rank_parts,
+    rank_prefix,
+    resume_rank,
+    write_manifest,
+)
 from gigavideo.video import VideoError, decode_mp4
 
 log = logging.getLogger("gigavideo.stage1")
@@ -131,7 +140,7 @@ def real_samples(cfg, limit: int | None, failures: list):
 # ---------------------------------------------------------------- final selection
 
 
-def finalize(cfg, run, dims, units_dir) -> dict:
+def finalize(cfg, run, dims, units_dir, diagnosis: dict | None, parts: list[dict]) -> dict:
     """Select every dimension's prompts from all units (in key order, so the result is deterministic)."""
     pc = cfg.prompts
     out = run.stage("stage1")
@@ -202,8 +211,20 @@ def finalize(cfg, run, dims, units_dir) -> dict:
         "kept": len(real),
         "dropped": dict(Counter(f["reason"].split(":")[-1].strip() for f in failures)),
     }
+    targeted = {"dimensions": [d.name for d in dims]}
+    if diagnosis is not None:  # --dimensions=auto: what the choice was made from
+        targeted["diagnosis"] = {"file": str(run.path / DIAGNOSIS_FILE), **diagnosis}
     write_manifest(
-        out, "stage1", {"summary": summary, "failures": failures, "generator": generator, "config": dict(pc)}
+        out,
+        "stage1",
+        {
+            "summary": summary,
+            "failures": failures,
+            "generator": generator,
+            "config": dict(pc),
+            "targeted": targeted,
+            "process_seconds": process_seconds(parts),
+        },
     )
     return summary
 
@@ -219,9 +240,19 @@ def print_summary(summary: dict) -> None:
 # ---------------------------------------------------------------- main
 
 
+def targeted_dimensions(pc, run) -> tuple[list, dict | None]:
+    """The dimensions to make prompts for, and the diagnosis they were chosen from (--dimensions=auto)."""
+    if list(pc.dimensions) != ["auto"]:
+        return resolve_dimensions(pc.dimensions, pc.dimensions_dir), None
+    diagnosis = read_diagnosis(run)
+    names = weakest(diagnosis, pc.num_weak, str(run.path / DIAGNOSIS_FILE))
+    log.info("--dimensions=auto: the %d weakest of the diagnosis %s: %s", pc.num_weak, diagnosis["ranking"], names)
+    return resolve_dimensions(names, pc.dimensions_dir), diagnosis
+
+
 def preflight(cfg, run):
     pc = cfg.prompts
-    dims = resolve_dimensions(pc.dimensions, pc.dimensions_dir)
+    targeted = targeted_dimensions(pc, run)
     if pc.engine == "transformers" and not Path(pc.llm_path or "/nonexistent").is_dir():
         raise FileNotFoundError(f"--llm_path={pc.llm_path!r}: the transformers engine needs a local chat model folder")
     if pc.engine == "openai":
@@ -233,7 +264,7 @@ def preflight(cfg, run):
     spec = pc.real_captions
     if spec and spec.partition(":")[0] not in REAL_CAPTION_SOURCES and not Path(spec).is_file():
         raise FileNotFoundError(f"real captions file {spec} not found (expected JSONL or CSV with caption, video)")
-    return dims
+    return targeted
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
@@ -244,7 +275,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     started = start_stage("stage1", "prompts", run_dir, config, overwrite, overrides, preflight)
     if started is None:
         return
-    cfg, run, dims = started
+    cfg, run, (dims, diagnosis) = started
     pc = cfg.prompts
     rank, world = rank_and_world()
     units_per_dimension = math.ceil(pc.num_per_dimension * pc.oversample / pc.prompts_per_call)
@@ -266,9 +297,10 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                 writer.write(
                     {"__key__": key, "json": run_unit(backend, dim, unit, pc.prompts_per_call, pc.seed, pc.max_retries)}
                 )
-    if rank_parts(units_dir, rank, world, {"units": len(todo)}) is None:
+    parts = rank_parts(units_dir, rank, world, {"units": len(todo)})
+    if parts is None:
         return  # another rank selects the final prompts
-    summary = finalize(cfg, run, dims, units_dir)
+    summary = finalize(cfg, run, dims, units_dir, diagnosis, parts)
     print_summary(summary)
 
 

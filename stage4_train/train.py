@@ -53,7 +53,7 @@ from gigavideo.families import family_for
 from gigavideo.families.wan21 import Expert
 from gigavideo.loss import batch_loss, sample_timesteps
 from gigavideo.memory import PeakMemory, check_training_memory, training_memory_record
-from gigavideo.schema import read_manifest, write_manifest
+from gigavideo.schema import PROCESS_STARTED, read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
 from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest, prepare_for_training
 
@@ -285,7 +285,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         trained[expert.component] = target
 
     if rank == 0:
-        exported = assemble_export(trained, cfg.train.mode, base, run.export)
+        exported = assemble_export(trained, cfg.train.mode, base, run.export, cfg.train.merge_lora)
         summaries = {e.label: json.loads((trained[e.component] / SUMMARY_FILE).read_text()) for e in experts}
         summary = {
             **summaries[experts[-1].label],
@@ -295,6 +295,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             "mode": cfg.train.mode,
             "family": family.name,
             "export": str(exported),
+            "process_seconds": round(world * (time.time() - PROCESS_STARTED), 2),  # the ranks train in step
             "data": data_stats,
             "config": dict(cfg.train),
         }

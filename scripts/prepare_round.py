@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""One round of `ROUNDS=N bash slurm/pipeline.sh`: RUN_DIR/round{R}/ is a run directory of its own, with a
+preset file, RUN_DIR/round{R}/preset.toml, that extends the pipeline's preset and names the round's base:
+round 1 starts from the base model (prepared here, as scripts/prepare_base.py does), round R > 1 from round
+R-1's export, which every round writes as a complete diffusers folder (train.merge_lora = true).
+
+Prints the steps the round still needs, one line: "complete" when its eval has finished, else
+"diagnosis stage1 stage2 stage3 stage4 eval" (diagnosis only where the preset targets dimensions=auto).
+Any one stage of a round reruns by hand like any run:
+    PRESET=RUN_DIR/round2/preset.toml RUN_DIR=RUN_DIR/round2 bash slurm/stage4.sh
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from gigavideo.base_model import prepare_base
+from gigavideo.cli import run_cli, setup_logging
+from gigavideo.config import load_config, resolve_preset
+from gigavideo.diagnosis import DIAGNOSIS
+from gigavideo.files import write_atomic
+from gigavideo.schema import RunDir
+
+log = logging.getLogger("gigavideo.rounds")
+STAGES = ("stage1", "stage2", "stage3", "stage4", "eval")
+
+
+def round_dir(run_dir, number: int) -> RunDir:
+    return RunDir(RunDir(run_dir).path / f"round{number}")
+
+
+def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
+    """Write RUN_DIR/round{ROUND}/preset.toml and print the steps the round still needs."""
+    setup_logging()
+    if round < 1:
+        raise ValueError(f"--round={round}: rounds count from 1")
+    cfg, this = load_config(config, "model"), round_dir(run_dir, round)
+    preset = this.path / "preset.toml"
+    if round == 1:
+        base = prepare_base(cfg, RunDir(run_dir)).resolve()
+    else:
+        base = round_dir(run_dir, round - 1).export.resolve()  # exists once round R-1's stage 4 has run
+    text = "\n".join(
+        [
+            f"# Round {round} of slurm/pipeline.sh (scripts/prepare_round.py): the preset below, starting from",
+            "# round 1's base model" if round == 1 else f"# round {round - 1}'s model (its export, LoRA merged)",
+            f"extends = {json.dumps(str(resolve_preset(config).resolve()))}",
+            "",
+            "[model]",
+            f"path = {json.dumps(str(base))}",
+            "",
+            "[train]",
+            "merge_lora = true  # the next round starts from a complete diffusers folder",
+            "",
+        ]
+    )
+    if not preset.is_file() or preset.read_text() != text:
+        write_atomic(preset, lambda tmp: tmp.write_text(text))
+    if this.is_complete("eval"):
+        print("complete")
+        return
+    auto = list(cfg.prompts.dimensions) == ["auto"]
+    print(" ".join(([DIAGNOSIS] if auto else []) + list(STAGES)))
+
+
+if __name__ == "__main__":
+    run_cli(main, "model")
