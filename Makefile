@@ -1,6 +1,8 @@
 # `make demo`: set up .venv, then the toy world (README: Toy world) into runs/demo: the base model's pre-training
 # (~4 min, cached), every stage and the eval, whose report shows the weak dimension before and after (~8 min).
 # `make demo PRESET=tiny RUN_DIR=runs/tiny`: the same stages on random-initialised models (plumbing only, ~30 s).
+# `make demo-rounds`: the closed loop on the toy world (README: Closed loop) into runs/demo-rounds: two rounds,
+# each diagnosing its base and training on its two weakest dimensions; RUN_DIR/rounds.md compares them.
 # `make test`: set up .venv and run every test (what CI runs); `make test-fast`: all but the slow and SLURM ones (~3 min).
 # `make lint`: ruff's lint and format check (pyproject.toml); `make format` applies the formatter.
 VENV ?= .venv
@@ -9,7 +11,9 @@ RUN_DIR ?= runs/demo
 PRESET ?= toy
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format slurm-cluster clean-demo
+ROUNDS ?= 2
+
+.PHONY: setup demo demo-rounds test test-fast lint format slurm-cluster clean-demo
 
 setup: $(STAMP)
 
@@ -24,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	LOCAL=1 PRESET=$(PRESET) RUN_DIR=$(RUN_DIR) PYTHON=$(abspath $(VENV))/bin/python bash slurm/pipeline.sh
+
+demo-rounds: setup
+	LOCAL=1 ROUNDS=$(ROUNDS) PRESET=toy-rounds RUN_DIR=runs/demo-rounds PYTHON=$(abspath $(VENV))/bin/python \
+		bash slurm/pipeline.sh
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

@@ -92,7 +92,20 @@ def build(run_dir: str, rounds: int, samples: int, seed: int) -> dict:
             "base_realism_distance": (body.get("realism") or {}).get("baseline"),
         }
     out["cost"] = {f"round{r}": cost(run) for r, run in enumerate(runs, 1)}
+    out["targeted"] = {f"round{r}": targeted(run) for r, run in enumerate(runs, 1)}
     return out
+
+
+def targeted(run: RunDir) -> dict:
+    """The dimensions a round's stage 1 targeted, and the diagnosis (ranking and scores) it chose them from."""
+    chosen = read_manifest(run, "stage1").get("targeted", {})
+    diagnosis = chosen.get("diagnosis")
+    scores = {n: d["score"] for n, d in diagnosis["dimensions"].items()} if diagnosis else None
+    return {
+        "dimensions": chosen.get("dimensions"),
+        "ranking": diagnosis and diagnosis["ranking"],
+        "diagnosis_scores": scores,
+    }
 
 
 def _number(value, fmt: str = ".4f") -> str:
@@ -143,6 +156,16 @@ def markdown(report: dict) -> str:
                 )
         lines.append("")
     lines += [
+        "## What each round targeted",
+        "",
+        "| round | diagnosis of its base (weakest first) | targeted |",
+        "|---|---|---|",
+    ]
+    for name, t in report["targeted"].items():
+        ranking = ", ".join(f"{n} {t['diagnosis_scores'][n]:.3f}" for n in t["ranking"]) if t["ranking"] else "(pinned)"
+        lines.append(f"| {name} | {ranking} | {', '.join(t['dimensions'] or [])} |")
+    lines += [
+        "",
         "## Cost (process-seconds: wall time summed over ranks; GPU-seconds with one process per GPU)",
         "",
         "| round | " + " | ".join(COST_STEPS) + " | data (stages 1-3) / training (stage 4) |",

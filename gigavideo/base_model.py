@@ -1,5 +1,6 @@
 """Which base model a run uses: model.path (a local diffusers folder, checked against the preset before
 any compute), else what model.kind builds (tiny: random weights; toy: the toy world's pre-trained base).
+A tiny or toy model may be given by path too (a previous round's export): it is checked by its recipe.
 
 Every stage finds the base through `base_model_path`, so a tiny preset goes down the same
 `WanPipeline.from_pretrained` path as the real weights.
@@ -19,7 +20,7 @@ from .schema import RunDir
 
 
 def local_base(cfg, run: RunDir) -> Path:
-    """model.kind = wan: the diffusers folder in model.path, holding the model the preset describes."""
+    """The diffusers folder in model.path, holding the model the preset describes (checked by model.kind)."""
     if not cfg.model.get("path"):
         raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
     path = check_model_dir(
@@ -28,8 +29,12 @@ def local_base(cfg, run: RunDir) -> Path:
         ("model_index.json", "transformer/config.json", "vae/config.json"),
         WAN_DOWNLOAD_HINT,
     )
-    family_for(cfg.model).check_folder(path, cfg.preset)
+    resolve(BASE_MODELS, cfg.model["kind"], "model.kind").check(cfg, path)
     return path
+
+
+def check_wan_folder(cfg, path: Path) -> None:
+    family_for(cfg.model).check_folder(path, cfg.preset)
 
 
 def tiny_base(cfg, run: RunDir) -> Path:
@@ -44,19 +49,25 @@ def tiny_base(cfg, run: RunDir) -> Path:
     return check_recipe(write_atomic(run.models / "base", build, keep_existing=True), recipe)
 
 
+def check_tiny_folder(cfg, path: Path) -> None:
+    check_recipe(path, model_recipe(cfg.model), required=True)
+
+
 @dataclass(frozen=True)
 class BaseModelKind:
     """How a model.kind gives the base pipeline folder: `find` for every stage (cheap), `prepare` for the
-    base step (scripts/prepare_base.py), which may take long (the toy world pre-trains its base)."""
+    base step (scripts/prepare_base.py), which may take long (the toy world pre-trains its base), and
+    `check` for a folder given in model.path (a real model's, or a previous round's export)."""
 
     find: Callable[..., Path]
     prepare: Callable[..., Path]
+    check: Callable[..., None]
 
 
 # model.kind -> its BaseModelKind (the toy world registers its own).
 BASE_MODELS = {
-    "wan": BaseModelKind(find=local_base, prepare=local_base),
-    "tiny": BaseModelKind(find=tiny_base, prepare=tiny_base),
+    "wan": BaseModelKind(find=local_base, prepare=local_base, check=check_wan_folder),
+    "tiny": BaseModelKind(find=tiny_base, prepare=tiny_base, check=check_tiny_folder),
     "toy": "gigavideo.toy.pretrain:TOY_BASE",
 }
 

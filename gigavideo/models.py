@@ -93,9 +93,14 @@ def write_recipe(directory: Path, recipe: dict) -> None:
     (Path(directory) / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
 
-def check_recipe(path: Path, recipe: dict) -> Path:
-    """A cached random model must have been built from this run's settings."""
+def check_recipe(path: Path, recipe: dict, required: bool = False) -> Path:
+    """A cached random model must have been built from this run's settings (required: and say so)."""
     built = path / RECIPE_FILE
+    if required and not built.is_file():
+        raise ValueError(
+            f"{path} has no {RECIPE_FILE}: it is not a model this preset's model.kind builds (nor a fine-tuned "
+            'export of one); set model.kind = "wan" for a real model\'s folder'
+        )
     if built.is_file() and json.loads(built.read_text()) != recipe:
         raise ValueError(
             f"{path} was built from other model settings ({built}) than this run's preset asks for; "

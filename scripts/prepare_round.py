@@ -2,7 +2,9 @@
 """One round of `ROUNDS=N bash slurm/pipeline.sh`: RUN_DIR/round{R}/ is a run directory of its own, with a
 preset file, RUN_DIR/round{R}/preset.toml, that extends the pipeline's preset and names the round's base:
 round 1 starts from the base model (prepared here, as scripts/prepare_base.py does), round R > 1 from round
-R-1's export, which every round writes as a complete diffusers folder (train.merge_lora = true).
+R-1's export, which every round writes as a complete diffusers folder (train.merge_lora = true). Each round
+draws new prompts, videos and training noise (the preset's stage-1, stage-2 and training seeds + R - 1); the
+eval keeps its prompts and seeds, so that every round is measured on the same videos' seeds.
 
 Prints the steps the round still needs, one line: "complete" when its eval has finished, else
 "diagnosis stage1 stage2 stage3 stage4 eval" (diagnosis only where the preset targets dimensions=auto).
@@ -50,8 +52,15 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
             "[model]",
             f"path = {json.dumps(str(base))}",
             "",
+            "[prompts]",
+            f"seed = {cfg.prompts.seed + round - 1}",
+            "",
+            "[render]",
+            f"seed = {cfg.render.seed + round - 1}",
+            "",
             "[train]",
             "merge_lora = true  # the next round starts from a complete diffusers folder",
+            f"seed = {cfg.train.seed + round - 1}",
             "",
         ]
     )

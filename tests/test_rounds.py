@@ -137,6 +137,8 @@ def test_two_rounds_chain_by_dependency_under_sbatch_and_a_rerun_skips_them(tmp_
     rows = report["suites"]["heldout"]["dimensions"]["camera_motion"]["rounds"]
     assert len(rows) == 2 and all("vs_base" in row and "vs_previous" in row for row in rows)
     assert all(report["cost"][f"round{r}"][step] > 0 for r in (1, 2) for step in steps)
+    assert report["targeted"]["round2"]["dimensions"] == ["camera_motion"]  # diagnosed again, on round 1's model
+    assert "round 2 |" in (run_dir / "rounds.md").read_text()
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("manifest.json")}
     rerun = subprocess.run(

@@ -195,7 +195,7 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
                 f"--output={log}",
                 "--open-mode=append",
                 "slurm/stage4.sh",
-                "--max_steps=300",
+                "--max_steps=150",
                 "--save_every=10",
             ],
             cwd=REPO,
@@ -216,7 +216,7 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
         "the job to requeue",
     )
     stopped_at = int(latest.read_text().strip()[4:])
-    assert 10 <= stopped_at < 300
+    assert 10 <= stopped_at < 150
     # Skip SLURM's requeue delay, once the first run has left the node (starting earlier races its cleanup).
     wait_for(
         lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() == "idle",
@@ -231,8 +231,8 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
     assert ("preemption warning" in output) == ("--batch" in scancel)
     assert ("received signal 15" in output) == ("--signal=TERM" in scancel)
     manifest = read_manifest(RunDir(scored_copy), "stage4")
-    assert manifest["steps"] == 300 and manifest["slurm_job_id"] == job_id
-    assert [s for s, _ in loss_curve(scored_copy)] == list(range(1, 301))
+    assert manifest["steps"] == 150 and manifest["slurm_job_id"] == job_id
+    assert [s for s, _ in loss_curve(scored_copy)] == list(range(1, 151))
 
 
 def test_a_job_array_renders_stage2_and_a_failed_task_reruns_alone(scored_copy, tmp_path):

@@ -82,6 +82,8 @@ def test_toy_judge_tells_the_shade_of_every_colour_as_captions_name_it(frame):
     assert not any(f" {word} " in c for c in captions for word in SHADES)  # "soft light" is the style
     named = [make_clip(i, 16, 16, 5)[1] for i in range(60)]
     assert all(sum(f" {word} " in c for c in named) > 10 for word in SHADES)
+    light_only = [make_clip(i, 16, 16, 5, caption_rates={"shade": 0.0, "light": 1.0})[1] for i in range(60)]
+    assert sum(" light " in c for c in light_only) > 10 and not any(" dark " in c for c in light_only)
     with pytest.raises(ValueError, match="unknown attributes \\['colour'\\]"):
         make_clip(0, caption_rates={"colour": 0.5})
 

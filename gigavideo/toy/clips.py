@@ -102,13 +102,16 @@ def make_clip(
     """Returns (uint8 frames (T, H, W, 3), caption); the same (index, seed) gives the same clip.
     caption_rates: {"motion": p, "size": p, "shade": p}, the chance that the caption names the direction
     of motion, the size (when it is small or large) and the shade (when it is dark or light); 1 when not given.
+    A shade's own rate ({"dark": p, "light": p}) replaces "shade" for the clips of that shade.
     size_range: the square's side is drawn uniformly from it (a fraction of the frame's shorter side)."""
-    unknown = set(caption_rates or {}) - set(CAPTIONED)
+    unknown = set(caption_rates or {}) - set(CAPTIONED) - set(SHADES)
     if unknown:
-        raise ValueError(f"caption_rates: unknown attributes {sorted(unknown)}; known: {', '.join(CAPTIONED)}")
+        known = ", ".join((*CAPTIONED, *SHADES))
+        raise ValueError(f"caption_rates: unknown attributes {sorted(unknown)}; known: {known}")
     rates = dict.fromkeys(CAPTIONED, 1.0) | (caption_rates or {})
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, size_range)
+    rates["shade"] = rates.get(scene.shade, rates["shade"])
     jitter = min(height, width) // 32
     offset = tuple(int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
     mentions = (bool(u < float(rates[k])) for u, k in zip(rng.random(len(CAPTIONED)), CAPTIONED, strict=False))

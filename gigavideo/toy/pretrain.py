@@ -166,4 +166,10 @@ def pretrain(cfg, run: RunDir) -> Path:
     return target
 
 
-TOY_BASE = BaseModelKind(find=toy_base, prepare=pretrain)  # model.kind = "toy" (gigavideo.base_model.BASE_MODELS)
+def check_toy_folder(cfg, path: Path) -> None:
+    check_recipe(path, recipe(cfg), required=True)
+
+
+TOY_BASE = BaseModelKind(
+    find=toy_base, prepare=pretrain, check=check_toy_folder
+)  # model.kind = "toy" (gigavideo.base_model.BASE_MODELS)
