@@ -133,9 +133,9 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, out: Path, device,
     root, partial = out / "videos" / label, out / "partial"
     batches = iter(todo)
     if records_file.is_file() and (data := records_file.read_bytes()) and not data.endswith(b"\n"):
-        with open(records_file, "ab") as log_file:
-            log_file.write(b"\n")  # end the line a kill cut short, so the next record starts on its own line
-    with tqdm(total=len(todo), desc=f"eval {label}", unit="video") as progress, open(records_file, "a") as log_file:
+        with open(records_file, "ab") as record_file:
+            record_file.write(b"\n")  # end the line a kill cut short, so the next record starts on its own line
+    with tqdm(total=len(todo), desc=f"eval {label}", unit="video") as progress, open(records_file, "a") as record_file:
         while chunk := list(islice(batches, int(cfg.render.batch_size))):
             missing = [v for v in chunk if not (root / v["path"]).exists()]
             if missing:
@@ -158,9 +158,9 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, out: Path, device,
                     record["reason"] = f"video: {err}"
                 if record["reward"] is None:
                     log.warning("%s %s: no score (%s)", label, v["path"], record["reason"])
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                os.fsync(log_file.fileno())
+                record_file.write(json.dumps(record) + "\n")
+                record_file.flush()
+                os.fsync(record_file.fileno())
             progress.update(len(chunk))
 
 

@@ -75,6 +75,21 @@ def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+def sample_frames(pipe, seed: int = 0):
+    """A short video from a (tiny) pipeline, the same for the same weights and seed: float frames in [0, 1]."""
+    import torch
+
+    return pipe(
+        prompt="a red square",
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).frames
+
+
 def scored(run_dir: Path, *args: str) -> Path:
     """Stages 1-3 into run_dir (args: e.g. the preset)."""
     for stage in ("stage1", "stage2", "stage3"):

@@ -8,22 +8,9 @@ import sys
 import time
 
 import pytest
-import torch
-from conftest import REPO, run_stage
+from conftest import REPO, run_stage, sample_frames
 
 from gigavideo.schema import RunDir, read_manifest
-
-
-def frames(pipe, seed=0):
-    return pipe(
-        prompt="a red square moves",
-        num_frames=5,
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-    ).frames
 
 
 @pytest.mark.slow
@@ -42,11 +29,11 @@ def test_a_merged_lora_export_renders_what_the_base_with_its_lora_renders(scored
     assert not (run.export / "pytorch_lora_weights.safetensors").exists()
     merged = WanPipeline.from_pretrained(run.export)  # stock diffusers, no LoRA to load
     with_lora = WanPipeline.from_pretrained(run.models / "base")
-    plain = frames(with_lora)
+    plain = sample_frames(with_lora)
     with_lora.load_lora_weights(lora)
-    expected = frames(with_lora)
+    expected = sample_frames(with_lora)
     assert abs(expected - plain).max() > 1e-3  # the LoRA changes the video, so the comparison below can fail
-    assert abs(frames(merged) - expected).max() < 1e-4
+    assert abs(sample_frames(merged) - expected).max() < 1e-4
     stored = sorted((run.export / "transformer").glob("*.safetensors"))[0]
     with safe_open(str(stored), "pt") as f:
         assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F32"  # the tiny base's dtype

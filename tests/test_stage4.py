@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_stage, scalars, train_and_kill
+from conftest import REPO, run_stage, sample_frames, scalars, train_and_kill
 
 from gigavideo.config import load_config
 from gigavideo.families import family_for
@@ -74,24 +74,14 @@ def test_zero_stages_train_and_the_export_loads_in_stock_diffusers_and_changes_t
     manifest = read_manifest(run, "stage4")
     assert manifest["world_size"] == 2 and manifest["mode"] == mode and manifest["steps"] == 3
     base = WanPipeline.from_pretrained(run.models / "base")
-    args = dict(
-        prompt="a red square",
-        num_frames=5,
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    )
-    before = base(**args).frames
+    before = sample_frames(base)
     if mode == "lora":
         assert (run.export / "pytorch_lora_weights.safetensors").is_file()
         base.load_lora_weights(run.export)
         tuned = base
     else:
         tuned = WanPipeline.from_pretrained(run.export)
-    args["generator"] = torch.Generator().manual_seed(0)
-    after = tuned(**args).frames
+    after = sample_frames(tuned)
     assert abs(after - before).mean() > 1e-4
     if mode == "lora" and zero == "zero2":  # the eval loads a LoRA export on the base model
         run_stage("eval", scored_copy, "--suites=[heldout]", "--dimensions=[mechanics]", "--prompts_per_dimension=1")
