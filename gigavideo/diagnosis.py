@@ -49,6 +49,12 @@ def diagnose(dims, videos: list[dict], records: dict, bootstrap_samples: int, se
     return {"dimensions": summary, "ranking": ranking}
 
 
+def pipeline_steps(cfg) -> list[str]:
+    """The steps of slurm/pipeline.sh for a preset: the diagnosis first where stage 1 targets dimensions=auto."""
+    auto = list(cfg.prompts.dimensions) == ["auto"]
+    return ([DIAGNOSIS] if auto else []) + ["stage1", "stage2", "stage3", "stage4", "eval"]
+
+
 def weakest(diagnosis: dict, k: int, source: str = DIAGNOSIS_FILE) -> list[str]:
     """The names of the k weakest dimensions of a diagnosis, weakest first."""
     if k < 1:

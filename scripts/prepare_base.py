@@ -4,6 +4,8 @@
 model.kind = wan: checks the local diffusers folder in model.path (a missing one fails here, not in a
 queued job); tiny: builds the random pipeline in RUN_DIR/models/base (seconds); toy: pre-trains the toy
 world's base there (minutes on a CPU; killed, it resumes). Idempotent: a base already there is kept.
+Prints, as its last line, the steps slurm/pipeline.sh runs next (the diagnosis first where the preset's
+stage 1 targets dimensions=auto).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 from gigavideo.base_model import prepare_base
 from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config
+from gigavideo.diagnosis import pipeline_steps
 from gigavideo.schema import RunDir
 
 log = logging.getLogger("gigavideo.base")
@@ -27,6 +30,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         for stale in (run.models / "base", run.models / "base.partial"):
             shutil.rmtree(stale, ignore_errors=True)
     log.info("base model (%s): %s", cfg.model.kind, prepare_base(cfg, run))
+    print(" ".join(pipeline_steps(cfg)))
 
 
 if __name__ == "__main__":

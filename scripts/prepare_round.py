@@ -20,12 +20,11 @@ import logging
 from gigavideo.base_model import prepare_base
 from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config, resolve_preset
-from gigavideo.diagnosis import DIAGNOSIS
+from gigavideo.diagnosis import pipeline_steps
 from gigavideo.files import write_atomic
 from gigavideo.schema import RunDir
 
 log = logging.getLogger("gigavideo.rounds")
-STAGES = ("stage1", "stage2", "stage3", "stage4", "eval")
 
 
 def round_dir(run_dir, number: int) -> RunDir:
@@ -69,8 +68,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
     if this.is_complete("eval"):
         print("complete")
         return
-    auto = list(cfg.prompts.dimensions) == ["auto"]
-    print(" ".join(([DIAGNOSIS] if auto else []) + list(STAGES)))
+    print(" ".join(pipeline_steps(cfg)))
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ step() {
 
 if [ -z "${ROUNDS:-}" ]; then
   echo "=== base model ($PRESET -> $RUN_DIR)"
-  "$PYTHON" scripts/prepare_base.py --run_dir="$RUN_DIR" --config="$PRESET"
-  for name in stage1 stage2 stage3 stage4 eval; do step "$name"; done
+  steps=$("$PYTHON" scripts/prepare_base.py --run_dir="$RUN_DIR" --config="$PRESET" | tail -n 1)
+  for name in $steps; do step "$name"; done
   exit 0
 fi
 
