@@ -70,7 +70,7 @@ def cost(run: RunDir) -> dict[str, float | None]:
 
 
 def build(run_dir: str, rounds: int, samples: int, seed: int) -> dict:
-    runs = [RunDir(RunDir(run_dir).path / f"round{r}") for r in range(1, rounds + 1)]
+    runs = [RunDir(run_dir).round(r) for r in range(1, rounds + 1)]
     for run in runs:
         read_manifest(run, "eval")  # a clear error naming the round that has not finished
     reports = [json.loads((run.eval / "report.json").read_text()) for run in runs]

@@ -114,6 +114,10 @@ class RunDir:
     def eval(self) -> Path:
         return self.path / "eval"
 
+    def round(self, number: int) -> RunDir:
+        """Round NUMBER of `ROUNDS=N slurm/pipeline.sh`: a run directory of its own inside this one."""
+        return RunDir(self.path / f"round{number}")
+
 
 # ---------------------------------------------------------------- encoding
 

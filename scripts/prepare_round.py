@@ -27,21 +27,17 @@ from gigavideo.schema import RunDir
 log = logging.getLogger("gigavideo.rounds")
 
 
-def round_dir(run_dir, number: int) -> RunDir:
-    return RunDir(RunDir(run_dir).path / f"round{number}")
-
-
 def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
     """Write RUN_DIR/round{ROUND}/preset.toml and print the steps the round still needs."""
     setup_logging()
     if round < 1:
         raise ValueError(f"--round={round}: rounds count from 1")
-    cfg, this = load_config(config, "model"), round_dir(run_dir, round)
+    cfg, this = load_config(config, "model"), RunDir(run_dir).round(round)
     preset = this.path / "preset.toml"
     if round == 1:
         base = prepare_base(cfg, RunDir(run_dir)).resolve()
     else:
-        base = round_dir(run_dir, round - 1).export.resolve()  # exists once round R-1's stage 4 has run
+        base = RunDir(run_dir).round(round - 1).export.resolve()  # exists once round R-1's stage 4 has run
     text = "\n".join(
         [
             f"# Round {round} of slurm/pipeline.sh (scripts/prepare_round.py): the preset below, starting from",

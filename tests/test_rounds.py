@@ -113,7 +113,7 @@ def test_two_rounds_chain_by_dependency_under_sbatch_and_a_rerun_skips_them(tmp_
         assert f"Dependency=afterok:{earlier}" in job_info(later)
     assert wait_for_job(jobs[-1][1], 900) == "COMPLETED", [p.read_text()[-2000:] for p in tmp_path.glob("*.out")]
 
-    first, second = RunDir(run_dir / "round1"), RunDir(run_dir / "round2")
+    first, second = RunDir(run_dir).round(1), RunDir(run_dir).round(2)
     assert (first.export / "model_index.json").is_file()  # the LoRA merged into a complete pipeline folder
     assert not (first.export / "pytorch_lora_weights.safetensors").exists()
     assert f'path = "{first.export.resolve()}"' in (second.path / "preset.toml").read_text()
