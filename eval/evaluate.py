@@ -15,7 +15,8 @@ Both models render every (prompt, index) with the same seed into VBench-2.0's la
 `RUN_DIR/eval/videos/{baseline,finetuned}/{suite}/{Dimension}/{prompt[:180]}-{index}.mp4`. The
 stage-3 judge (and specialist) scores each saved video, and drift statistics are measured on the
 same frames. Where VBench-2.0's evaluator is installed (--official), it scores the vbench2 folders
-too. Writes RUN_DIR/eval/report.json, report.md, chart-{suite}.png and TensorBoard scalars.
+too. Writes RUN_DIR/eval/report.json, report.md, chart-{suite}.png, gallery.html (the videos side by side:
+gigavideo/gallery.py) and TensorBoard scalars.
 Resumable: videos are renamed into place when complete and each scored video is appended to
 this rank's record file, so a rerun renders and scores only what is missing.
 """
@@ -40,6 +41,7 @@ from gigavideo.eval_report import LABELS, dimension_summary, load_records, reali
 from gigavideo.export import load_exported
 from gigavideo.families import family_for
 from gigavideo.files import write_atomic, write_json_atomic
+from gigavideo.gallery import write_gallery
 from gigavideo.judge import check_judge, load_judge
 from gigavideo.llm import TemplateBackend
 from gigavideo.models import load_pipeline
@@ -334,6 +336,7 @@ def main(
         cfg, videos, records, notes, protocol, official_scores(cfg, videos, run), dims, real_statistics(run, cfg.render)
     )
     write_outputs(report, run.eval, {d.name: d.paper for d in dims})
+    write_gallery(report, videos, records, run.eval)
     write_json_atomic(run.eval / "report.json", report)
     write_json_atomic(
         run.manifest("eval"),

@@ -156,6 +156,9 @@ def markdown(report: dict) -> str:
                 )
         lines.append("")
     lines += [
+        "Each round's videos beside its base's: "
+        + ", ".join(f"[{name}]({name}/eval/gallery.html)" for name in report["cost"]),
+        "",
         "## What each round targeted",
         "",
         "| round | diagnosis of its base (weakest first) | targeted |",

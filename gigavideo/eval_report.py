@@ -109,13 +109,17 @@ def dimension_summary(videos: list[dict], records: dict, bootstrap_samples: int,
     return summary
 
 
-def chart_series(name: str, result: dict, paper: dict) -> dict[str, float]:
-    """The bars of one dimension, on VBench-2.0's 0-100 scale."""
+def chart_series(name: str, result: dict, paper: dict) -> tuple[dict[str, float], dict[str, tuple]]:
+    """The bars of one dimension, on VBench-2.0's 0-100 scale, and the fine-tuned bar's interval: the baseline
+    plus the 95% interval of the paired difference."""
     bars = (
         {"baseline (judge)": 100 * result["baseline"], "fine-tuned (judge)": 100 * result["finetuned"]}
         if "baseline" in result
         else {}
     )
+    intervals = {}
+    if "difference" in result:
+        intervals["fine-tuned (judge)"] = tuple(100 * (result["baseline"] + result[k]) for k in ("ci_low", "ci_high"))
     official = result.get("vbench2", {})
     if "baseline" in official and "finetuned" in official:
         bars |= {
@@ -124,7 +128,7 @@ def chart_series(name: str, result: dict, paper: dict) -> dict[str, float]:
         }
         if paper:
             bars |= {"paper: Wan2.1": paper["wan2_1"], "paper: GigaVideo-1": paper["gigavideo_1"]}
-    return bars
+    return bars, intervals
 
 
 def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
@@ -149,7 +153,7 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
                 "|---|---|---|---|---|---|---|---|",
             ]
             drift_lines = ["| dimension | " + " | ".join(DRIFT_KEYS) + " |", "|---" * (len(DRIFT_KEYS) + 1) + "|"]
-            bars = {}
+            bars, intervals = {}, {}
             for name, r in body["dimensions"].items():
                 official = r.get("vbench2", {})
                 vb = (
@@ -179,7 +183,7 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
                     )
                     for key in DRIFT_KEYS:
                         writer.add_scalar(f"eval/{suite}/{name}/drift_{key}", r["drift"][key]["finetuned"], 0)
-                bars[name] = chart_series(name, r, paper)
+                bars[name], intervals[name] = chart_series(name, r, paper)
             if body.get("realism", {}).get("videos"):  # none: no video has statistics on both sides
                 r = body["realism"]
                 lines += [
@@ -197,7 +201,12 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
                 ]
                 writer.add_scalar(f"eval/{suite}/realism_distance/baseline", r["baseline"], 0)
                 writer.add_scalar(f"eval/{suite}/realism_distance/finetuned", r["finetuned"], 0)
-            chart = bar_chart_png(bars, out_dir / f"chart-{suite}.png", f"{suite}: baseline vs fine-tuned (x100)")
+            chart = bar_chart_png(
+                bars,
+                out_dir / f"chart-{suite}.png",
+                f"{suite}: baseline vs fine-tuned (error bar: 95% interval of the difference)",
+                intervals,
+            )
             body["chart"] = chart
             lines += [
                 "",

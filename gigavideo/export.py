@@ -106,7 +106,7 @@ def fused_transformer(component: Path, lora_file: Path):
     with safe_open(str(weights[0]), "pt") as f:
         stored = f.get_slice(next(iter(f.keys()))).get_dtype()
     model_class = getattr(diffusers, config["_class_name"])
-    model = model_class.from_pretrained(str(component), torch_dtype=torch.float32)
+    model = model_class.from_pretrained(str(component), dtype=torch.float32)
     model.load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name, prefix="transformer")
     model.fuse_lora()
     model.unload_lora()

@@ -216,8 +216,8 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.
 
     kwargs = {}
     if transformer_path is not None:
-        kwargs["transformer"] = WanTransformer3DModel.from_pretrained(transformer_path, torch_dtype=torch_dtype(dtype))
-    pipe = WanPipeline.from_pretrained(str(path), torch_dtype=torch_dtype(dtype), **kwargs)
+        kwargs["transformer"] = WanTransformer3DModel.from_pretrained(transformer_path, dtype=torch_dtype(dtype))
+    pipe = WanPipeline.from_pretrained(str(path), dtype=torch_dtype(dtype), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

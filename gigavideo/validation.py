@@ -1,8 +1,8 @@
 """Validation videos during training: fixed stage-2 prompts rendered by the model being trained.
 
 Every rank runs the sampler (under ZeRO-3 each forward gathers parameters from all ranks); rank 0
-decodes, logs the videos to TensorBoard as animated GIFs, and logs drift monitors (brightness,
-contrast, saturation, motion) so that reward hacking shows up while training runs. Prompt
+decodes, logs the videos to TensorBoard as animated GIFs tagged with their key and prompt, and logs drift
+monitors (brightness, contrast, saturation, motion) so that reward hacking shows up while training runs. Prompt
 embeddings come from the stage-2 shards, so no text encoder is loaded; the VAE is loaded only
 when validation is on.
 """
@@ -73,11 +73,17 @@ class Validation:
                 frames = decode_latents(self.vae, latents.float())[0]
                 stats.append(video_statistics(frames))
                 if writer is not None:
-                    _add_gif(writer, f"samples/{sample['__key__']}", frames, self.fps, step)
+                    _add_gif(writer, sample_tag(sample["__key__"], sample["json"]["prompt"]), frames, self.fps, step)
         transformer.train(was_training)
         if writer is not None and stats:
             for name in stats[0]:
                 writer.add_scalar(f"drift/{name}", float(np.mean([s[name] for s in stats])), step)
+
+
+def sample_tag(key: str, prompt: str, length: int = 100) -> str:
+    """A validation video's TensorBoard tag: its key, then its prompt (the images dashboard shows only the tag)."""
+    prompt = " ".join(prompt.split())
+    return f"samples/{key}: {prompt if len(prompt) <= length else prompt[: length - 3] + '...'}"
 
 
 def _add_gif(writer, tag: str, frames: np.ndarray, fps: int, step: int) -> None:

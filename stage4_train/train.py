@@ -76,7 +76,7 @@ def build_model(cfg, base: Path, family, expert: Expert):
     # bf16, the precision DeepSpeed would cast it to, and a 14B model needs 28 GB of host memory, not 56.
     frozen_bf16 = tc.mode == "lora" and tc.precision == "bf16"
     dtype = torch.bfloat16 if frozen_bf16 else torch.float32
-    transformer = WanTransformer3DModel.from_pretrained(base / expert.component, torch_dtype=dtype)
+    transformer = WanTransformer3DModel.from_pretrained(base / expert.component, dtype=dtype)
     return prepare_for_training(transformer, tc, family, expert)
 
 

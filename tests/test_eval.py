@@ -10,6 +10,8 @@ import sys
 import time
 import types
 from collections import Counter
+from html.parser import HTMLParser
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -104,6 +106,104 @@ def test_report_compares_both_suites_per_dimension_with_drift_protocol_and_chart
     markdown = (run.eval / "report.md").read_text()
     assert "| human_anatomy | 2 |" in markdown and "85.87 -> 90.18" in markdown and "chart-vbench2.png" in markdown
     assert not list((run.eval / "videos").rglob("*.tmp")) and not list((run.eval / "partial").glob("*"))
+
+
+class GalleryPairs(HTMLParser):
+    """The pairs of gallery.html: per pair its section (suite-dimension), key, difference, video sources, text."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs, self.section = [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "details" and "id" in attrs:
+            self.section = attrs["id"]
+        elif tag == "div" and attrs.get("class") == "pair":
+            self.pairs.append({"section": self.section, "key": attrs["data-key"], "sources": [], "text": ""})
+            self.pairs[-1]["difference"] = float(attrs["data-difference"])
+        elif tag == "video":
+            self.pairs[-1]["sources"].append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "details":
+            self.section = None
+
+    def handle_data(self, data):
+        if self.pairs and self.section:
+            self.pairs[-1]["text"] += data
+
+
+def test_the_gallery_plays_every_pair_side_by_side_gains_then_losses(trained_run):
+    from gigavideo.eval_report import load_records
+
+    run = RunDir(trained_run)
+    records = load_records(run.eval / "records")
+    parser = GalleryPairs()
+    parser.feed((run.eval / "gallery.html").read_text())
+    heldout = [p for p in parser.pairs if p["section"].startswith("heldout-")]
+    expected = {key for (label, key), r in records.items() if label == "finetuned" and key.startswith("heldout/")}
+    assert sorted(p["key"] for p in heldout) == sorted(expected)  # every pair once
+    for pair in parser.pairs:
+        base, tuned = (records[(label, pair["key"])] for label in ("baseline", "finetuned"))
+        assert [s.split("/")[1] for s in pair["sources"]] == ["baseline", "finetuned"]
+        assert all((run.eval / unquote(s)).is_file() for s in pair["sources"])
+        assert f"baseline {base['reward']:.3f}" in pair["text"] and f"fine-tuned {tuned['reward']:.3f}" in pair["text"]
+        assert pair["difference"] == pytest.approx(tuned["reward"] - base["reward"], abs=1e-6)
+    for section in {p["section"] for p in parser.pairs}:
+        differences = [p["difference"] for p in parser.pairs if p["section"] == section]
+        gains, losses = [d for d in differences if d >= 0], [d for d in differences if d < 0]
+        assert differences == gains + losses  # the gains first, then the losses
+        assert gains == sorted(gains, reverse=True) and losses == sorted(losses)  # each the largest first
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here (apt-get install chromium)")
+def test_a_browser_plays_the_first_pair_of_the_gallery(trained_run, tmp_path):
+    assert CHROMIUM, "CI must run the browser test: .ci/run installs Debian's chromium"
+    page = (RunDir(trained_run).eval / "gallery.html").resolve()
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path}",
+            "--window-size=1200,1600",
+            "--autoplay-policy=no-user-gesture-required",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    parser = GalleryPairs()
+    parser.feed(dom)
+    first = dom[dom.index('class="pair"') :]
+    first = first[: first.index("</figure>", first.index("</figure>") + 1)]  # the first pair's two videos
+    assert parser.pairs and first.count('data-state="loaded"') == 2, first[:2000]
+
+
+def test_the_eval_chart_is_matplotlibs_and_draws_the_interval_of_each_difference(trained_run, tmp_path):
+    from PIL import Image
+
+    from gigavideo.eval_report import chart_series
+    from gigavideo.report import bar_chart_png
+
+    run = RunDir(trained_run)
+    for chart in run.eval.glob("chart-*.png"):
+        assert Image.open(chart).info["Software"].startswith("Matplotlib")
+    result = {"baseline": 0.4, "finetuned": 0.6, "difference": 0.2, "ci_low": 0.1, "ci_high": 0.3}
+    bars, intervals = chart_series("mechanics", result, {})
+    assert intervals == {"fine-tuned (judge)": pytest.approx((50.0, 70.0))}
+    with_interval = bar_chart_png({"mechanics": bars}, tmp_path / "with.png", "t", {"mechanics": intervals})
+    without = bar_chart_png({"mechanics": bars}, tmp_path / "without.png", "t")
+    drawn = np.asarray(Image.open(tmp_path / with_interval).convert("L"), dtype=int)
+    assert (drawn != np.asarray(Image.open(tmp_path / without).convert("L"), dtype=int)).any()
 
 
 def test_heldout_prompts_leave_out_near_duplicates_of_training_prompts():

@@ -170,7 +170,7 @@ def test_the_real_size_lora_run_exports_for_stock_diffusers_and_peaks_near_its_p
     measured = memory["measured_peak"]["bytes"]
     assert abs(measured / memory["planned_total"] - 1) < 0.25, memory
 
-    pipe = WanPipeline.from_pretrained(run.models / "base", torch_dtype=torch.bfloat16)
+    pipe = WanPipeline.from_pretrained(run.models / "base", dtype=torch.bfloat16)
     pipe.load_lora_weights(run.export)
     assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
     saved = load_file(run.export / "pytorch_lora_weights.safetensors")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from chat_server import ChatServer
 from conftest import run_stage
+from PIL import Image
 
 from gigavideo import camera_motion, instances
 from gigavideo.schema import RunDir, index_json, read_manifest
@@ -34,7 +35,8 @@ def test_camera_dimension_gets_the_optical_flow_score_as_its_reward(scored_run):
             assert record["reward"] == cam["score"]  # specialist_first
     summary = read_manifest(RunDir(scored_run), "stage3")
     assert summary["num_samples"] == 9
-    assert (RunDir(scored_run).stage("stage3") / "rewards-camera_motion.png").is_file()
+    histogram = RunDir(scored_run).stage("stage3") / "rewards-camera_motion.png"
+    assert Image.open(histogram).info["Software"].startswith("Matplotlib")
 
 
 def test_openai_judge_uses_logprobs_or_the_answer_text_and_reports_unparseable_answers(scored_copy):

@@ -9,7 +9,7 @@ import torch
 
 from gigavideo.config import REPO_ROOT
 from gigavideo.ds_config import build_ds_config
-from gigavideo.schema import RunDir, read_manifest
+from gigavideo.schema import RunDir, index_json, read_manifest
 
 
 def test_training_exports_a_pipeline_that_stock_diffusers_loads(trained_run):
@@ -49,6 +49,10 @@ def test_training_logs_tensorboard_scalars_and_keeps_the_last_checkpoints(traine
     } <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("drift/brightness")] == [2, 4]  # validation videos every 2 steps
     assert len(events.Tags()["images"]) == 2 and all(0 < e.value < 1 for e in events.Scalars("drift/saturation"))
+    prompts = {key: meta["prompt"] for key, meta in index_json(run, "stage2").items()}
+    for tag in events.Tags()["images"]:  # the images dashboard shows the tag: the sample's key, then its prompt
+        key, _, prompt = tag.removeprefix("samples/").partition(": ")
+        assert prompts[key].startswith(prompt.removesuffix("...")) and len(prompt) > 20, tag
     tags = sorted(p.name for p in run.checkpoints.glob("step*"))
     assert tags == ["step0000002", "step0000004"]
     assert (run.checkpoints / "latest").read_text().strip() == "step0000004"

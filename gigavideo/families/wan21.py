@@ -152,7 +152,7 @@ class Wan21:
         from diffusers import WanTransformer3DModel
 
         return {
-            c: WanTransformer3DModel.from_pretrained(base_path / c, torch_dtype=torch_dtype(dtype)).to(device).eval()
+            c: WanTransformer3DModel.from_pretrained(base_path / c, dtype=torch_dtype(dtype)).to(device).eval()
             for c in self.components
             if c != trained
         }
