@@ -24,10 +24,22 @@ def check_frames(num_frames: int) -> None:
         raise ValueError(f"num_frames={num_frames}: Wan needs 4k+1 frames (e.g. 9, 17, 33, 81)")
 
 
+# WanPipeline warns about the rounding on every call when the factor is 1 (its test is num_frames % factor != 1);
+# pipeline_num_frames has already accounted for it, so that one message, exactly, is dropped.
+ROUNDING_NOTICE = "`num_frames - 1` has to be divisible by 1. Rounding to the nearest number."
+
+
 def pipeline_num_frames(num_frames: int, temporal_factor: int) -> int:
     """What to pass WanPipeline for `num_frames` output frames. It rounds num_frames to k * factor + 1,
     which for a VAE without temporal compression (factor 1, the toy world's) would add a frame."""
-    return num_frames - 1 if temporal_factor == 1 else num_frames
+    if temporal_factor == 1:
+        logging.getLogger("diffusers.pipelines.wan.pipeline_wan").addFilter(_drop_rounding_notice)
+        return num_frames - 1
+    return num_frames
+
+
+def _drop_rounding_notice(record: logging.LogRecord) -> bool:
+    return record.getMessage() != ROUNDING_NOTICE
 
 
 def trim_padding(embeds: torch.Tensor) -> np.ndarray:
