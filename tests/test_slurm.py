@@ -197,6 +197,7 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
                 "slurm/stage4.sh",
                 "--max_steps=150",
                 "--save_every=10",
+                "--sample_every=50",
             ],
             cwd=REPO,
             env=env,

@@ -95,7 +95,7 @@ def loss_curve(run_dir):
 
 @pytest.mark.slow
 def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_run(scored_run, tmp_path):
-    args = ["--max_steps=150", "--save_every=25", "--micro_batch_size=1", "--shuffle_buffer=4"]
+    args = ["--max_steps=150", "--save_every=25", "--sample_every=25", "--micro_batch_size=1", "--shuffle_buffer=4"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for run_dir in (whole, killed):
         shutil.copytree(scored_run, run_dir)
