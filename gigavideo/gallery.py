@@ -75,9 +75,8 @@ def _summary(report: dict) -> list[str]:
     return rows
 
 
-def _pair(video: dict, records: dict) -> str:
+def _pair(video: dict, records: dict, difference: float) -> str:
     base, tuned = (records[(label, video["key"])] for label in LABELS)
-    difference = tuned["reward"] - base["reward"]
     sources = [quote(f"videos/{label}/{video['path']}") for label in LABELS]
     figures = "".join(
         f'<figure><video src="{src}" preload="none" muted loop playsinline></video>'
@@ -129,9 +128,9 @@ def write_gallery(report: dict, videos: list[dict], records: dict, out_dir: Path
                 f'<details id="{suite}-{name}"{" open" if n == 0 else ""}><summary>{html.escape(name)}: '
                 f"{_interval(result)} ({len(scored)} pairs)</summary>"
                 f"<h3>Gains, largest first ({len(gains)})</h3>"
-                + "".join(_pair(v, records) for v in gains)
+                + "".join(_pair(v, records, gain[v["key"]]) for v in gains)
                 + f"<h3>Losses, largest first ({len(losses)})</h3>"
-                + "".join(_pair(v, records) for v in losses)
+                + "".join(_pair(v, records, gain[v["key"]]) for v in losses)
                 + "</details>"
             )
     parts.append(f"<script>{SCRIPT}</script></body></html>")
