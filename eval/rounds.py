@@ -187,10 +187,10 @@ def main(run_dir: str = "runs/demo", rounds: int = 2, bootstrap_samples: int = 2
     if rounds < 1:
         raise ValueError(f"--rounds={rounds}: at least one round")
     report = build(run_dir, rounds, bootstrap_samples, seed)
-    path = RunDir(run_dir).path
+    path, text = RunDir(run_dir).path, markdown(report)
     write_json_atomic(path / "rounds.json", report)
-    write_atomic(path / "rounds.md", lambda tmp: tmp.write_text(markdown(report)))
-    log.info("rounds report: %s\n%s", path / "rounds.md", markdown(report))
+    write_atomic(path / "rounds.md", lambda tmp: tmp.write_text(text))
+    log.info("rounds report: %s\n%s", path / "rounds.md", text)
 
 
 if __name__ == "__main__":
