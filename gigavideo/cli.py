@@ -29,6 +29,8 @@ def setup_logging() -> None:
         format=f"%(asctime)s {prefix}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request to the LLM or judge server
 
 
 def start_stage(

@@ -139,7 +139,7 @@ class PromptsConfig:
     llm_concurrency: int = key(8, "engine = openai: requests in flight")
     llm_timeout: float = key(60.0, "engine = openai: seconds per request")
     llm_http_retries: int = key(5, "retries of 429, 5xx, timeouts and dropped connections")
-    llm_backoff: float = key(1.0, "seconds before the first retry; doubles each time (or the server's Retry-After)")
+    llm_backoff: float = key(1.0, "seconds before the first retry; doubles up to 8 s (or the server's Retry-After)")
 
 
 @dataclass
@@ -182,7 +182,7 @@ class ScoreConfig:
     judge_concurrency: int = key(8, "judge = openai: requests in flight")
     judge_timeout: float = key(120.0, "judge = openai: seconds per request")
     judge_http_retries: int = key(5, "judge = openai: retries of 429, 5xx, timeouts and dropped connections")
-    judge_backoff: float = key(1.0, "judge = openai: seconds before the first retry; doubles each time")
+    judge_backoff: float = key(1.0, "judge = openai: seconds before the first retry; doubles each time up to 8 s")
     dtype: str = key("bfloat16", "judge = transformers: its dtype")
     num_frames: int = key(8, "frames shown to the judge")
     batch_size: int = key(4, "videos per judge forward pass (transformers)")

@@ -230,19 +230,16 @@ class OpenAIJudge:
         max_retries: int = 5,
         backoff: float = 1.0,
     ):
-        from .llm import ChatHTTP
+        from .openai_chat import ChatClient
 
         if not base_url or not model:
             raise ValueError("the openai judge needs --judge_base_url and --judge_model")
-        self.http = ChatHTTP(base_url, api_key_env, timeout, max_retries, backoff)
-        self.model, self.num_frames, self.concurrency = model, int(num_frames), int(concurrency)
+        self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
+        self.model, self.num_frames = model, int(num_frames)
         self.name = f"openai:{model}@{base_url}"
 
     def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict | JudgeAnswerError]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda item: self._one(*item), items))
+        return self.chat.map(lambda item: self._one(*item), items)
 
     def _one(self, frames, question):
         import base64
@@ -257,15 +254,15 @@ class OpenAIJudge:
             url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
             content.append({"type": "image_url", "image_url": {"url": url}})
         content.append({"type": "text", "text": question + ANSWER_SUFFIX})
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logprobs": True,
-            "top_logprobs": 20,
-        }
-        response = self.http.post(body, "judge")
+        response = self.chat.create(
+            "judge",
+            model=self.model,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=20,
+        )
         if response is None:
             return JudgeAnswerError("the judge server kept failing")
         try:

@@ -6,20 +6,16 @@ the engine parses, validates and re-asks. Backends:
 
 - `template`: no model; answers each step from the dimension's grammar (offline, deterministic).
 - `transformers`: a local chat model folder (AutoModelForCausalLM), batched generation.
-- `openai`: any OpenAI-compatible server (vLLM, SGLang, ...): base URL and model by flag, the
-  API key from an environment variable only, bounded concurrency, retries with backoff, timeouts.
+- `openai`: any OpenAI-compatible server (vLLM, SGLang, ...) through the `openai` client: base URL and
+  model by flag, the API key from an environment variable only, bounded concurrency over a pool of
+  kept-alive connections, the client's retries (with our backoff base) and timeouts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -134,75 +130,31 @@ class OpenAIBackend:
     ):
         if not base_url or not model:
             raise ValueError("the openai backend needs --llm_base_url and --llm_model")
-        self.http = ChatHTTP(base_url, api_key_env, timeout, max_retries, backoff)
-        self.model, self.concurrency = model, int(concurrency)
+        from .openai_chat import ChatClient  # imported here: the openai package takes ~0.7 s to import
+
+        self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
+        self.model = model
         self.temperature, self.json_mode = float(temperature), bool(json_mode)
         self.name = f"openai:{model}@{base_url}"
 
     def complete(self, requests: list[Request]) -> list[str | None]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._one, requests))
+        return self.chat.map(self._one, requests)
 
     def _one(self, request: Request) -> str | None:
-        body = {
-            "model": self.model,
-            "messages": request.messages,
-            "temperature": self.temperature,
-            "seed": request.seed,
-        }
-        if self.json_mode:
-            body["response_format"] = {"type": "json_object"}
-        response = self.http.post(body, request.step)
+        extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
+        response = self.chat.create(
+            request.step,
+            model=self.model,
+            messages=request.messages,
+            temperature=self.temperature,
+            seed=request.seed,
+            **extra,
+        )
         try:
             return response["choices"][0]["message"]["content"] if response is not None else None
         except (KeyError, IndexError, TypeError) as err:
-            log.warning("%s: unexpected response shape (%s)", self.http.url, err)
+            log.warning("%s: unexpected response shape (%s)", self.chat.base_url, err)
             return None
-
-
-class ChatHTTP:
-    """POST to {base_url}/chat/completions with retries on 429, 5xx, timeouts and dropped connections."""
-
-    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-
-    def __init__(self, base_url: str, api_key_env: str, timeout: float, max_retries: int, backoff: float):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.api_key = os.environ.get(api_key_env, "")  # never logged
-        self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
-
-    def post(self, body: dict, what: str) -> dict | None:
-        """The decoded JSON answer, or None once the retries are spent (or on an answer not worth retrying)."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode()
-        reason = ""
-        for attempt in range(self.max_retries + 1):
-            wait = self.backoff * 2**attempt * (0.5 + random.random() / 2)
-            try:
-                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as err:
-                if err.code not in self.RETRY_STATUS:
-                    log.error("%s answered %d for a %s request; not retried", self.url, err.code, what)
-                    return None
-                retry_after = err.headers.get("Retry-After")
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    wait = float(retry_after)
-                reason = f"HTTP {err.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                reason = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-            except ValueError as err:
-                log.warning("%s: the answer is not JSON (%s)", self.url, err)
-                return None
-            if attempt < self.max_retries:
-                log.info(
-                    "%s request failed (%s); retry %d/%d in %.1fs", what, reason, attempt + 1, self.max_retries, wait
-                )
-                time.sleep(wait)
-        log.warning("%s request failed after %d retries (%s)", what, self.max_retries, reason)
-        return None
 
 
 def build_tiny_chat_model(words: list[str], seed: int = 0):

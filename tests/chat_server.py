@@ -2,6 +2,7 @@
 
 It answers the engine's three steps deterministically from the request text, and can be told to
 fail: `failures` is a list of what to do with the first requests (429, 500, "timeout", "garbage").
+It speaks HTTP/1.1 with keep-alive, as vLLM and SGLang do, and counts the TCP connections it accepts.
 """
 
 from __future__ import annotations
@@ -86,12 +87,19 @@ def judge_answer(body: dict, with_logprobs: bool) -> dict:
 
 class ChatServer:
     def __init__(self, failures=(), delay: float = 0.0, judge_logprobs: bool = True):
-        self.failures, self.delay, self.requests = list(failures), delay, 0
+        self.failures, self.delay, self.requests, self.connections = list(failures), delay, 0, 0
         self.judge_logprobs = judge_logprobs
         self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: one handler serves every request of a connection
+
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
             def log_message(self, *args):
                 pass
 
@@ -105,6 +113,7 @@ class ChatServer:
                 if action in (429, 500):
                     self.send_response(action)
                     self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 if action == "timeout":

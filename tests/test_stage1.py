@@ -11,7 +11,7 @@ import pytest
 from chat_server import ChatServer
 from conftest import REPO, run_stage
 
-from gigavideo.llm import build_tiny_chat_model
+from gigavideo.llm import OpenAIBackend, Request, build_tiny_chat_model
 from gigavideo.prompt_engine import Similarity, parse_answer
 from gigavideo.schema import RunDir, index_json, read_manifest
 from gigavideo.toy.clips import make_clip
@@ -239,6 +239,24 @@ def test_the_api_key_comes_from_the_environment_and_is_never_logged(tmp_path):
     assert seen and set(seen) == {"Bearer sk-do-not-print"}
     assert "sk-do-not-print" not in proc.stdout + proc.stderr
     assert "sk-do-not-print" not in (tmp_path / "stage1" / "manifest.json").read_text()
+
+
+def test_the_openai_backend_reuses_its_connections_and_keeps_each_answer_with_its_request():
+    server = ChatServer(failures=["timeout", 429])  # a timed-out connection is replaced, not reused
+    try:
+        backend = OpenAIBackend(server.url, "m", concurrency=3, timeout=1, backoff=0.01)
+        prompts = [f"a heron fishing at dawn, take {i}" for i in range(40)]
+        requests = [
+            Request("question", [{"role": "user", "content": f"Prompt: {p}"}], seed=i) for i, p in enumerate(prompts)
+        ]
+        answers = backend.complete(requests)
+    finally:
+        server.close()
+    assert [json.loads(a.strip("`json\n"))["question"] for a in answers] == [
+        f"Does the video clearly show this: {p}?" for p in prompts
+    ]
+    assert server.requests == 42  # 40 and the 2 retried
+    assert server.connections <= 3 + 1 < server.requests  # the pool's 3, and one to replace the timed-out one
 
 
 @pytest.mark.slow

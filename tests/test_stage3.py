@@ -9,6 +9,7 @@ from conftest import run_stage
 from PIL import Image
 
 from gigavideo import camera_motion, instances
+from gigavideo.judge import OpenAIJudge
 from gigavideo.schema import RunDir, index_json, read_manifest
 from gigavideo.toy.clips import make_clip
 
@@ -62,6 +63,18 @@ def test_openai_judge_uses_logprobs_or_the_answer_text_and_reports_unparseable_a
         server.close()
     for record in index_json(RunDir(scored_copy), "stage3").values():
         assert record["status"] == "ok" and record["scores"]["vlm:0"]["p_yes"] in (0.0, 1.0)
+
+
+def test_the_openai_judge_reuses_its_connections():
+    server = ChatServer()
+    try:
+        judge = OpenAIJudge(server.url, "vlm", num_frames=2, concurrency=2, timeout=5)
+        frames = make_clip(0, num_frames=4)[0]
+        answers = judge.score_many([(frames, f"Is there a square? ({i})") for i in range(12)])
+    finally:
+        server.close()
+    assert all(isinstance(a, dict) and a["answer"] in ("yes", "no") for a in answers)
+    assert server.requests == 12 and server.connections <= 2
 
 
 def textured_clip(kind, rng, speed, zoom, frames=9, size=64):
