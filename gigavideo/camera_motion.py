@@ -1,8 +1,8 @@
 """Camera-motion scorer: dense optical flow, fitted to a global pan / tilt / zoom model.
 
 No weights are needed. For each pair of consecutive frames a dense flow field is estimated by
-coarse-to-fine Lucas-Kanade on small windows; a global model u = tx + s (x - cx),
-v = ty + s (y - cy) is fitted to it (median-robust). Averaged over the video, the translation says
+OpenCV's DIS optical flow; a global model u = tx + s (x - cx), v = ty + s (y - cy) is fitted to it
+where the frame has texture (robust least squares). Averaged over the video, the translation says
 pan (content moving right = camera panning left) or tilt (content moving down = camera tilting
 up), and the divergence s says zoom (content expanding = zooming in). The label is compared with
 the motion the prompt asks for.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import cv2
 import numpy as np
 
 LABELS = ("static", "pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zoom_out")
@@ -34,87 +35,73 @@ def expected_motion(text: str) -> str | None:
     return None
 
 
-def _gray(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> float (T, h, w) in [0, 1], shrunk by block averaging to at most `size` px."""
-    gray = frames.astype(np.float32).mean(-1) / 255.0
-    factor = max(1, min(gray.shape[1], gray.shape[2]) // size)
-    t, h, w = gray.shape
-    h, w = h - h % factor, w - w % factor
-    return gray[:, :h, :w].reshape(t, h // factor, factor, w // factor, factor).mean((2, 4))
+def gray_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) RGB -> uint8 (T, h, w) luma, shrunk (area-averaged) so the short side is at most `size`."""
+    gray = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames])
+    factor = min(gray.shape[1:]) / size
+    if factor <= 1:
+        return gray
+    shape = (round(gray.shape[2] / factor), round(gray.shape[1] / factor))  # (w, h), as OpenCV takes it
+    return np.stack([cv2.resize(g, shape, interpolation=cv2.INTER_AREA) for g in gray])
 
 
-def _downsample(img: np.ndarray) -> np.ndarray:
-    h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
-    return img[:h, :w].reshape(h // 2, 2, w // 2, 2).mean((1, 3))
+def dis_flow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dense flow (h, w, 2) with a(x, y) ~ b(x + u, y + v): OpenCV's DIS (its MEDIUM preset, 4-px patches).
+
+    Chosen over Farneback and over our former numpy Lucas-Kanade by `bench/camera_motion.py` (README: Stage 3).
+    Small patches give a deeper pyramid on small frames, which is what lets it follow large motions.
+    """
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    dis.setPatchSize(4)
+    dis.setPatchStride(2)
+    return dis.calc(a, b, None)
 
 
-def _warp(img: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Bilinear sample of img at (x + u, y + v), clamped at the border."""
-    h, w = img.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    x, y = np.clip(xs + u, 0, w - 1.001), np.clip(ys + v, 0, h - 1.001)
-    x0, y0 = x.astype(int), y.astype(int)
-    fx, fy = x - x0, y - y0
-    return (1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x0 + 1]) + fy * (
-        (1 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1]
-    )
+def textured(gray: np.ndarray, fraction: float = 0.05) -> np.ndarray:
+    """Where flow can be trusted: the structure tensor's smaller eigenvalue is at least `fraction` of the
+    frame's strong corners' (its 99th percentile). Flat sky, walls and blown-out regions are left out."""
+    eigen = cv2.cornerMinEigenVal(gray, 5)
+    return eigen > fraction * np.percentile(eigen, 99)
 
 
-def _box(a: np.ndarray, r: int) -> np.ndarray:
-    """Sum over a (2r+1)^2 window (edges clamped), via cumulative sums."""
-    p = np.pad(a, r + 1, mode="edge")
-    c = p.cumsum(0).cumsum(1)
-    k = 2 * r + 1
-    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k])[: a.shape[0], : a.shape[1]]
+def fit_global(u: np.ndarray, v: np.ndarray, x: np.ndarray, y: np.ndarray, rounds: int = 3, keep: float = 0.75):
+    """(tx, ty, s) of u = tx + s x, v = ty + s y (x, y from the frame centre), least squares on the pixels
+    whose residual is within the best `keep` fraction, refitted `rounds` times (objects moving on their own
+    are outliers). Fitted jointly, so a zoom seen only in part of the frame is not taken for a pan."""
+    weight = np.ones_like(u, dtype=np.float64)
+    for _ in range(rounds):
+        n, sx, sy = weight.sum(), (weight * x).sum(), (weight * y).sum()
+        sxx_yy = (weight * (x * x + y * y)).sum()
+        su, sv, sxu_yv = (weight * u).sum(), (weight * v).sum(), (weight * (x * u + y * v)).sum()
+        normal = np.array([[n, 0, sx], [0, n, sy], [sx, sy, sxx_yy]])
+        tx, ty, s = np.linalg.solve(normal + 1e-9 * np.eye(3), [su, sv, sxu_yv])
+        residual = np.hypot(u - tx - s * x, v - ty - s * y)
+        weight = (residual <= np.quantile(residual, keep)).astype(np.float64)
+    return float(tx), float(ty), float(s)
 
 
-def dense_flow(a: np.ndarray, b: np.ndarray, levels: int = 3, iterations: int = 3, radius: int = 2):
-    """Flow (u, v) per pixel such that a(x) ~ b(x + u, y + v): pyramidal Lucas-Kanade."""
-    pyramid = [(a, b)]
-    for _ in range(levels - 1):
-        if min(pyramid[-1][0].shape) < 16:
-            break
-        pyramid.append((_downsample(pyramid[-1][0]), _downsample(pyramid[-1][1])))
-    u = v = None
-    for pa, pb in reversed(pyramid):
-        if u is None:
-            u, v = np.zeros_like(pa), np.zeros_like(pa)
-        else:  # upsample the coarser flow
-            u = 2 * np.kron(u, np.ones((2, 2)))[: pa.shape[0], : pa.shape[1]]
-            v = 2 * np.kron(v, np.ones((2, 2)))[: pa.shape[0], : pa.shape[1]]
-            u = np.pad(u, ((0, pa.shape[0] - u.shape[0]), (0, pa.shape[1] - u.shape[1])), mode="edge")
-            v = np.pad(v, ((0, pa.shape[0] - v.shape[0]), (0, pa.shape[1] - v.shape[1])), mode="edge")
-        gy, gx = np.gradient(pa)
-        sxx, syy, sxy = _box(gx * gx, radius), _box(gy * gy, radius), _box(gx * gy, radius)
-        det = sxx * syy - sxy * sxy
-        ok = det > 1e-6
-        for _ in range(iterations):
-            it = _warp(pb, u, v) - pa
-            sxt, syt = _box(gx * it, radius), _box(gy * it, radius)
-            du = np.where(ok, (-syy * sxt + sxy * syt) / np.where(ok, det, 1), 0)
-            dv = np.where(ok, (sxy * sxt - sxx * syt) / np.where(ok, det, 1), 0)
-            u, v = u + du, v + dv
-    return u, v
+def global_motion(frames: np.ndarray, size: int = 64, flow=dis_flow) -> dict:
+    """Mean per-frame translation (as a fraction of the width) and divergence over the video.
 
-
-def global_motion(frames: np.ndarray, size: int = 64) -> dict:
-    """Mean per-frame translation (as a fraction of the width) and divergence over the video."""
-    gray = _gray(frames, size)
+    `flow(a, b)` is the dense-flow method (uint8 frames in, (h, w, 2) out); the bench swaps it."""
+    gray = gray_frames(frames, size)
     h, w = gray.shape[1:]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
     xs, ys = xs - (w - 1) / 2, ys - (h - 1) / 2
     margin = max(2, min(h, w) // 10)
-    inner = (slice(margin, h - margin), slice(margin, w - margin))
+    inner = np.zeros((h, w), bool)
+    inner[margin : h - margin, margin : w - margin] = True
     tx, ty, div = [], [], []
     for a, b in zip(gray[:-1], gray[1:], strict=False):
         # a(x) ~ b(x + flow): the flow says where content went from frame a to frame b.
-        u, v = dense_flow(a, b)
-        u, v, x, y = u[inner], v[inner], xs[inner], ys[inner]
-        t_x, t_y = np.median(u), np.median(v)
-        radial = ((u - t_x) * x + (v - t_y) * y) / np.maximum(x * x + y * y, 1.0)
+        uv = flow(a, b).astype(np.float64)
+        use = inner & textured(a)
+        if use.sum() < 0.02 * inner.sum():  # next to no texture: trust every pixel rather than a handful
+            use = inner
+        t_x, t_y, s = fit_global(uv[..., 0][use], uv[..., 1][use], xs[use], ys[use])
         tx.append(t_x / w)
         ty.append(t_y / w)
-        div.append(np.median(radial))
+        div.append(s)
     return {"tx": float(np.mean(tx)), "ty": float(np.mean(ty)), "zoom": float(np.mean(div))}
 
 
