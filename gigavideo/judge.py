@@ -204,7 +204,12 @@ class OpenAIJudge:
 
     @classmethod
     def check(cls, score_cfg, run) -> None:
-        cls(score_cfg["judge_base_url"], score_cfg["judge_model"])  # checks the flags
+        cls.require_flags(score_cfg["judge_base_url"], score_cfg["judge_model"])
+
+    @staticmethod
+    def require_flags(base_url: str, model: str) -> None:
+        if not base_url or not model:
+            raise ValueError("the openai judge needs --judge_base_url and --judge_model")
 
     @classmethod
     def load(cls, score_cfg, run, device) -> OpenAIJudge:
@@ -232,8 +237,7 @@ class OpenAIJudge:
     ):
         from .openai_chat import ChatClient
 
-        if not base_url or not model:
-            raise ValueError("the openai judge needs --judge_base_url and --judge_model")
+        self.require_flags(base_url, model)
         self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
         self.model, self.num_frames = model, int(num_frames)
         self.name = f"openai:{model}@{base_url}"
