@@ -7,7 +7,9 @@
 Stage 4: step time, tokens/s, MFU and peak memory beside the memory planner's prediction, for full
 fine-tuning (the preset's ZeRO config, gradient checkpointing) and for LoRA. Stage 2: seconds per video at
 50 steps with classifier-free guidance, without and with step caching (--cache=first_block), and how far
-caching moved the latents. Text embeddings are random: the 5.7B text encoder is not what is timed.
+caching moved the latents. Attention backends (gigavideo/attention.py): each one that can run on this GPU,
+stage 4's LoRA step and stage 2's sampling, as a speed-up over native, and how far each moved the latents.
+Text embeddings are random: the 5.7B text encoder is not what is timed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from gigavideo import attention
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
 from gigavideo.ds_config import build_ds_config
@@ -63,7 +66,7 @@ def random_transformer(cfg, device, dtype, keep_fp32: bool = False):
     return model
 
 
-def train_row(cfg, device, steps: int, peak_tflops: float) -> dict:
+def train_row(cfg, device, steps: int, peak_tflops: float, backend: str = "native") -> dict:
     """Stage 4's engine (the preset's DeepSpeed config, bf16) on one random batch: median step time."""
     import deepspeed
 
@@ -72,6 +75,7 @@ def train_row(cfg, device, steps: int, peak_tflops: float) -> dict:
     ds_config = build_ds_config(cfg.train, 1)
     reset_peak(device)
     model = random_transformer(cfg, device, torch.bfloat16)
+    attention.use([model], backend, device, torch.bfloat16)
     model = prepare_for_training(model, cfg.train, family, family.experts()[0])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=float(cfg.train.lr))
@@ -101,10 +105,10 @@ def train_row(cfg, device, steps: int, peak_tflops: float) -> dict:
     # Model FLOPs: forward 2 x parameters per token plus attention; backward twice that for full fine-tuning,
     # once for LoRA (no weight gradients of the frozen base); the checkpointing recompute is not counted.
     arch = cfg.model.arch_transformer
-    attention = (
+    attention_flops = (
         4 * arch["num_layers"] * tokens_per_sample(cfg) ** 2 * arch["num_attention_heads"] * arch["attention_head_dim"]
     )
-    forward = batch * (2 * parameters * tokens_per_sample(cfg) + attention)
+    forward = batch * (2 * parameters * tokens_per_sample(cfg) + attention_flops)
     flops = forward * (3 if mode == "full" else 2)
     plan = plan_training(cfg, asked_setting(cfg, ds_config), 1, 1, ds_config.get("zero_optimization"))
     planned = sum(v for k, v in plan["bytes"].items() if k not in ("reserved", "validation_models"))
@@ -120,12 +124,13 @@ def train_row(cfg, device, steps: int, peak_tflops: float) -> dict:
     return row
 
 
-def render_rows(cfg, device, steps: int) -> list[dict]:
+def render_rows(cfg, device, steps: int, caches=("none", "first_block"), backend="native", decode=True) -> list[dict]:
     """Seconds per video (sampling + VAE decode) without and with first-block caching, the same seed."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
     r = cfg.render
     transformer = random_transformer(cfg, device, torch.bfloat16, keep_fp32=True)
+    attention.use([transformer], backend, device, torch.bfloat16)
     vae = AutoencoderKLWan(**cfg.model.arch_vae).to(device)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=1.0
@@ -141,7 +146,7 @@ def render_rows(cfg, device, steps: int) -> list[dict]:
         guidance_scale=r.guidance_scale,
     )
     rows, reference = [], None
-    for cache in ("none", "first_block"):
+    for cache in caches:
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         configure_pipeline(pipe, dict(r) | {"cache": cache}, cfg.model.flow_shift, device)
@@ -155,11 +160,12 @@ def render_rows(cfg, device, steps: int) -> list[dict]:
         sync(device)
         sampling = time.perf_counter() - start
         start = time.perf_counter()
-        with torch.no_grad():
-            vae.decode(latents.float(), return_dict=False)
+        if decode:
+            with torch.no_grad():
+                vae.decode(latents.float(), return_dict=False)
         sync(device)
         row = {"cache": cache, "sampling_s": sampling, "decode_s": time.perf_counter() - start}
-        row["peak_gib"] = peak_gib(device)
+        row["peak_gib"], row["latents"] = peak_gib(device), latents.float().cpu()
         if reference is None:
             reference, row["moved"] = latents.float(), 0.0
         else:
@@ -176,7 +182,24 @@ def gib(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: int) -> str:
+def backend_rows(cfg, lora_cfg, device, train_steps: int, render_steps: int, peak_tflops: float) -> list[dict]:
+    """Each attention backend that can run here (native first, the reference; not the slow reference math
+    kernel on a GPU): stage 4's LoRA step, stage 2's sampling seconds (no caching, no decode), and how far
+    its latents moved from native's."""
+    usable = [n for n in attention.BACKENDS if attention.why_not(n, device, torch.bfloat16) is None]
+    usable = sorted((n for n in usable if device.type == "cpu" or n != "_native_math"), key=lambda n: n != "native")
+    rows, reference = [], None
+    for name in usable:
+        row = {"backend": name, "step_s": train_row(lora_cfg, device, train_steps, peak_tflops, name)["step_s"]}
+        render = render_rows(cfg, device, render_steps, caches=("none",), backend=name, decode=False)[0]
+        row["sampling_s"], latents = render["sampling_s"], render["latents"]
+        reference = latents if reference is None else reference
+        row["moved"] = float((latents - reference).abs().mean() / reference.abs().mean())
+        rows.append(row)
+    return rows
+
+
+def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: int, backends, bsteps: int) -> str:
     r = cfg.render
     training = [
         [
@@ -218,16 +241,44 @@ def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: i
             ],
             rendering,
         ),
+        "",
+        *markdown(
+            [
+                "attention backend",
+                "stage-4 LoRA step (s)",
+                "speed-up",
+                f"stage 2, {bsteps} steps, CFG (s)",
+                "speed-up",
+                "latents moved",
+            ],
+            [
+                [
+                    row["backend"],
+                    f"{row['step_s']:.2f}",
+                    f"{backends[0]['step_s'] / row['step_s']:.2f}x",
+                    f"{row['sampling_s']:.1f}",
+                    f"{backends[0]['sampling_s'] / row['sampling_s']:.2f}x",
+                    f"{row['moved']:.2%}",
+                ]
+                for row in backends
+            ],
+        ),
     ]
     return "\n".join(lines)
 
 
-def main(dry_run: bool = False, train_steps: int = 3, render_steps: int = 50, peak_tflops: float = 989.0):
-    """The table (module docstring). --dry_run: CPU, tiny preset at its own size, 2 sampler steps."""
+def main(
+    dry_run: bool = False,
+    train_steps: int = 3,
+    render_steps: int = 50,
+    backend_render_steps: int = 10,
+    peak_tflops: float = 989.0,
+):
+    """The tables (module docstring). --dry_run: CPU, tiny preset at its own size, 2 sampler steps."""
     import deepspeed
 
     if dry_run:
-        device, preset, render_steps, train_steps = torch.device("cpu"), "tiny", 2, 1
+        device, preset, render_steps, train_steps, backend_render_steps = torch.device("cpu"), "tiny", 2, 1, 2
     elif torch.cuda.is_available():
         device, preset = torch.device("cuda"), "wan2.1-t2v-1.3b"
     else:
@@ -239,8 +290,9 @@ def main(dry_run: bool = False, train_steps: int = 3, render_steps: int = 50, pe
     train = [train_row(cfg, device, train_steps, peak_tflops) for cfg in configs]
     cfg = configs[0]
     render = render_rows(cfg, device, render_steps)
+    backends = backend_rows(cfg, configs[1], device, train_steps, backend_render_steps, peak_tflops)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
-    print(table(name, cfg, train, render, render_steps))
+    print(table(name, cfg, train, render, render_steps, backends, backend_render_steps))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # The GPU check (one GPU, under 8 minutes): Wan2.1-1.3B's architecture at 832x480x81, random weights, bf16.
 # Prints one table: stage 4's step time, tokens/s, MFU and peak memory beside the memory planner's prediction
 # (full fine-tuning and LoRA, gradient checkpointing), and stage 2's seconds per video at 50 steps without and
-# with --cache=first_block, with how far caching moved the latents. Put the table in the README.
+# with --cache=first_block, with how far caching moved the latents; then each attention backend that can run
+# there (stage-4 LoRA step, stage-2 sampling, speed-up over native, latents moved). Put the tables in the README.
 #   bash bench/gpu_check.sh              (from the repository root, on a machine with a GPU)
 #   bash bench/gpu_check.sh --dry_run    (CPU, tiny preset and size: the same code path in under a minute)
 set -euo pipefail

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gigavideo import vbench2
+from gigavideo import attention, vbench2
 from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.diagnosis import DIAGNOSIS, DIAGNOSIS_FILE, diagnose, diagnosis_table
@@ -257,6 +257,7 @@ def preflight(cfg, run, diagnose: bool = False):
         if ev.official == "on" and (why_not := vbench2.evaluator_available()):
             raise RuntimeError(f"--official=on but VBench-2.0's evaluator does not import: {why_not}")
     check_judge(cfg.score, run)
+    attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), cfg.model.dtype)
     return dims, base_model_path(cfg, run)
 
 
@@ -294,9 +295,9 @@ def main(
         )
         if todo:
             pipe = (
-                load_pipeline(base, cfg.model.dtype, device)
+                load_pipeline(base, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend)
                 if label == "baseline"
-                else load_exported(run.export, base, cfg.model.dtype, device)
+                else load_exported(run.export, base, cfg.model.dtype, device, cfg.model.attention_backend)
             )
             render_and_score(
                 label, pipe, todo, cfg, judge, detector, out, device, records_dir / f"rank{rank:05d}.jsonl"

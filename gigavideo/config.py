@@ -56,6 +56,12 @@ class ModelConfig:
     tiny_seed: int = key(0, "kind = tiny or toy: the seed of the random weights")
     dtype: str = key("bfloat16", "float32 | bfloat16 | float16")
     device: str = key("auto", "auto = cuda when available, else cpu")
+    attention_backend: str = key(
+        "auto",
+        "the attention kernel of every transformer (stages 2 and 4, eval; gigavideo/attention.py): auto (the "
+        "fastest installed for the device and dtype; native on CPU) | native | _native_cudnn | _native_flash | "
+        "_native_efficient | _native_math | flash | _flash_3 | xformers | sage",
+    )
     flow_shift: float = key(3.0, "the sampler's and the timestep sampling's shift (Wan2.1 uses 3.0 at 480p)")
     max_sequence_length: int = key(512, "text tokens")
     gpu_mem_gib: float = key(

@@ -113,7 +113,7 @@ def fused_transformer(component: Path, lora_file: Path):
     return model.to(SAFETENSORS_DTYPES[stored])
 
 
-def load_exported(export: Path, base_path: Path, dtype: str, device):
+def load_exported(export: Path, base_path: Path, dtype: str, device, attention_backend: str = "auto"):
     """The fine-tuned pipeline from either export: a full pipeline folder, or LoRA file(s) on the base model."""
     from .models import load_pipeline
 
@@ -122,8 +122,8 @@ def load_exported(export: Path, base_path: Path, dtype: str, device):
     if (export / LORA_FILE).is_file():
         lora_dirs = {"transformer": export}
     if not lora_dirs:
-        return load_pipeline(export, dtype, device)
-    pipe = load_pipeline(base_path, dtype, device)
+        return load_pipeline(export, dtype, device, attention_backend=attention_backend)
+    pipe = load_pipeline(base_path, dtype, device, attention_backend=attention_backend)
     for component, folder in lora_dirs.items():
         pipe.load_lora_weights(str(folder), load_into_transformer_2=component == "transformer_2")
     return pipe

@@ -210,15 +210,26 @@ def latent_space(pipe) -> dict:
     }
 
 
-def load_pipeline(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", transformer_path=None):
-    """Stock `WanPipeline.from_pretrained`; optionally with a fine-tuned transformer folder swapped in."""
+def load_pipeline(
+    path: str | Path,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    transformer_path=None,
+    attention_backend: str = "auto",
+):
+    """Stock `WanPipeline.from_pretrained`, its transformers set to `attention_backend` (gigavideo/attention.py);
+    optionally with a fine-tuned transformer folder swapped in."""
     from diffusers import WanPipeline, WanTransformer3DModel
 
+    from . import attention
+
+    attention.resolve(attention_backend, device, dtype)  # before loading: a backend that cannot run fails fast
     kwargs = {}
     if transformer_path is not None:
         kwargs["transformer"] = WanTransformer3DModel.from_pretrained(transformer_path, dtype=torch_dtype(dtype))
     pipe = WanPipeline.from_pretrained(str(path), dtype=torch_dtype(dtype), **kwargs)
     pipe.set_progress_bar_config(disable=True)
+    attention.use(attention.pipeline_transformers(pipe), attention_backend, device, dtype)
     return pipe.to(device)
 
 

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from . import attention
 from .models import decode_latents, encode_video
 from .video import resize_crop_sample
 
@@ -105,6 +106,7 @@ class Renderer:
             "flow_shift": getattr(self.pipe.scheduler.config, "flow_shift", None),
             "scheduler": type(self.pipe.scheduler).__name__,
             "max_sequence_length": self.max_sequence_length,
+            "attention_backend": attention.registered_in(attention.pipeline_transformers(self.pipe)),
         }
 
     def warn_if_truncated(self, keys: list[str], prompts: list[str]) -> None:

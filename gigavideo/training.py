@@ -17,6 +17,11 @@ import torch.distributed as dist
 log = logging.getLogger("gigavideo.stage4")
 
 
+def compute_dtype(train_cfg) -> torch.dtype:
+    """What the transformer computes in while training: bf16 under --precision=bf16, else fp32."""
+    return torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
+
+
 def prepare_for_training(transformer, train_cfg, family, expert):
     """Gradient checkpointing and, for --mode=lora, the family's LoRA adapters on a frozen base, as the flags
     ask (stage 4 and bench/gpu_check.py)."""

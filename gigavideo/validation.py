@@ -12,9 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import attention
 from .models import decode_latents, pad_prompt_embeds
 from .rendering import pipeline_num_frames
 from .schema import index_json, iter_samples
+from .training import compute_dtype
 from .video import gif_bytes, video_statistics
 
 
@@ -32,6 +34,8 @@ class Validation:
         self.max_sequence_length = int(cfg.model.max_sequence_length)
         self.family, self.component = family, component
         self.frozen = family.frozen_transformers(base_path, component, cfg.model.dtype, device)
+        if self.frozen:  # the trained transformer already runs the backend stage 4 set; the frozen expert joins it
+            attention.use(self.frozen.values(), cfg.model.attention_backend, device, compute_dtype(cfg.train))
         self.scheduler_config = UniPCMultistepScheduler.load_config(base_path / "scheduler")
         self.vae = AutoencoderKLWan.from_pretrained(base_path / "vae").to(device).eval() if rank == 0 else None
         vae_config = AutoencoderKLWan.load_config(base_path / "vae")  # every rank samples, only rank 0 decodes

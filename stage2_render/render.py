@@ -14,6 +14,7 @@ import time
 
 from tqdm import tqdm
 
+from gigavideo import attention
 from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
@@ -56,6 +57,7 @@ def preflight(cfg, run):
     if cfg.render.cache not in CACHES:
         raise ValueError(f"--cache={cfg.render.cache!r} not in {CACHES}")
     check_rendering_memory(cfg, rank_and_world()[1], log)
+    attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), cfg.model.dtype)
     return base_model_path(cfg, run)
 
 
@@ -84,7 +86,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
 
     device = pick_device(cfg.model.device)
     renderer = Renderer(
-        load_pipeline(model_path, cfg.model.dtype, device),
+        load_pipeline(model_path, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend),
         family_for(cfg.model),
         cfg.render,
         cfg.model.max_sequence_length,

@@ -41,7 +41,7 @@ import deepspeed
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gigavideo import checkpoint
+from gigavideo import attention, checkpoint
 from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.config import load_config
@@ -55,7 +55,7 @@ from gigavideo.loss import batch_loss, sample_timesteps
 from gigavideo.memory import PeakMemory, check_training_memory, training_memory_record
 from gigavideo.schema import PROCESS_STARTED, read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
-from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest, prepare_for_training
+from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest, compute_dtype, prepare_for_training
 
 log = logging.getLogger("gigavideo.stage4")
 PREEMPTED_EXIT_CODE = 3
@@ -77,6 +77,7 @@ def build_model(cfg, base: Path, family, expert: Expert):
     frozen_bf16 = tc.mode == "lora" and tc.precision == "bf16"
     dtype = torch.bfloat16 if frozen_bf16 else torch.float32
     transformer = WanTransformer3DModel.from_pretrained(base / expert.component, dtype=dtype)
+    attention.use([transformer], cfg.model.attention_backend, pick_device(cfg.model.device), compute_dtype(tc))
     return prepare_for_training(transformer, tc, family, expert)
 
 
@@ -121,6 +122,7 @@ def preflight(cfg, run):
     experts = family.select_experts(cfg.train.expert)
     base = base_model_path(cfg, run)
     check_latents(run, base)
+    attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), compute_dtype(cfg.train))
     ds_config = build_ds_config(cfg.train, dist.get_world_size())
     check_training_memory(cfg, ds_config, dist.get_world_size(), log)
     return base, family, experts, ds_config
@@ -129,7 +131,6 @@ def preflight(cfg, run):
 def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, nonfinite):
     """One optimizer step over --grad_accum micro-batches; returns their metrics (not yet reduced)."""
     tc = cfg.train
-    compute_dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
     metrics = StepMetrics(tc.grad_accum, dist.get_world_size())
     for micro in range(tc.grad_accum):
         while True:  # until a micro-batch whose loss is finite on every rank
@@ -146,7 +147,7 @@ def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: in
             weights = batch["weights"].to(device)
             timestep = family.transformer_timestep(t, z0)
             loss, per_sample = batch_loss(
-                engine, z0, batch["prompt_embeds"], weights, t, noise, compute_dtype, timestep=timestep
+                engine, z0, batch["prompt_embeds"], weights, t, noise, compute_dtype(tc), timestep=timestep
             )
             if nonfinite.loss_is_finite_on_every_rank(per_sample, batch["keys"], step + 1):
                 break
@@ -238,6 +239,7 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
         "non_finite_samples": nonfinite.samples,
         "non_finite_losses": nonfinite.losses,
         "t_range": list(expert.t_range),
+        "attention_backend": attention.registered(engine.module),
         "memory": training_memory_record(cfg, ds_config, world, peak),
     }
     measured = summary["memory"]["measured_peak"]

@@ -215,12 +215,15 @@ def test_the_gpu_check_runs_its_whole_table_as_a_dry_run_on_cpu():
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
+    header = ("| stage", "| attention backend")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith(header)]
     assert [r.split(" | ")[0] for r in rows] == [
         "| full, checkpointing",
         "| lora, checkpointing",
         "| cache=none",
         "| cache=first_block",
+        "| native",  # the attention backends that run on a CPU, native first
+        "| _native_math",
     ], proc.stdout
     for row in rows:  # every figure measured: no empty or non-finite cell
         assert "nan" not in row and "inf" not in row and "||" not in row.replace(" ", ""), row
