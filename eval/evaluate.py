@@ -48,7 +48,15 @@ from gigavideo.models import load_pipeline
 from gigavideo.prompt_engine import Similarity, engine_prompts
 from gigavideo.prompts import load_style, resolve_dimensions
 from gigavideo.rendering import Renderer
-from gigavideo.schema import index_json, iter_samples, process_seconds, rank_parts, read_manifest
+from gigavideo.schema import (
+    SampleError,
+    decode_video,
+    index_json,
+    iter_samples,
+    process_seconds,
+    rank_parts,
+    read_manifest,
+)
 from gigavideo.scoring import detector_for, score_videos
 from gigavideo.seeding import derive_seed
 from gigavideo.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics
@@ -199,8 +207,8 @@ def real_statistics(run, render) -> list[dict]:
     for sample in iter_samples(run, "stage1", fields=["json", "real.mp4"]):
         if "real.mp4" in sample:
             try:
-                frames, _ = decode_mp4(sample["real.mp4"], sample["__key__"])
-            except VideoError as err:
+                frames = decode_video(sample, "real.mp4")
+            except SampleError as err:
                 log.warning("realism reference: skipping a real video that does not decode: %s", err)
                 continue
             stats.append(video_statistics(resize_crop_sample(frames, render.height, render.width, render.num_frames)))

@@ -222,7 +222,9 @@ class TrainConfig:
         "mode = lora: export a complete pipeline folder with the adapters fused into the base weights "
         "(WanPipeline.from_pretrained(export); what the next round starts from), instead of the LoRA file(s)",
     )
-    max_bad_samples: int = key(100, "samples with non-finite latents/embeddings tolerated (weight 0) before a stop")
+    max_bad_samples: int = key(
+        100, "samples left out (undecodable arrays) or at weight 0 (non-finite latents/embeddings) before a stop"
+    )
     max_bad_steps: int = key(5, "micro-batches in a row with a non-finite loss (each skipped) before the run stops")
     lr: float = key(1e-6, "learning rate (the paper's)")
     weight_decay: float = key(0.0, "AdamW weight decay")

@@ -7,9 +7,8 @@ weight is the realism weight. Synthetic samples without a score are excluded and
 
 from __future__ import annotations
 
-import io
-import json
 import logging
+from functools import partial
 
 import numpy as np
 import torch
@@ -17,15 +16,26 @@ import webdataset as wds
 
 from .loss import reward_weights
 from .models import pad_prompt_embeds
-from .schema import RunDir, SchemaError, index_json, shard_paths, validate
+from .schema import (
+    RunDir,
+    SampleError,
+    SchemaError,
+    array_spec,
+    decode_sample,
+    index_json,
+    read_manifest,
+    shard_paths,
+)
 from .seeding import derive_seed
 
 log = logging.getLogger("gigavideo.data")
 
 
-def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], dict]:
-    """key -> loss weight for every stage-2 sample that trains, and counts of what was excluded."""
-    renders = index_json(run, "stage2")
+def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], dict, list[dict]]:
+    """key -> loss weight for every stage-2 sample that trains, counts of what was excluded, and the samples
+    left out already here for lacking a member or a readable json (SampleError records)."""
+    unreadable = []
+    renders = index_json(run, "stage2", on_error=lambda err: unreadable.append(err.record()))
     scores = index_json(run, "stage3")
     rewards = {
         k: scores[k]["reward"]
@@ -45,27 +55,27 @@ def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], di
         "real": len(real),
         "excluded_unscored": len(synthetic) - len(rewards),
         "excluded_real": len(real) if train_cfg["realism_weight"] <= 0 else 0,
+        "excluded_undecodable": len(unreadable),
         "mean_synthetic_weight": float(np.mean([weights[k] for k in rewards])) if rewards else None,
     }
     if not weights:
         raise SchemaError(f"nothing to train on in {run.path}: {stats}")
-    return weights, stats
+    return weights, stats, unreadable
 
 
-def _decode(sample: dict, weights: dict, max_sequence_length: int) -> dict:
-    sample = {k: v for k, v in sample.items()}
-    meta = json.loads(sample["json"])
-    sample["json"] = meta
-    validate(sample, "stage2")
-    latents = np.load(io.BytesIO(sample["latents.npy"]), allow_pickle=False)
-    embeds = np.load(io.BytesIO(sample["prompt_embeds.npy"]), allow_pickle=False)
-    padded = pad_prompt_embeds(embeds, max_sequence_length)
+def _decode(raw: dict, weights: dict, max_sequence_length: int, arrays: dict) -> dict:
+    """A training sample, or {"undecodable": what was wrong} when a member cannot be decoded (the schema's
+    one decoding path: never unpickled, dtype and shape checked against stage 2's manifest)."""
+    try:
+        sample = decode_sample(raw, "stage2", arrays)
+    except SampleError as err:
+        return {"key": raw.get("__key__"), "undecodable": err.record()}
     return {
         "key": sample["__key__"],
-        "latents": torch.from_numpy(latents.astype(np.float32)),
-        "prompt_embeds": torch.from_numpy(padded),
+        "latents": torch.from_numpy(sample["latents.npy"]),
+        "prompt_embeds": torch.from_numpy(pad_prompt_embeds(sample["prompt_embeds.npy"], max_sequence_length)),
         "weight": float(weights[sample["__key__"]]),
-        "is_real": meta["source"] == "real",
+        "is_real": sample["json"]["source"] == "real",
     }
 
 
@@ -77,6 +87,20 @@ def collate(samples: list[dict]) -> dict:
         "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
         "is_real": torch.tensor([s["is_real"] for s in samples]),
     }
+
+
+def decodable_batches(samples, size: int):
+    """Full batches of the samples that decode; each batch carries, in "undecodable", the samples left out
+    since the previous one. A batch is the same on a replay, so a resumed run skips the same samples."""
+    batch, undecodable = [], []
+    for sample in samples:
+        if "undecodable" in sample:
+            undecodable.append(sample["undecodable"])
+            continue
+        batch.append(sample)
+        if len(batch) == size:
+            yield collate(batch) | {"undecodable": undecodable}
+            batch, undecodable = [], []
 
 
 def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_length: int, world_size: int, epoch: int):
@@ -95,6 +119,7 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
             f"or lower --num_workers"
         )
     seed = derive_seed(train_cfg["seed"], "epoch", epoch)
+    arrays = array_spec(read_manifest(run, "stage2"))
     dataset = (
         wds.WebDataset(
             shards,
@@ -106,8 +131,8 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
         )
         .select(lambda s: s["__key__"] in weights)
         .shuffle(int(train_cfg["shuffle_buffer"]), seed=seed)
-        .map(lambda s: _decode(s, weights, max_sequence_length))
-        .batched(int(train_cfg["micro_batch_size"]), collation_fn=collate, partial=False)
+        .map(partial(_decode, weights=weights, max_sequence_length=max_sequence_length, arrays=arrays))
+        .compose(partial(decodable_batches, size=int(train_cfg["micro_batch_size"])))
     )
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 

@@ -37,7 +37,7 @@ import os
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,18 @@ STAGE_SCRIPTS = {
 
 class SchemaError(ValueError):
     """A shard or sample breaks the contract; the message names the key and the shard."""
+
+
+class SampleError(SchemaError):
+    """One member of one sample cannot be decoded (the rest of its shard may be fine): names the key, the shard,
+    the member and what was wrong."""
+
+    def __init__(self, key: str, shard: str, member: str, reason: str):
+        self.key, self.shard, self.member, self.reason = key, str(shard), member, reason
+        super().__init__(f"sample {key!r} in {shard}: {member} {reason}")
+
+    def record(self) -> dict:
+        return {"key": self.key, "shard": self.shard, "member": self.member, "reason": self.reason}
 
 
 class StageNotReady(FileNotFoundError):
@@ -136,14 +148,85 @@ def encode_field(name: str, value) -> bytes:
     raise SchemaError(f"field {name!r}: cannot encode {type(value).__name__}; give bytes")
 
 
-def decode_field(name: str, data: bytes):
-    if name.endswith("json"):
-        return json.loads(data)
-    if name.endswith(".npy"):
-        return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard content
-    if name.endswith("txt"):
-        return data.decode()
+def decode_sample(raw: dict, stage: str | None = None, arrays: dict | None = None) -> dict:
+    """A sample as read from a shard (bytes per member, `__key__`, `__url__`) decoded member by member, then
+    validated against `stage`'s schema. The one decoding path of every reader (stages 3 and 4, validation,
+    the eval); a member that cannot be decoded raises SampleError. `arrays`: member -> the dtype and shape it
+    must have (`array_spec`), checked from the .npy header before any data is read."""
+    key, shard = raw.get("__key__", "<no key>"), raw.get("__url__", "?")
+    sample = {}
+    for member, data in raw.items():
+        if member.startswith("__") or data is NOT_LOADED:
+            sample[member] = data
+        else:
+            sample[member] = decode_member(member, data, key, shard, (arrays or {}).get(member))
+    return validate(sample, stage) if stage else sample
+
+
+def decode_member(member: str, data: bytes, key: str, shard: str, expect: dict | None = None):
+    if member.endswith("json"):
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SampleError(key, shard, member, f"is not valid JSON ({err})") from None
+    if member.endswith(".npy"):
+        return decode_array(data, key, shard, member, expect)
+    if member.endswith("txt"):
+        return data.decode(errors="replace")
     return data
+
+
+def decode_array(data: bytes, key: str, shard: str, member: str, expect: dict | None = None) -> np.ndarray:
+    """A .npy member, never unpickled: an object array is refused from its header, as are a dtype or shape other
+    than `expect`'s ({"dtype": "float32", "shape": [16, 3, 8, 8]}, None for any length) and a truncated file."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, fortran_order, dtype = read_header[version](buf)
+    except (ValueError, KeyError, EOFError) as err:
+        raise SampleError(
+            key, shard, member, f"is not a readable .npy array ({err or 'unsupported version'})"
+        ) from None
+    if dtype.hasobject:
+        raise SampleError(key, shard, member, "holds Python objects (a pickled array): refused, never unpickled")
+    if expect:
+        want = np.dtype(expect["dtype"])
+        if dtype != want:
+            raise SampleError(key, shard, member, f"has dtype {dtype}, the manifest says {want}")
+        want_shape = expect["shape"]
+        if len(shape) != len(want_shape) or any(w not in (None, s) for s, w in zip(shape, want_shape, strict=False)):
+            shown = tuple("any" if w is None else w for w in want_shape)
+            raise SampleError(key, shard, member, f"has shape {shape}, the manifest says {shown}")
+    need, have = int(np.prod(shape)) * dtype.itemsize, len(data) - buf.tell()
+    if have != need:
+        what = "is truncated" if have < need else "has bytes past its data"
+        raise SampleError(key, shard, member, f"{what}: {have} data bytes, {shape} of {dtype} needs {need}")
+    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=buf.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C").copy()
+
+
+def stage2_arrays(latent_space: dict, render: dict, text_dim: int) -> dict:
+    """What every stage-2 sample's arrays are (stage 2 records it in its manifest): normalised latents
+    (C, T, H, W) of a video of the render size, and the prompt's text embeddings (tokens, text_dim), float32."""
+    temporal, spatial = latent_space["temporal"], latent_space["spatial"]
+    frames = (render["num_frames"] - 1) // temporal + 1
+    latents = [latent_space["channels"], frames, render["height"] // spatial, render["width"] // spatial]
+    return {
+        "latents.npy": {"dtype": "float32", "shape": latents},
+        "prompt_embeds.npy": {"dtype": "float32", "shape": [None, int(text_dim)]},
+    }
+
+
+def array_spec(manifest: dict) -> dict:
+    """What stage 2's arrays must be, from its manifest: member -> {"dtype", "shape"} (None: any length).
+    A manifest from before stage 2 recorded them gets the dtype and the number of dimensions only."""
+    if "arrays" in manifest:
+        return manifest["arrays"]
+    return {
+        "latents.npy": {"dtype": "float32", "shape": [None] * 4},
+        "prompt_embeds.npy": {"dtype": "float32", "shape": [None, None]},
+    }
 
 
 def validate(sample: dict, stage: str, where: str = "") -> dict:
@@ -153,10 +236,8 @@ def validate(sample: dict, stage: str, where: str = "") -> dict:
         raise SchemaError(f"sample key {key!r} in {where}: keys must be non-empty with no '.' or '/'")
     for field in REQUIRED_FILES[stage]:
         if field not in sample:
-            raise SchemaError(
-                f"sample {key!r} in shard {where} lacks field '{field}' required by {stage} "
-                f"(has {sorted(k for k in sample if not k.startswith('__'))})"
-            )
+            has = sorted(k for k in sample if not k.startswith("__"))
+            raise SampleError(key, where, field, f"is missing: {stage} requires it (the sample has {has})")
     meta = sample["json"]
     missing = [k for k in REQUIRED_JSON[stage] if k not in meta]
     if missing:
@@ -437,7 +518,13 @@ NOT_LOADED = object()  # a field present in the shard but not read (see `fields`
 
 
 def iter_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | None = None) -> Iterator[dict]:
-    """Samples of one shard, decoded; a sample's files must be contiguous, as WebDataset requires.
+    """Samples of one shard, decoded (`decode_sample`); a member that cannot be decoded raises SampleError."""
+    for raw in read_shard(path, fields, keys):
+        yield decode_sample(raw)
+
+
+def read_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | None = None) -> Iterator[dict]:
+    """Samples of one shard as bytes per member; a sample's files must be contiguous, as WebDataset requires.
 
     With `fields`, only those are read; the others are marked NOT_LOADED (their presence still counts).
     With `keys`, only those samples are yielded (the others are skipped unread).
@@ -456,7 +543,7 @@ def iter_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | 
             if current is None:
                 current = {"__key__": key, "__url__": path}
             if fields is None or field in fields:
-                current[field] = decode_field(field, tar.extractfile(member).read())
+                current[field] = tar.extractfile(member).read()
             else:
                 current[field] = NOT_LOADED
     if current is not None:
@@ -464,14 +551,44 @@ def iter_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | 
 
 
 def iter_samples(
-    run: RunDir, stage: str, fields: Iterable[str] | None = None, keys: set[str] | None = None
+    run: RunDir,
+    stage: str,
+    fields: Iterable[str] | None = None,
+    keys: set[str] | None = None,
+    on_error: Callable[[SampleError], None] | None = None,
 ) -> Iterator[dict]:
-    """Every sample (or those in `keys`) of a completed stage, validated against the stage's schema."""
+    """Every sample (or those in `keys`) of a stage, decoded (stage 2's arrays checked against its manifest) and
+    validated against the stage's schema. A sample that cannot be decoded raises SampleError, or with
+    `on_error` is handed to it and skipped, and the rest are read."""
+    arrays = array_spec(read_manifest(run, stage)) if stage == "stage2" and run.is_complete(stage) else None
     for path in shard_paths(run, stage):
-        for sample in iter_shard(path, fields, keys):
-            yield validate(sample, stage)
+        for raw in read_shard(path, fields, keys):
+            try:
+                sample = decode_sample(raw, stage, arrays)
+            except SampleError as err:
+                if on_error is None:
+                    raise
+                on_error(err)
+                continue
+            yield sample
 
 
-def index_json(run: RunDir, stage: str, fields: Iterable[str] | None = ("json",)) -> dict[str, dict]:
-    """key -> json record of a stage, reading no other field's content."""
-    return {s["__key__"]: s["json"] for s in iter_samples(run, stage, fields)}
+def decode_video(sample: dict, member: str = "mp4") -> np.ndarray:
+    """uint8 frames (T, H, W, 3) of a sample's video member; SampleError when it is missing or does not decode."""
+    from .video import VideoError, decode_mp4
+
+    key, shard = sample.get("__key__", "<no key>"), sample.get("__url__", "?")
+    if member not in sample or sample[member] is NOT_LOADED:
+        raise SampleError(key, shard, member, "is missing")
+    try:
+        frames, _ = decode_mp4(sample[member], member)
+    except VideoError as err:
+        raise SampleError(key, shard, member, f"is not a playable video ({err.__cause__ or 'no frames'})") from None
+    return frames
+
+
+def index_json(
+    run: RunDir, stage: str, fields: Iterable[str] | None = ("json",), on_error: Callable | None = None
+) -> dict[str, dict]:
+    """key -> json record of a stage, reading no other field's content (`on_error`: as iter_samples')."""
+    return {s["__key__"]: s["json"] for s in iter_samples(run, stage, fields, on_error=on_error)}

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .schema import SchemaError
+
 log = logging.getLogger("gigavideo.stage4")
 
 
@@ -153,20 +155,53 @@ class StepMetrics:
             writer.add_scalar("perf/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
 
 
-class NonFiniteCounts:
-    """What was skipped for not being finite; the loop stops the run when there is too much of it."""
+class BadSamples:
+    """Samples training could not use, and non-finite losses; the loop stops the run when there are too many.
 
-    def __init__(self, max_bad_samples: int, max_bad_steps: int):
+    A sample whose arrays cannot be decoded (gigavideo/data.py) is left out of its batch; one with non-finite
+    latents or embeddings gets weight 0. Both count against --max_bad_samples, summed over ranks. Each
+    undecodable sample is logged once with its shard and reason, and this rank's list goes into every
+    checkpoint (`state`), so a resumed run counts as an uninterrupted one does.
+    """
+
+    def __init__(self, max_bad_samples: int, max_bad_steps: int, undecodable: dict | None = None):
         self.max_bad_samples, self.max_bad_steps = int(max_bad_samples), int(max_bad_steps)
-        self.samples = self.losses = self.losses_in_a_row = 0
+        self.undecodable: dict[str, dict] = dict(undecodable or {})  # key -> {key, shard, member, reason}
+        self.nonfinite: list[str] = []
+        self.losses = self.losses_in_a_row = 0
+        self.totals = {"non_finite_samples": 0, "undecodable_samples": len(self.undecodable)}
+
+    @property
+    def samples(self) -> int:
+        """Samples with non-finite latents or embeddings seen by this rank (since this process started)."""
+        return len(self.nonfinite)
+
+    def state(self) -> dict:
+        return dict(self.undecodable)
+
+    def left_out(self, records: list[dict], step: int) -> None:
+        """Count undecodable samples (schema.SampleError records), logging each the first time."""
+        for record in records:
+            if record["key"] not in self.undecodable:
+                self.undecodable[record["key"]] = record
+                log.warning(
+                    "step %d: sample %r in %s left out of training: %s %s",
+                    step,
+                    record["key"],
+                    record["shard"],
+                    record["member"],
+                    record["reason"],
+                )
 
     def inputs(self, batch: dict, step: int) -> None:
-        """Zero the samples with non-finite latents or embeddings (weight 0) and count them."""
+        """Count the batch's undecodable samples (already left out); zero those with non-finite latents or
+        embeddings (weight 0) and count them."""
+        self.left_out(batch.get("undecodable", []), step)
         finite = sanitize(batch)
         if not finite.all():
             bad = [k for k, ok in zip(batch["keys"], finite.tolist(), strict=True) if not ok]
             log.warning("step %d: non-finite latents or embeddings in %s; weight set to 0", step, bad)
-            self.samples += len(bad)
+            self.nonfinite += bad
 
     def loss_is_finite_on_every_rank(self, per_sample: torch.Tensor, keys: list[str], step: int) -> bool:
         """Every rank learns whether any rank's loss is not finite before any gradient exists: then all
@@ -184,9 +219,18 @@ class NonFiniteCounts:
             )
         return False
 
-    def check_samples(self) -> None:
-        if self.samples > self.max_bad_samples:
-            raise FloatingPointError(
-                f"{self.samples} samples had non-finite latents or embeddings (more than "
-                f"--max_bad_samples={self.max_bad_samples}); rerun stage 2 for them"
-            )
+    def check_samples(self, run_dir) -> None:
+        """Every rank, every step (all ranks stop together): the totals over ranks against --max_bad_samples."""
+        nonfinite, undecodable = (int(n) for n in all_ranks([len(self.nonfinite), len(self.undecodable)]))
+        self.totals = {"non_finite_samples": nonfinite, "undecodable_samples": undecodable}
+        if nonfinite + undecodable <= self.max_bad_samples:
+            return
+        first = [f"{r['key']} ({r['shard']}: {r['member']} {r['reason']})" for r in self.undecodable.values()]
+        first += [f"{key} (non-finite latents or embeddings)" for key in self.nonfinite]
+        raise SchemaError(
+            f"{nonfinite + undecodable} samples could not be trained on ({undecodable} undecodable, {nonfinite} "
+            f"with non-finite latents or embeddings), more than --max_bad_samples={self.max_bad_samples}. "
+            f"This rank's first: {'; '.join(first[:3])}. The log names every one as it is met; "
+            f"`python scripts/check_shards.py --run_dir={run_dir}` lists every undecodable sample of stage 2. "
+            "Render them again (the script says how) or raise --max_bad_samples."
+        )

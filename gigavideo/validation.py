@@ -9,6 +9,8 @@ when validation is on.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -19,6 +21,8 @@ from .schema import index_json, iter_samples
 from .training import compute_dtype
 from .video import gif_bytes, video_statistics
 
+log = logging.getLogger("gigavideo.validation")
+
 
 class Validation:
     """Samples with the transformer being trained in its pipeline slot (`component`); a family with more
@@ -27,9 +31,11 @@ class Validation:
     def __init__(self, run, base_path, family, component: str, cfg, device, rank: int):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
-        synthetic = sorted(k for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic")
+        readable = index_json(run, "stage2", on_error=lambda err: None)  # stage 4 names the unreadable ones
+        synthetic = sorted(k for k, m in readable.items() if m["source"] == "synthetic")
         chosen = set(synthetic[: cfg.train.sample_count])
-        self.samples = sorted(iter_samples(run, "stage2", keys=chosen), key=lambda s: s["__key__"])
+        samples = iter_samples(run, "stage2", keys=chosen, on_error=lambda err: log.warning("validation: %s", err))
+        self.samples = sorted(samples, key=lambda s: s["__key__"])
         self.steps, self.fps, self.device, self.rank = int(cfg.train.sample_steps), int(cfg.render.fps), device, rank
         self.max_sequence_length = int(cfg.model.max_sequence_length)
         self.family, self.component = family, component

@@ -23,9 +23,20 @@ from gigavideo.files import check_space
 from gigavideo.memory import check_rendering_memory
 from gigavideo.models import latent_space, load_pipeline
 from gigavideo.rendering import CACHES, Renderer, check_frames
-from gigavideo.schema import ShardWriter, finish_rank, index_json, iter_samples, rank_prefix, read_manifest, resume_rank
+from gigavideo.schema import (
+    SampleError,
+    ShardWriter,
+    decode_video,
+    finish_rank,
+    index_json,
+    iter_samples,
+    rank_prefix,
+    read_manifest,
+    resume_rank,
+    stage2_arrays,
+)
 from gigavideo.seeding import derive_seed
-from gigavideo.video import VideoError, decode_mp4, encode_mp4
+from gigavideo.video import encode_mp4
 
 log = logging.getLogger("gigavideo.stage2")
 
@@ -129,9 +140,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             key = sample["__key__"]
             start = time.time()
             try:
-                frames, _ = decode_mp4(sample["real.mp4"], f"{key} (real video)")
-                result = renderer.encode_real(frames, sample["json"]["prompt"])
-            except VideoError as err:
+                result = renderer.encode_real(decode_video(sample, "real.mp4"), sample["json"]["prompt"])
+            except SampleError as err:
                 log.error("%s", err)
                 failures.append({"key": key, "reason": str(err)})
             else:
@@ -143,6 +153,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         "render": settings,
         "model": model_id,
         "latents": latent_space(renderer.pipe),
+        "arrays": stage2_arrays(latent_space(renderer.pipe), cfg.render, renderer.pipe.transformer.config.text_dim),
         "failures": failures,
         "device_seconds": {str(rank): round(seconds_total, 2)},
     }

@@ -25,7 +25,9 @@ from gigavideo.judge import check_judge, load_judge
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension
 from gigavideo.report import histogram_png
 from gigavideo.schema import (
+    SampleError,
     ShardWriter,
+    decode_video,
     finish_rank,
     index_json,
     iter_samples,
@@ -34,7 +36,6 @@ from gigavideo.schema import (
     resume_rank,
 )
 from gigavideo.scoring import AGGREGATES, detector_for, questions_of, score_videos
-from gigavideo.video import VideoError, decode_mp4
 
 log = logging.getLogger("gigavideo.stage3")
 MIN_FRAMES = 2
@@ -56,11 +57,12 @@ def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
             "reward": None,
         }
         try:
-            frames, _ = decode_mp4(sample["mp4"], f"{key} in {sample['__url__']}")
-            if len(frames) < MIN_FRAMES:
-                raise VideoError(f"{key}: only {len(frames)} frames (need {MIN_FRAMES})")
-        except VideoError as err:
+            frames = decode_video(sample)
+        except SampleError as err:
             records[key]["reason"] = f"video: {err}"
+            continue
+        if len(frames) < MIN_FRAMES:
+            records[key]["reason"] = f"video: {key}: only {len(frames)} frames (need {MIN_FRAMES})"
             continue
         decoded.append((key, (frames, meta, dims[meta["dimension"]].scorer)))
     results = score_videos([video for _, video in decoded], judge, sc, detector)
@@ -119,7 +121,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     mine = set(k for k in my_slice(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
     failures = []
-    todo = iter_samples(run, "stage2", keys=mine)
+    todo = iter_samples(run, "stage2", fields=("json", "mp4"), keys=mine)  # the arrays are stage 4's
     with (
         ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer,
         tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress,

@@ -13,12 +13,13 @@ resumes exactly (model, optimizer, scheduler, each rank's data position; noise a
 function of the step). SIGTERM (preemption, scancel, node drain), SIGUSR1, or the file
 RUN_DIR/stage4/stop-request (what slurm/stage4.sh creates on SLURM's warning before preemption) makes
 every rank save a checkpoint at the end of its step and exit with code 3, leaving the stop file for
-slurm/stage4.sh to requeue the job. A sample with non-finite latents or embeddings gets weight 0 and
-is counted (too many stop the run); a micro-batch whose loss is not finite on any rank is skipped on
-every rank and counted, and --max_bad_steps in a row stop the run with a message. TensorBoard goes to
-RUN_DIR/stage4/tensorboard, with validation videos and drift monitors every --sample_every steps;
-each trained transformer to RUN_DIR/stage4/trained, and the model to RUN_DIR/stage4/export in
-diffusers format.
+slurm/stage4.sh to requeue the job. A sample whose arrays cannot be decoded (pickled, truncated, missing,
+or not the dtype and shape stage 2's manifest says) is left out of its batch, named and counted; one with
+non-finite latents or embeddings gets weight 0 and is counted (too many of both stop the run); a
+micro-batch whose loss is not finite on any rank is skipped on every rank and counted, and
+--max_bad_steps in a row stop the run with a message. TensorBoard goes to RUN_DIR/stage4/tensorboard,
+with validation videos and drift monitors every --sample_every steps; each trained transformer to
+RUN_DIR/stage4/trained, and the model to RUN_DIR/stage4/export in diffusers format.
 """
 
 from __future__ import annotations
@@ -55,16 +56,17 @@ from gigavideo.loss import batch_loss, sample_timesteps
 from gigavideo.memory import PeakMemory, check_training_memory, training_memory_record
 from gigavideo.schema import PROCESS_STARTED, read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
-from gigavideo.training import NonFiniteCounts, StepMetrics, StopRequest, compute_dtype, prepare_for_training
+from gigavideo.training import BadSamples, StepMetrics, StopRequest, compute_dtype, prepare_for_training
 
 log = logging.getLogger("gigavideo.stage4")
 PREEMPTED_EXIT_CODE = 3
 STOP_FILE = "stop-request"  # created by slurm/stage4.sh on SLURM's preemption warning
 
 
-def gather_positions(position: DataPosition) -> list[dict]:
+def gather(state) -> list:
+    """Every rank's `state`, in rank order (a collective: every rank calls it)."""
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, position.state())
+    dist.all_gather_object(out, state)
     return out
 
 
@@ -128,16 +130,17 @@ def preflight(cfg, run):
     return base, family, experts, ds_config
 
 
-def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, nonfinite):
+def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, bad):
     """One optimizer step over --grad_accum micro-batches; returns their metrics (not yet reduced)."""
     tc = cfg.train
     metrics = StepMetrics(tc.grad_accum, dist.get_world_size())
     for micro in range(tc.grad_accum):
         while True:  # until a micro-batch whose loss is finite on every rank
             batch = data.next()
-            nonfinite.inputs(batch, step + 1)
+            log.debug("step %d, micro-batch %d: %s", step + 1, micro, batch["keys"])
+            bad.inputs(batch, step + 1)
             # Noise and timesteps depend only on (seed, expert, step, rank, micro step, retry): a resume replays them.
-            retry = nonfinite.losses_in_a_row
+            retry = bad.losses_in_a_row
             gen = torch.Generator().manual_seed(derive_seed(tc.seed, *expert.seed_parts, step, rank, micro, retry))
             z0 = batch["latents"]
             t = sample_timesteps(
@@ -149,7 +152,7 @@ def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: in
             loss, per_sample = batch_loss(
                 engine, z0, batch["prompt_embeds"], weights, t, noise, compute_dtype(tc), timestep=timestep
             )
-            if nonfinite.loss_is_finite_on_every_rank(per_sample, batch["keys"], step + 1):
+            if bad.loss_is_finite_on_every_rank(per_sample, batch["keys"], step + 1):
                 break
             del loss, per_sample
         engine.backward(loss)
@@ -158,8 +161,9 @@ def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: in
     return metrics
 
 
-def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tuple[int, dict, float | None]:
-    """(step, this rank's data position, the step's loss) from the latest checkpoint, or a fresh start."""
+def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tuple[int, dict, dict, float | None]:
+    """(step, this rank's data position, the undecodable samples it met, the step's loss) from the latest
+    checkpoint, or a fresh start."""
     state = checkpoint.resume(engine, checkpoints, trainable_only=lora) or {"step": 0}
     positions = state.get("data_positions")
     if positions and len(positions) != world:
@@ -167,12 +171,21 @@ def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tupl
             "resuming with %d ranks from a checkpoint of %d: each rank restarts its epoch", world, len(positions)
         )
         positions = None
-    return state["step"], positions[rank] if positions else {"epoch": 0, "batches": 0}, state.get("loss")
+    undecodable = state.get("undecodable") if positions else None
+    return (
+        state["step"],
+        positions[rank] if positions else {"epoch": 0, "batches": 0},
+        undecodable[rank] if undecodable else {},
+        state.get("loss"),
+    )
 
 
-def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, weights: dict, stop) -> dict | None:
+def train_expert(
+    cfg, run, family, expert: Expert, base: Path, ds_config: dict, weights: dict, unreadable: list, stop
+) -> dict | None:
     """Train one transformer (every family has at least one) to --max_steps from its latest checkpoint, and
-    save it in RUN_DIR/stage4/trained; returns its summary, or None when a stop request ended it early."""
+    save it in RUN_DIR/stage4/trained; returns its summary, or None when a stop request ended it early.
+    unreadable: the samples training_weights already left out (a member missing, the json unreadable)."""
     tc, lora = cfg.train, cfg.train.mode == "lora"
     rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg.model.device)
@@ -182,7 +195,7 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
     peak = PeakMemory(device)
     engine, scheduler = build_engine(cfg, base, family, expert, ds_config)
     peak.start()
-    step, position, loss = resume(engine, checkpoints, lora, rank, world)
+    step, position, undecodable, loss = resume(engine, checkpoints, lora, rank, world)
     data = DataPosition(
         lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
         position["epoch"],
@@ -198,14 +211,16 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
         from gigavideo.validation import Validation
 
         validation = Validation(run, base, family, expert.component, cfg, device, rank)
-    nonfinite = NonFiniteCounts(tc.max_bad_samples, tc.max_bad_steps)
+    bad = BadSamples(tc.max_bad_samples, tc.max_bad_steps, undecodable)
+    if rank == 0:  # every rank found them in the index; one counts them
+        bad.left_out(unreadable, step)
     progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {expert.label}", unit="step", disable=rank != 0)
     stopped, last, totals = False, time.time(), {"loss": loss}
     while step < tc.max_steps:
-        metrics = train_step(engine, data, cfg, family, expert, step, rank, device, nonfinite)
+        metrics = train_step(engine, data, cfg, family, expert, step, rank, device, bad)
         step += 1
         progress.update(1)
-        nonfinite.check_samples()
+        bad.check_samples(run.path)
         totals = metrics.reduce()
         elapsed, last = time.time() - last, time.time()
         if writer and step % tc.log_every == 0:
@@ -214,8 +229,9 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
                 "train/grad_norm": grad_norm,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/epoch": data.epoch,
-                "train/non_finite_samples": nonfinite.samples,
-                "train/non_finite_losses": nonfinite.losses,
+                "train/non_finite_samples": bad.totals["non_finite_samples"],
+                "train/undecodable_samples": bad.totals["undecodable_samples"],
+                "train/non_finite_losses": bad.losses,
             }
             StepMetrics.write(writer, step, totals, elapsed, scalars)
             progress.set_postfix(loss=f"{totals['loss']:.4f}")
@@ -223,7 +239,12 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
             validation.run(engine.module, writer, step)
         stop_now = stop.any_rank()
         if step % tc.save_every == 0 or step == tc.max_steps or stop_now:
-            client_state = {"config": dict(tc), "data_positions": gather_positions(data), "loss": totals["loss"]}
+            client_state = {
+                "config": dict(tc),
+                "data_positions": gather(data.state()),
+                "undecodable": gather(bad.state()),
+                "loss": totals["loss"],
+            }
             checkpoint.save(engine, checkpoints, step, client_state, tc.keep_last, trainable_only=lora)
         if stop_now and step < tc.max_steps:
             stopped = True
@@ -233,11 +254,14 @@ def train_expert(cfg, run, family, expert: Expert, base: Path, ds_config: dict, 
         writer.close()
     if stopped:
         return None
+    undecodable_records = sorted({k: r for part in gather(bad.state()) for k, r in part.items()}.values(), key=str)
     summary = {
         "steps": step,
         "final_loss": totals["loss"],
-        "non_finite_samples": nonfinite.samples,
-        "non_finite_losses": nonfinite.losses,
+        "non_finite_samples": bad.totals["non_finite_samples"],
+        "undecodable_samples": len(undecodable_records),
+        "undecodable": undecodable_records,
+        "non_finite_losses": bad.losses,
         "t_range": list(expert.t_range),
         "attention_backend": attention.registered(engine.module),
         "memory": training_memory_record(cfg, ds_config, world, peak),
@@ -272,14 +296,17 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     cfg, run, (base, family, experts, ds_config) = started
     rank, world = dist.get_rank(), dist.get_world_size()
     stop = StopRequest(run.stage("stage4") / STOP_FILE, rank)
-    weights, data_stats = training_weights(run, cfg.train)
+    weights, data_stats, unreadable = training_weights(run, cfg.train)
     if rank == 0:
         log.info("training data: %s", data_stats)
 
     trained = {}
     for expert in experts:  # one after the other: one expert's model and optimizer state in memory at a time
         target = run.stage("stage4") / "trained" / expert.component
-        if not target.is_dir() and train_expert(cfg, run, family, expert, base, ds_config, weights, stop) is None:
+        if (
+            not target.is_dir()
+            and train_expert(cfg, run, family, expert, base, ds_config, weights, unreadable, stop) is None
+        ):
             log.warning("stopped on request; rerun (or the requeued job) resumes from the last checkpoint")
             stop.mark_stopped()
             dist.barrier()

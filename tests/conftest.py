@@ -34,11 +34,14 @@ def run_stage(
     env: dict | None = None,
     timeout: int = 600,
     small: bool = True,
+    wrapper: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a stage script; small: with the SMALL flags a test does not give itself (else the preset's own)."""
+    """Run a stage script; small: with the SMALL flags a test does not give itself (else the preset's own);
+    wrapper: a Python file that runs the script (`wrapper SCRIPT ARGS...`), e.g. tests/no_unpickling.py."""
     given = {a.split("=", 1)[0] for a in args}
     defaults = [a for a in SMALL[stage] if a.split("=", 1)[0] not in given] if small else []
-    cmd = [sys.executable, str(REPO / SCRIPTS[stage]), f"--run_dir={run_dir}", *defaults, *args]
+    cmd = [sys.executable, *([str(wrapper)] if wrapper else []), str(REPO / SCRIPTS[stage]), f"--run_dir={run_dir}"]
+    cmd += [*defaults, *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
         full_env.pop(var, None)
