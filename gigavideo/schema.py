@@ -583,7 +583,7 @@ def decode_video(sample: dict, member: str = "mp4") -> np.ndarray:
     try:
         frames, _ = decode_mp4(sample[member], member)
     except VideoError as err:
-        raise SampleError(key, shard, member, f"is not a playable video ({err.__cause__ or 'no frames'})") from None
+        raise SampleError(key, shard, member, f"does not decode: {str(err).removeprefix(member + ': ')}") from None
     return frames
 
 

@@ -1,5 +1,6 @@
-"""model.attention_backend: resolved before compute, set on every transformer stages 2 and 4 and the eval
-load (both experts of Wan2.2-A14B), recorded where the outputs are, and never written into an export."""
+"""model.attention_backend: resolved before compute, recorded where the outputs are. That stages 2 and 4 and
+the eval set it on both experts of Wan2.2-A14B, and that the export carries none, is checked on the tiny
+families' full runs (tests/test_families.py)."""
 
 import json
 
@@ -9,19 +10,7 @@ from conftest import run_stage
 
 from gigavideo import attention
 from gigavideo.config import ConfigError
-from gigavideo.models import load_pipeline
 from gigavideo.schema import RunDir, read_manifest
-
-A14B = "--config=tiny-wan2.2-a14b"
-
-
-def backends_on(model) -> set:
-    """What diffusers' dispatcher will run for each attention layer of `model`: its processor's backend."""
-    return {
-        getattr(m.processor._attention_backend, "value", m.processor._attention_backend)
-        for m in model.modules()
-        if hasattr(getattr(m, "processor", None), "_attention_backend")
-    }
 
 
 def test_auto_is_native_on_a_cpu_and_a_backend_that_cannot_run_here_names_what_provides_it():
@@ -55,30 +44,6 @@ def test_a_backend_that_cannot_run_here_is_refused_before_any_compute(scored_cop
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (scored_copy / "stage2").iterdir()) == before  # --overwrite removed nothing
     assert not (scored_copy / "stage4").exists()
-
-
-@pytest.mark.slow
-def test_stages_2_and_4_set_the_named_backend_on_both_experts_and_the_export_carries_none(tmp_path):
-    from diffusers import WanPipeline
-
-    run_dir = tmp_path / "run"
-    named = "--attention_backend=_native_math"  # runs on a CPU, and is not what an unset model would run
-    run_stage("stage1", run_dir, A14B)
-    run_stage("stage2", run_dir, A14B, named)
-    run_stage("stage3", run_dir, A14B)
-    run_stage("stage4", run_dir, A14B, named, "--mode=lora", "--max_steps=2", "--sample_every=1", "--sample_count=1")
-    run = RunDir(run_dir)
-    assert read_manifest(run, "stage2")["render"]["attention_backend"] == "_native_math"
-    experts = read_manifest(run, "stage4")["experts"]
-    assert len(experts) == 2 and {e["attention_backend"] for e in experts.values()} == {"_native_math"}
-
-    pipe = load_pipeline(run.models / "base", attention_backend="_native_math")  # what stage 2 and eval load
-    assert backends_on(pipe.transformer) == backends_on(pipe.transformer_2) == {"_native_math"}
-
-    stock = WanPipeline.from_pretrained(run.models / "base")  # stock diffusers: nothing set
-    for component in ("transformer", "transformer_2"):
-        stock.load_lora_weights(run.export / component, load_into_transformer_2=component == "transformer_2")
-    assert backends_on(stock.transformer) == backends_on(stock.transformer_2) == {None}
 
 
 def test_a_pipeline_whose_experts_differ_is_reported():

@@ -10,6 +10,7 @@ import torch
 from conftest import run_stage, scalars, scored, train_and_kill
 
 from gigavideo.export import LORA_FILE
+from gigavideo.models import load_pipeline
 from gigavideo.schema import RunDir, iter_samples, read_manifest
 
 A14B = "--config=tiny-wan2.2-a14b"
@@ -21,6 +22,16 @@ def scored_a14b(tmp_path_factory):
     return scored(tmp_path_factory.mktemp("a14b") / "run", A14B)
 
 
+def backends_on(*models) -> set:
+    """What diffusers' dispatcher runs for each attention layer of the models: its processor's backend name."""
+    return {
+        getattr(m.processor._attention_backend, "value", m.processor._attention_backend)
+        for model in models
+        for m in model.modules()
+        if hasattr(getattr(m, "processor", None), "_attention_backend")
+    }
+
+
 def weights(folder):
     from safetensors.torch import load_file
 
@@ -28,16 +39,32 @@ def weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,mode", [("tiny-wan2.2-5b", "full"), ("tiny-wan2.2-a14b", "lora")])
-def test_each_tiny_family_runs_every_stage_and_its_export_generates_in_stock_diffusers(tmp_path, preset, mode):
+@pytest.mark.parametrize(
+    "preset,mode,backend",
+    # _native_math runs on a CPU and is not what a model whose backend was never set would run
+    [("tiny-wan2.2-5b", "full", "auto"), ("tiny-wan2.2-a14b", "lora", "_native_math")],
+)
+def test_each_tiny_family_runs_every_stage_and_its_export_generates_in_stock_diffusers(tmp_path, preset, mode, backend):
     from diffusers import WanPipeline
 
-    run_dir = tmp_path / "run"
-    scored(run_dir, f"--config={preset}")
-    run_stage("stage4", run_dir, f"--config={preset}", f"--mode={mode}", "--lr=1e-2")
-    run_stage("eval", run_dir, f"--config={preset}", "--suites=[heldout]")
+    run_dir, config, attention = tmp_path / "run", f"--config={preset}", f"--attention_backend={backend}"
+    run_stage("stage1", run_dir, config)
+    run_stage("stage2", run_dir, config, attention)
+    run_stage("stage3", run_dir, config)
+    run_stage("stage4", run_dir, config, f"--mode={mode}", "--lr=1e-2", attention)
+    run_stage("eval", run_dir, config, "--suites=[heldout]", attention)
     run = RunDir(run_dir)
     assert (run.eval / "report.json").is_file()
+
+    # every transformer ran the backend asked for (read back from the loaded models), both experts included
+    ran = "native" if backend == "auto" else backend
+    assert read_manifest(run, "stage2")["render"]["attention_backend"] == ran
+    experts = read_manifest(run, "stage4")["experts"]
+    assert len(experts) == (2 if "a14b" in preset else 1)
+    assert {e["attention_backend"] for e in experts.values()} == {ran}
+    assert json.loads((run.eval / "report.json").read_text())["protocol"]["attention_backend"] == ran
+    pipe = load_pipeline(run.models / "base", attention_backend=backend)  # what stage 2 and the eval load
+    assert backends_on(*(t for t in (pipe.transformer, pipe.transformer_2) if t is not None)) == {ran}
 
     vae = json.loads((run.models / "base" / "vae" / "config.json").read_text())
     stored = read_manifest(run, "stage2")["latents"]  # the latent space is stored with the shards
@@ -57,6 +84,7 @@ def test_each_tiny_family_runs_every_stage_and_its_export_generates_in_stock_dif
         tuned = WanPipeline.from_pretrained(run.export)
     after = tuned(**args, generator=torch.Generator().manual_seed(0)).frames
     assert after.shape == before.shape and abs(after - before).mean() > 1e-4
+    assert backends_on(tuned.transformer) == {None}  # the export carries no backend: stock diffusers' default
 
 
 @pytest.mark.slow
