@@ -37,6 +37,7 @@ from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.diagnosis import DIAGNOSIS, DIAGNOSIS_FILE, diagnose, diagnosis_table
 from gigavideo.distributed import rank_and_world
+from gigavideo.errors import UserError
 from gigavideo.eval_report import LABELS, dimension_summary, load_records, realism, write_outputs
 from gigavideo.export import load_exported
 from gigavideo.families import family_for
@@ -50,6 +51,7 @@ from gigavideo.prompts import load_style, resolve_dimensions
 from gigavideo.rendering import Renderer
 from gigavideo.schema import (
     SampleError,
+    check_failed,
     decode_video,
     index_json,
     iter_samples,
@@ -126,7 +128,7 @@ def record_render_settings(renderer: Renderer, label: str, out: Path) -> None:
     """Records the settings this label renders with; a rerun must use the ones the videos on disk were made with."""
     path, settings = out / f"settings-{label}.json", renderer.settings()
     if path.is_file() and json.loads(path.read_text()) != settings:
-        raise ValueError(
+        raise UserError(
             f"{path}: the eval in {out} was started with other render settings "
             f"({path.read_text().strip()}); pass --overwrite to start it again with these"
         )
@@ -255,9 +257,9 @@ def preflight(cfg, run, diagnose: bool = False):
         read_manifest(run, "stage4")
     ev = cfg.eval
     if not ev.suites or set(ev.suites) - set(SUITES):
-        raise ValueError(f"--suites={ev.suites}: choose from {SUITES}")
+        raise UserError(f"--suites={ev.suites}: choose from {SUITES}")
     if ev.official not in OFFICIAL:
-        raise ValueError(f"--official={ev.official!r} not in {OFFICIAL}")
+        raise UserError(f"--official={ev.official!r} not in {OFFICIAL}")
     dims = resolve_dimensions(ev.dimensions, cfg.prompts.dimensions_dir)
     if "vbench2" in ev.suites:
         for dim in dims:
@@ -291,7 +293,7 @@ def main(
     labels = ("baseline",) if diagnose else LABELS
     records_dir = out / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
-    done = load_records(records_dir)
+    done = {k for k, record in load_records(records_dir).items() if record["reward"] is not None}  # failed: again
     for label in labels:
         todo = [v for v in videos[rank::world] if (label, v["key"]) not in done]
         log.info(
@@ -318,12 +320,19 @@ def main(
     missing = [v["path"] for v in videos for label in labels if (label, v["key"]) not in records]
     if missing:
         raise RuntimeError(f"{len(missing)} {stage} videos have no record (first: {missing[0]}); rerun to finish them")
+    for label in labels:
+        failed = [
+            {"key": f"{label}/{v['path']}", "reason": records[(label, v["key"])]["reason"]}
+            for v in videos
+            if records[(label, v["key"])]["reward"] is None
+        ]
+        check_failed(stage, failed, len(videos), cfg.eval.max_failed_fraction, f"{label} videos")
     if diagnose:
         write_diagnosis(cfg, run, videos, records, dims, base, judge.name, process_seconds(parts))
         return
     settings = {label: json.loads((run.eval / f"settings-{label}.json").read_text()) for label in LABELS}
     if settings["baseline"] != settings["finetuned"]:
-        raise ValueError(f"baseline and fine-tuned render settings differ: {settings}")
+        raise UserError(f"baseline and fine-tuned render settings differ: {settings}")
     protocol = {
         "suites": list(cfg.eval.suites),
         "dimensions": [d.name for d in dims],

@@ -20,6 +20,7 @@ import logging
 
 from gigavideo.cli import run_cli, setup_logging
 from gigavideo.diagnosis import DIAGNOSIS
+from gigavideo.errors import ConfigError
 from gigavideo.eval_report import DRIFT_KEYS, drift, load_records
 from gigavideo.files import write_atomic, write_json_atomic
 from gigavideo.schema import RunDir, read_manifest
@@ -185,7 +186,7 @@ def main(run_dir: str = "runs/demo", rounds: int = 2, bootstrap_samples: int = 2
     """Write RUN_DIR/rounds.json and rounds.md from the evals of RUN_DIR/round1 ... round{ROUNDS}."""
     setup_logging()
     if rounds < 1:
-        raise ValueError(f"--rounds={rounds}: at least one round")
+        raise ConfigError(f"--rounds={rounds}: at least one round")
     report = build(run_dir, rounds, bootstrap_samples, seed)
     path, text = RunDir(run_dir).path, markdown(report)
     write_json_atomic(path / "rounds.json", report)

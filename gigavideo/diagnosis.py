@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 
+from .errors import ConfigError
 from .schema import RunDir, StageNotReady
 from .stats import bootstrap_mean
 
@@ -58,10 +59,10 @@ def pipeline_steps(cfg) -> list[str]:
 def weakest(diagnosis: dict, k: int, source: str = DIAGNOSIS_FILE) -> list[str]:
     """The names of the k weakest dimensions of a diagnosis, weakest first."""
     if k < 1:
-        raise ValueError(f"--num_weak={k}: target at least one dimension")
+        raise ConfigError(f"--num_weak={k}: target at least one dimension")
     ranking = diagnosis["ranking"]
     if len(ranking) < k:
-        raise ValueError(f"--num_weak={k}, but {source} ranks only {len(ranking)} dimensions: {ranking}")
+        raise ConfigError(f"--num_weak={k}, but {source} ranks only {len(ranking)} dimensions: {ranking}")
     return ranking[:k]
 
 

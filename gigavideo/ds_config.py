@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from .config import REPO_ROOT
+from .errors import ConfigError
+from .files import read_json_file
 
 log = logging.getLogger("gigavideo.ds_config")
 
@@ -19,7 +20,7 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
     path = path if path.is_absolute() or path.is_file() else REPO_ROOT / path
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found (see ds_configs/)")
-    ds = json.loads(path.read_text())
+    ds = read_json_file(path)
     micro, accum = int(train_cfg["micro_batch_size"]), int(train_cfg["grad_accum"])
     wanted = {
         "train_micro_batch_size_per_gpu": micro,
@@ -30,21 +31,21 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif int(ds[key]) != value:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: {key}={ds[key]} but the flags give {value} "
                 f"(micro_batch_size={micro} x grad_accum={accum} x world_size={world_size}); "
                 f'set it to "auto" or change the flags'
             )
     if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
-        raise ValueError(f"{path}: train_batch_size must equal micro batch x accumulation x world size")
+        raise ConfigError(f"{path}: train_batch_size must equal micro batch x accumulation x world size")
     bf16 = train_cfg["precision"] == "bf16"
     if train_cfg["precision"] not in ("fp32", "bf16"):
-        raise ValueError(f"precision {train_cfg['precision']!r} not in ('fp32', 'bf16')")
+        raise ConfigError(f"precision {train_cfg['precision']!r} not in ('fp32', 'bf16')")
     ds.setdefault("bf16", {})
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
     elif bool(ds["bf16"]["enabled"]) != bf16:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: bf16.enabled={ds['bf16']['enabled']} contradicts --precision={train_cfg['precision']}"
         )
     params = ds.get("optimizer", {}).get("params", {})
@@ -52,7 +53,7 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
         if params.get(key) == "auto":
             params[key] = float(train_cfg[flag])
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError(f"{path}: fp16 is not supported for Wan training; use bf16")
+        raise ConfigError(f"{path}: fp16 is not supported for Wan training; use bf16")
     return fixed_cost_settings(ds, world_size, on_cpu=not torch.cuda.is_available())
 
 

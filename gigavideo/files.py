@@ -12,6 +12,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UserError
+
 log = logging.getLogger("gigavideo")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _still_to_write: dict[str, int | None] = {}  # directory a stage writes -> bytes it estimates are still to come
@@ -105,3 +107,57 @@ def disk_full_message(err: OSError, run_dir: Path) -> str:
         f"{kind} writing under {where} ({size(free)} free{still}). Everything complete is kept; free space and "
         "rerun the same command to resume."
     )
+
+
+def read_text_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, text) of each non-empty line of a UTF-8 text file (an input the user gives); a UserError
+    names the file and the line of a byte that is not UTF-8."""
+    lines = []
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"{path} line {number}: byte {raw[err.start]:#04x} at column {err.start + 1} is not UTF-8 text"
+            ) from None
+        if text:
+            lines.append((number, text))
+    return lines
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-empty line of a JSONL file; a UserError names the file and the line of
+    one that is not a JSON object or lacks a `required` key."""
+    rows = []
+    for number, text in read_text_lines(path):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict) or any(k not in row for k in required):
+            has = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise UserError(f"{path} line {number}: needs {', '.join(required)} (has {has})")
+        rows.append((number, row))
+    return rows
+
+
+def read_json_file(path: str | Path):
+    """A JSON file the user gives (a DeepSpeed config, a model's config.json); a UserError names the file and line
+    where it does not parse."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise UserError(f"{path}{where}: not valid JSON ({getattr(err, 'msg', err)})") from None
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file the user gives (a preset, a dimension); a UserError names the file and line where it does not
+    parse."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise UserError(f"{path}: not valid TOML ({err})") from None

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
+
 NUMBERS = {
     "one": 1,
     "two": 2,
@@ -112,7 +114,7 @@ def load_detector(kind: str, weights: str = "", device=None):
         return BlobDetector()
     if kind == "yolo_world":
         return YoloWorldDetector(weights, device=device)
-    raise ValueError(f"detector {kind!r} not in (blobs, yolo_world)")
+    raise ConfigError(f"detector {kind!r} not in (blobs, yolo_world)")
 
 
 def score(detector, frames: np.ndarray, text: str) -> tuple[float, dict]:

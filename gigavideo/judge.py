@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .files import write_atomic
 from .models import build_word_tokenizer, check_model_dir, torch_dtype
 from .registry import resolve
@@ -166,7 +167,7 @@ class TransformersJudge:
         }
         ids.discard(tokenizer.unk_token_id)
         if not ids:
-            raise ValueError(f"judge tokenizer has no single-token answer among {words}")
+            raise ConfigError(f"judge tokenizer has no single-token answer among {words}")
         return sorted(ids)
 
     @torch.no_grad()
@@ -209,7 +210,7 @@ class OpenAIJudge:
     @staticmethod
     def require_flags(base_url: str, model: str) -> None:
         if not base_url or not model:
-            raise ValueError("the openai judge needs --judge_base_url and --judge_model")
+            raise ConfigError("the openai judge needs --judge_base_url and --judge_model")
 
     @classmethod
     def load(cls, score_cfg, run, device) -> OpenAIJudge:
@@ -268,7 +269,7 @@ class OpenAIJudge:
             top_logprobs=20,
         )
         if response is None:
-            return JudgeAnswerError("the judge server kept failing")
+            return JudgeAnswerError(f"the judge server kept failing: {self.chat.last_error}")
         try:
             choice = response["choices"][0]
             text = choice["message"]["content"] or ""

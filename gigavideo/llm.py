@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ConfigError
+
 log = logging.getLogger("gigavideo.llm")
 
 
@@ -33,6 +35,8 @@ class Request:
 
 class TemplateBackend:
     """Answers each step from the dimension's grammar, in the JSON an LLM is asked for."""
+
+    last_error = None  # what a server backend says when it gave no answer
 
     name = "template"
 
@@ -70,6 +74,8 @@ class TemplateBackend:
 
 class TransformersBackend:
     """A local chat model; answers are sampled with a per-request seed, so reruns repeat them."""
+
+    last_error = None  # what a server backend says when it gave no answer
 
     def __init__(
         self,
@@ -129,7 +135,7 @@ class OpenAIBackend:
         backoff: float = 1.0,
     ):
         if not base_url or not model:
-            raise ValueError("the openai backend needs --llm_base_url and --llm_model")
+            raise ConfigError("the openai backend needs --llm_base_url and --llm_model")
         from .openai_chat import ChatClient  # imported here: the openai package takes ~0.7 s to import
 
         self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
@@ -139,6 +145,10 @@ class OpenAIBackend:
 
     def complete(self, requests: list[Request]) -> list[str | None]:
         return self.chat.map(self._one, requests)
+
+    @property
+    def last_error(self) -> str | None:
+        return self.chat.last_error
 
     def _one(self, request: Request) -> str | None:
         extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .errors import ConfigError
+
 WEIGHT_MAPPINGS = ("raw", "normalized", "exp", "threshold", "uniform")
 
 
@@ -26,7 +28,7 @@ def reward_weights(
     regression). threshold: w = 1 if r >= threshold else 0. uniform: w = 1 (plain fine-tuning).
     """
     if mapping not in WEIGHT_MAPPINGS:
-        raise ValueError(f"weight mapping {mapping!r} not in {WEIGHT_MAPPINGS}")
+        raise ConfigError(f"weight mapping {mapping!r} not in {WEIGHT_MAPPINGS}")
     if not rewards:
         return {}
     values = list(rewards.values())
@@ -40,7 +42,7 @@ def reward_weights(
         mean = sum(values) / len(values)
         return {k: (r / mean if mean > 0 else 0.0) for k, r in rewards.items()}
     if temperature <= 0:
-        raise ValueError(f"exp weight mapping needs a positive temperature, got {temperature}")
+        raise ConfigError(f"exp weight mapping needs a positive temperature, got {temperature}")
     top = max(values)  # subtract the max before exp for stability; the ratio is unchanged
     exps = {k: math.exp((r - top) / temperature) for k, r in rewards.items()}
     mean = sum(exps.values()) / len(exps)
@@ -62,7 +64,7 @@ def sample_timesteps(
     Wan2.2's boundary), exactly, by inverting the distribution function on that interval.
     """
     if method not in ("uniform", "logit_normal"):
-        raise ValueError(f"timestep sampling {method!r} not in ('uniform', 'logit_normal')")
+        raise ConfigError(f"timestep sampling {method!r} not in ('uniform', 'logit_normal')")
     lo, hi = (float(x) for x in t_range)
     if (lo, hi) == (0.0, 1.0):
         if method == "uniform":

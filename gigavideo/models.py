@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError
+from .files import read_json_file
+
 WAN_DOWNLOAD_HINT = (
     "Download the diffusers-format weights, e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
     "--local-dir /models/Wan2.1-T2V-1.3B-Diffusers` on a machine with internet, copy the folder to the "
@@ -33,7 +36,7 @@ _TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} not in {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {name!r} not in {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -97,12 +100,12 @@ def check_recipe(path: Path, recipe: dict, required: bool = False) -> Path:
     """A cached random model must have been built from this run's settings (required: and say so)."""
     built = path / RECIPE_FILE
     if required and not built.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{path} has no {RECIPE_FILE}: it is not a model this preset's model.kind builds (nor a fine-tuned "
             'export of one); set model.kind = "wan" for a real model\'s folder'
         )
     if built.is_file() and json.loads(built.read_text()) != recipe:
-        raise ValueError(
+        raise ConfigError(
             f"{path} was built from other model settings ({built}) than this run's preset asks for; "
             f"use another --run_dir, or delete {path} to rebuild it"
         )
@@ -142,10 +145,10 @@ def describe_architecture(arch: dict) -> str:
 
 def check_architecture(folder: Path, expected: dict, preset: str) -> None:
     """Refuse, before any compute, a transformer folder that is not the model the preset describes."""
-    found = json.loads((folder / "config.json").read_text())
+    found = read_json_file(folder / "config.json")
     differ = [k for k in ARCHITECTURE_KEYS if k in expected and json.dumps(expected[k]) != json.dumps(found.get(k))]
     if differ:
-        raise ValueError(
+        raise ConfigError(
             f"{folder} holds a transformer of {describe_architecture(found)}, but preset {preset} describes "
             f"{describe_architecture(expected)} (model.arch_transformer; they differ in {', '.join(differ)}). "
             "Use the preset of that model (configs/*.toml), or the folder of this one."
@@ -182,11 +185,11 @@ def describe_vae(arch: dict) -> str:
 
 def check_vae(folder: Path, expected: dict, preset: str) -> None:
     """Refuse, before any compute, a VAE folder that is not the VAE the preset describes."""
-    found = vae_architecture(json.loads((folder / "config.json").read_text()))
+    found = vae_architecture(read_json_file(folder / "config.json"))
     wanted = vae_architecture(expected)
     differ = [k for k in VAE_ARCHITECTURE_KEYS if json.dumps(found[k]) != json.dumps(wanted[k])]
     if differ:
-        raise ValueError(
+        raise ConfigError(
             f"{folder} holds {describe_vae(found)}, but preset {preset} describes {describe_vae(wanted)} "
             f"(model.arch_vae; they differ in {', '.join(differ)}). Use the preset of that model, or its folder."
         )

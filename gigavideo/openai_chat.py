@@ -52,6 +52,7 @@ class ChatClient:
             http_client=openai.DefaultHttpxClient(limits=limits, timeout=float(timeout)),
         )
         self.client.backoff = float(backoff)
+        self.last_error: str | None = None  # why the latest request that got no answer failed (for the stage's error)
 
     def map(self, fn, items: list) -> list:
         """fn over items, `concurrency` at a time (the pool's size), in order."""
@@ -63,13 +64,17 @@ class ChatClient:
         try:
             return self.client.chat.completions.create(**body).to_dict()
         except openai.APIStatusError as err:
+            self.last_error = f"{self.base_url} answered HTTP {err.status_code}"
             if err.status_code in RETRIED_STATUS:
                 log.warning("%s request failed after %d retries (HTTP %d)", what, self.max_retries, err.status_code)
             else:
                 log.error("%s answered %d for a %s request; not retried", self.base_url, err.status_code, what)
         except openai.APIConnectionError as err:
+            cause = err.__cause__ or err
+            self.last_error = f"no connection to {self.base_url} after {self.max_retries} retries ({cause})"
             log.warning("%s request failed after %d retries (%s)", what, self.max_retries, type(err).__name__)
         except openai.OpenAIError as err:  # an answer that is not a chat completion
+            self.last_error = f"{self.base_url} gave an unusable answer ({type(err).__name__})"
             log.warning("%s: unusable answer to a %s request (%s)", self.base_url, what, type(err).__name__)
         return None
 

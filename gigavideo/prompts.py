@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
 from .config import PRESETS_DIR
+from .errors import ConfigError
+from .files import read_toml
+from .schema import is_name
 
 DIMENSIONS_DIR = PRESETS_DIR / "dimensions"
 SETTINGS = [
@@ -55,24 +56,24 @@ def load_style(directory: str | Path = "") -> tuple[list[str], list[str], list[s
     path = Path(directory or DIMENSIONS_DIR) / STYLE_FILE
     if not path.is_file():
         return SETTINGS, CAMERAS, LIGHTING
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+    raw = read_toml(path)
     return raw.get("settings", SETTINGS), raw.get("cameras", CAMERAS), raw.get("lighting", LIGHTING)
 
 
 def load_dimension(name: str, directory: str | Path = DIMENSIONS_DIR) -> Dimension:
+    if not is_name(name):
+        raise ConfigError(f"dimension {str(name)[:120]!r}: not a dimension name (letters, digits, '_' and '-')")
     path = Path(directory) / f"{name}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in Path(directory).glob("*.toml"))
         raise FileNotFoundError(f"dimension {name!r}: no file {path}; known dimensions: {known}")
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+    raw = read_toml(path)
     try:
         dim = Dimension(name=name, **raw)
     except TypeError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ConfigError(f"{path}: {err}") from None
     if not dim.excluded and (len(dim.seeds) < 1 or any({"subject", "action"} - set(s) for s in dim.seeds)):
-        raise ValueError(f"{path}: a dimension needs seeds, each with a subject and an action")
+        raise ConfigError(f"{path}: a dimension needs seeds, each with a subject and an action")
     return dim
 
 
@@ -85,5 +86,5 @@ def resolve_dimensions(names: list[str], directory: str | Path = "") -> list[Dim
     dims = [load_dimension(n, directory) for n in names]
     excluded = [d.name for d in dims if d.excluded]
     if excluded:
-        raise ValueError(f"dimensions {excluded} are excluded from targeting (see their files)")
+        raise ConfigError(f"dimensions {excluded} are excluded from targeting (see their files)")
     return dims

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib
 
+from .errors import ConfigError
+
 
 def resolve(registry: dict, name: str, what: str):
     """The object registered under name; a "module:attribute" string (registered, or given as the
     name itself, for a plug-in outside the repo) is imported now."""
     if name not in registry and ":" not in name:
-        raise ValueError(f"{what} {name!r} not in {sorted(registry)} (or give a plug-in as module:attribute)")
+        raise ConfigError(f"{what} {name!r} not in {sorted(registry)} (or give a plug-in as module:attribute)")
     entry = registry.get(name, name)
     if isinstance(entry, str):
         module, _, attribute = entry.partition(":")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import attention
+from .errors import ConfigError
 from .models import decode_latents, encode_video
 from .video import resize_crop_sample
 
@@ -22,7 +23,7 @@ log = logging.getLogger("gigavideo.render")
 
 def check_frames(num_frames: int) -> None:
     if (num_frames - 1) % 4:
-        raise ValueError(f"num_frames={num_frames}: Wan needs 4k+1 frames (e.g. 9, 17, 33, 81)")
+        raise ConfigError(f"num_frames={num_frames}: Wan needs 4k+1 frames (e.g. 9, 17, 33, 81)")
 
 
 # WanPipeline warns about the rounding on every call when the factor is 1 (its test is num_frames % factor != 1);
@@ -67,7 +68,7 @@ def configure_pipeline(pipe, render_cfg: dict, flow_shift: float, device) -> Non
         pipe.enable_model_cpu_offload(device=device)
     cache = render_cfg.get("cache", "none")
     if cache not in CACHES:
-        raise ValueError(f"--cache={cache!r} not in {CACHES}")
+        raise ConfigError(f"--cache={cache!r} not in {CACHES}")
     if cache == "first_block":
         from diffusers import FirstBlockCacheConfig
 

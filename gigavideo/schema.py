@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from collections import Counter
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import StageFailed, UserError
 from .files import write_json_atomic
 
 log = logging.getLogger("gigavideo.schema")
@@ -73,7 +75,7 @@ STAGE_SCRIPTS = {
 }
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A shard or sample breaks the contract; the message names the key and the shard."""
 
 
@@ -83,6 +85,7 @@ class SampleError(SchemaError):
 
     def __init__(self, key: str, shard: str, member: str, reason: str):
         self.key, self.shard, self.member, self.reason = key, str(shard), member, reason
+        self.meta: dict | None = None  # the sample's json where it decoded (e.g. its source, for a missing mp4)
         super().__init__(f"sample {key!r} in {shard}: {member} {reason}")
 
     def record(self) -> dict:
@@ -160,7 +163,11 @@ def decode_sample(raw: dict, stage: str | None = None, arrays: dict | None = Non
             sample[member] = data
         else:
             sample[member] = decode_member(member, data, key, shard, (arrays or {}).get(member))
-    return validate(sample, stage) if stage else sample
+    try:
+        return validate(sample, stage) if stage else sample
+    except SampleError as err:
+        err.meta = sample["json"] if isinstance(sample.get("json"), dict) else None
+        raise
 
 
 def decode_member(member: str, data: bytes, key: str, shard: str, expect: dict | None = None):
@@ -229,21 +236,41 @@ def array_spec(manifest: dict) -> dict:
     }
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # what a name read from a shard must be before it joins a path
+
+
+def is_name(text) -> bool:
+    return isinstance(text, str) and len(text) <= 100 and NAME.fullmatch(text) is not None
+
+
 def validate(sample: dict, stage: str, where: str = "") -> dict:
+    """A sample against its stage's schema; a SampleError (naming the key, the shard and the member) otherwise."""
     key = sample.get("__key__", "<no key>")
     where = where or sample.get("__url__", "?")
     if "." in key or "/" in key or not key:
-        raise SchemaError(f"sample key {key!r} in {where}: keys must be non-empty with no '.' or '/'")
+        raise SampleError(
+            key, where, "(its member names)", "give no valid key: keys must be non-empty with no '.' or '/'"
+        )
     for field in REQUIRED_FILES[stage]:
         if field not in sample:
             has = sorted(k for k in sample if not k.startswith("__"))
             raise SampleError(key, where, field, f"is missing: {stage} requires it (the sample has {has})")
     meta = sample["json"]
+    if not isinstance(meta, dict):
+        raise SampleError(key, where, "json", f"is a {type(meta).__name__}, not an object")
     missing = [k for k in REQUIRED_JSON[stage] if k not in meta]
     if missing:
-        raise SchemaError(f"sample {key!r} in shard {where}: json lacks {missing} required by {stage}")
+        raise SampleError(key, where, "json", f"lacks {missing} required by {stage}")
     if "source" in meta and meta["source"] not in SOURCES:
-        raise SchemaError(f"sample {key!r} in shard {where}: source {meta['source']!r} not in {SOURCES}")
+        raise SampleError(key, where, "json", f"has source {meta['source']!r}, not one of {SOURCES}")
+    if "dimension" in meta and not is_name(meta["dimension"]):
+        raise SampleError(
+            key,
+            where,
+            "json",
+            f"has dimension {str(meta['dimension'])[:120]!r}, which is not a dimension name "
+            "(letters, digits, '_' and '-'; it would become a file name)",
+        )
     return sample
 
 
@@ -340,17 +367,56 @@ def set_aside_duplicates(stage_dir: Path) -> list[str]:
         os.replace(path, aside)
         kept = [k for k in keys if k not in duplicates]
         if kept:
-            with tarfile.open(aside) as src, tarfile.open(str(path) + ".tmp", "w") as dst:
-                for member in src:
-                    if member.name.split(".", 1)[0] in kept:
-                        dst.addfile(member, src.extractfile(member))
-            os.replace(str(path) + ".tmp", path)
+            copy_shard(aside, path, set(kept))
         notes.append(
             f"{path.name}: {len(duplicates)} keys an earlier shard holds set aside as {aside.name}"
             + (f"; its {len(kept)} other keys kept in {path.name}" if kept else "")
         )
         log.warning("%s: %s", stage_dir, notes[-1])
     return notes
+
+
+def copy_shard(source: Path, target: Path, keys: set[str]) -> None:
+    """Write the samples of `source` whose key is in `keys` to `target` (through its .tmp name)."""
+    with tarfile.open(source) as src, tarfile.open(str(target) + ".tmp", "w") as dst:
+        for member in src:
+            if member.name.split(".", 1)[0] in keys:
+                dst.addfile(member, src.extractfile(member))
+    os.replace(str(target) + ".tmp", target)
+
+
+def drop_failed_records(stage_dir: Path, prefix: str) -> int:
+    """Take the records of status "failed" out of this writer's shards (each rewritten through a .tmp name, or
+    removed when nothing else is in it), so that a rerun of an unfinished stage tries those samples again
+    (the judge server is back, the cause was fixed). Returns how many were taken out."""
+    dropped = 0
+    for path in sorted(Path(stage_dir).glob(f"{prefix}-*.tar")):
+        records = {s["__key__"]: s.get("json") for s in iter_shard(str(path), ("json",))}
+        failed = {k for k, r in records.items() if isinstance(r, dict) and r.get("status") == "failed"}
+        if not failed:
+            continue
+        dropped += len(failed)
+        if len(failed) == len(records):
+            path.unlink()
+        else:
+            copy_shard(path, path, set(records) - failed)
+    if dropped:
+        log.info("%s: %d failed records of an unfinished run are tried again", stage_dir, dropped)
+    return dropped
+
+
+def check_failed(stage: str, failed: list[dict], total: int, max_fraction: float, what: str = "samples") -> None:
+    """The rule of every stage: when more than `max_fraction` of its `total` samples (or all of them) failed, the
+    stage has failed. A StageFailed names the count and the first failure; the caller writes no manifest, so the
+    stage is not taken as done and a rerun tries the failed ones again."""
+    if not failed or (len(failed) <= max_fraction * total and len(failed) < total):
+        return
+    first = failed[0]
+    raise StageFailed(
+        f"{stage}: {len(failed)} of {total} {what} failed, more than max_failed_fraction = {max_fraction:g} allows; "
+        f"the first, {first['key']}: {first['reason']}. No manifest written: fix the cause and rerun (the failed "
+        "ones are tried again)."
+    )
 
 
 def set_aside_unreadable_manifest(run: RunDir, stage: str) -> Path | None:
@@ -448,8 +514,17 @@ def hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: dict) -> bool:
-    """Record this rank as done; the rank that finds all ranks done writes the manifest.
+def finish_rank(
+    stage_dir: Path,
+    stage: str,
+    rank: int,
+    world_size: int,
+    info: dict,
+    tally: Callable[[list[dict]], tuple[list[dict], int]] | None = None,
+    max_failed_fraction: float = 0.5,
+) -> bool:
+    """Record this rank as done; the rank that finds all ranks done writes the manifest, unless `tally(failures)`
+    (-> the stage's failed samples and its total) finds too many failed (`check_failed`: StageFailed).
 
     Returns True when the manifest was written (the stage is complete).
     """
@@ -457,6 +532,11 @@ def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: d
     if parts is None:
         return False
     failures = [f for part in parts for f in part.get("failures", [])]
+    counted = {}
+    if tally is not None:
+        failed, total = tally(failures)
+        check_failed(stage, failed, total, max_failed_fraction)
+        counted = {"samples_failed": len(failed), "samples_total": total}
     seconds = {r: s for part in parts for r, s in part.get("device_seconds", {}).items()}
     discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
     set_aside = set_aside_duplicates(stage_dir)
@@ -468,6 +548,7 @@ def finish_rank(stage_dir: Path, stage: str, rank: int, world_size: int, info: d
             "failures": failures,
             "world_size": world_size,
             "process_seconds": process_seconds(parts),
+            **counted,
             **({"device_seconds": seconds} if seconds else {}),
             **({"set_aside": set_aside} if set_aside else {}),
         },
@@ -535,6 +616,8 @@ def read_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | 
             if not member.isfile():
                 continue
             key, _, field = member.name.partition(".")
+            if not key or "/" in key:
+                key = member.name  # shown as it is in the tar: validate refuses it, naming the real member
             if keys is not None and key not in keys:
                 continue
             if current is not None and current["__key__"] != key:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
 from .schema import SchemaError
 
 log = logging.getLogger("gigavideo.stage4")
@@ -47,7 +48,7 @@ def prepare_for_training(transformer, train_cfg, family, expert):
             )
         )
     elif tc.mode != "full":
-        raise ValueError(f"--mode={tc.mode!r} not in (full, lora)")
+        raise ConfigError(f"--mode={tc.mode!r} not in (full, lora)")
     return transformer.train()
 
 

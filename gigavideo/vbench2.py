@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import ConfigError
+
 SUITE_FILE = "VBench2_full_info.json"
 INSTALL_HINT = "pip install --no-deps 'vbench2==0.1.1' (or: pip install -e '.[vbench2]' --no-deps)"
 _SPECIAL = {"multi_view_consistency": "Multi-View_Consistency"}
@@ -35,7 +37,7 @@ def samples_per_prompt(dimension: str) -> int:
 def video_name(prompt: str, index: int) -> str:
     """VBench-2.0's file name: the prompt's first 180 characters, '-', the sample index."""
     if "/" in prompt[:180]:
-        raise ValueError(f"prompt {prompt[:60]!r} contains '/', which cannot be in a VBench-2.0 file name")
+        raise ConfigError(f"prompt {prompt[:60]!r} contains '/', which cannot be in a VBench-2.0 file name")
     return f"{prompt[:180]}-{index}.mp4"
 
 
@@ -57,7 +59,7 @@ def suite_prompts(dimension: str, limit: int = 0) -> list[dict]:
     """
     entries = [e for e in json.loads(suite_file().read_text()) if vbench_name(dimension) in e["dimension"]]
     if not entries:
-        raise ValueError(f"dimension {dimension!r} ({vbench_name(dimension)}) has no prompts in {suite_file()}")
+        raise ConfigError(f"dimension {dimension!r} ({vbench_name(dimension)}) has no prompts in {suite_file()}")
     items = []
     for entry in entries[: limit or None]:
         prompt, aux = entry["prompt_en"], entry.get("auxiliary_info")

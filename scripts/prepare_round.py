@@ -21,6 +21,7 @@ from gigavideo.base_model import prepare_base
 from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config, resolve_preset
 from gigavideo.diagnosis import pipeline_steps
+from gigavideo.errors import ConfigError
 from gigavideo.files import write_atomic
 from gigavideo.schema import RunDir
 
@@ -31,7 +32,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
     """Write RUN_DIR/round{ROUND}/preset.toml and print the steps the round still needs."""
     setup_logging()
     if round < 1:
-        raise ValueError(f"--round={round}: rounds count from 1")
+        raise ConfigError(f"--round={round}: rounds count from 1")
     cfg, this = load_config(config, "model"), RunDir(run_dir).round(round)
     preset = this.path / "preset.toml"
     if round == 1:

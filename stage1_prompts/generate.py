@@ -16,7 +16,7 @@ rank selects the final prompts (deterministically) and writes the manifest.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import math
 from collections import Counter
@@ -27,6 +27,8 @@ from tqdm import tqdm
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.diagnosis import DIAGNOSIS_FILE, read_diagnosis, weakest
 from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.errors import ConfigError, UserError
+from gigavideo.files import read_jsonl, read_text_lines
 from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend
 from gigavideo.models import torch_dtype
 from gigavideo.prompt_engine import Similarity, run_unit, select
@@ -34,6 +36,7 @@ from gigavideo.prompts import load_style, resolve_dimensions
 from gigavideo.registry import resolve
 from gigavideo.schema import (
     ShardWriter,
+    check_failed,
     iter_shard,
     process_seconds,
     rank_parts,
@@ -65,12 +68,15 @@ def make_backend(pc, device):
             pc.llm_temperature,
             backoff=pc.llm_backoff,
         )
-    raise ValueError(f"prompt engine {pc.engine!r} not in {ENGINES}")
+    raise ConfigError(f"prompt engine {pc.engine!r} not in {ENGINES}")
 
 
 def read_heldout(path: str) -> list[str]:
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    return [json.loads(line)["prompt"] if line.startswith("{") else line for line in lines]
+    """The held-out prompts: text, one per line, or JSONL with prompt."""
+    lines = read_text_lines(path)
+    if lines and lines[0][1].startswith("{"):
+        return [row["prompt"] for _, row in read_jsonl(path, ("prompt",))]
+    return [text for _, text in lines]
 
 
 # ---------------------------------------------------------------- real captions
@@ -97,13 +103,26 @@ def real_caption_pairs(spec: str, cfg):
         yield from resolve(REAL_CAPTION_SOURCES, name, "real-caption source")(argument, cfg)
         return
     path = Path(spec)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f)) if path.suffix == ".csv" else [json.loads(line) for line in f if line.strip()]
-    for n, row in enumerate(rows):
-        if "caption" not in row or "video" not in row:
-            raise ValueError(f"{path} row {n + 1}: needs 'caption' and 'video', has {sorted(row)}")
+    for _, row in caption_rows(path):
         video = (path.parent / row["video"]).resolve()
         yield row["caption"], video.read_bytes() if video.is_file() else None, str(video)
+
+
+def caption_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, {caption, video, ...}) of a JSONL or CSV file; a UserError names the file and line of a bad one."""
+    if path.suffix != ".csv":
+        rows = read_jsonl(path, ("caption", "video"))
+    else:
+        text = "\n".join(line for _, line in read_text_lines(path))  # checks the encoding, line by line
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [(reader.line_num, row) for row in reader]
+        for number, row in rows:
+            if not row.get("caption") or not row.get("video"):
+                raise UserError(f"{path} line {number}: needs caption and video (has {sorted(k for k in row if k)})")
+    for number, row in rows:
+        if not isinstance(row["caption"], str) or not isinstance(row["video"], str):
+            raise UserError(f"{path} line {number}: caption and video must be text")
+    return rows
 
 
 def real_samples(cfg, limit: int | None, failures: list):
@@ -115,6 +134,9 @@ def real_samples(cfg, limit: int | None, failures: list):
         try:
             if not caption or not str(caption).strip():
                 raise VideoError(f"{origin}: empty caption")
+            if len(str(caption)) > cfg.prompts.real_caption_max_chars:
+                log.warning("dropping real caption %s: %d characters (%s)", key, len(str(caption)), origin)
+                raise VideoError(f"{origin}: caption over real_caption_max_chars")
             if data is None:
                 raise VideoError(f"{origin}: no video found")
             decode_mp4(data, origin)  # verify now: a bad real video is dropped here, not in stage 4
@@ -258,12 +280,16 @@ def preflight(cfg, run):
     if pc.engine == "openai":
         OpenAIBackend(pc.llm_base_url, pc.llm_model)  # checks the flags
     elif pc.engine not in ENGINES:
-        raise ValueError(f"prompt engine {pc.engine!r} not in {ENGINES}")
+        raise ConfigError(f"prompt engine {pc.engine!r} not in {ENGINES}")
     if pc.heldout_file and not Path(pc.heldout_file).is_file():
         raise FileNotFoundError(f"held-out prompts file {pc.heldout_file} not found")
+    if pc.heldout_file:
+        read_heldout(pc.heldout_file)  # every line checked now, not after the generation
     spec = pc.real_captions
-    if spec and spec.partition(":")[0] not in REAL_CAPTION_SOURCES and not Path(spec).is_file():
-        raise FileNotFoundError(f"real captions file {spec} not found (expected JSONL or CSV with caption, video)")
+    if spec and spec.partition(":")[0] not in REAL_CAPTION_SOURCES:
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"real captions file {spec} not found (expected JSONL or CSV with caption, video)")
+        caption_rows(Path(spec))
     return targeted
 
 
@@ -289,17 +315,22 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         units_per_dimension,
         len(todo),
     )
+    failures = []  # units the backend failed (server down): not written, so a rerun tries them again
     if todo:
         backend = make_backend(pc, pick_device(cfg.model.device))
         with ShardWriter(units_dir, "stage1_units", rank_prefix(rank), pc.units_per_shard) as writer:
             for key in tqdm(todo, desc=f"prompts rank {rank}", unit="call", position=rank):
                 dim, unit = units[key]
-                writer.write(
-                    {"__key__": key, "json": run_unit(backend, dim, unit, pc.prompts_per_call, pc.seed, pc.max_retries)}
-                )
-    parts = rank_parts(units_dir, rank, world, {"units": len(todo)})
+                result = run_unit(backend, dim, unit, pc.prompts_per_call, pc.seed, pc.max_retries)
+                if not result["candidates"] and any(d.endswith("backend_error") for d in result["dropped"]):
+                    failures.append({"key": key, "reason": f"the LLM gave no answer: {backend.last_error}"})
+                    continue
+                writer.write({"__key__": key, "json": result})
+    parts = rank_parts(units_dir, rank, world, {"units": len(todo), "failures": failures})
     if parts is None:
         return  # another rank selects the final prompts
+    failed = [f for part in parts for f in part["failures"]]
+    check_failed("stage1", failed, len(units), pc.max_failed_fraction, "work units")
     summary = finalize(cfg, run, dims, units_dir, diagnosis, parts)
     print_summary(summary)
 

@@ -18,6 +18,7 @@ from gigavideo import attention
 from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.errors import ConfigError
 from gigavideo.families import family_for
 from gigavideo.files import check_space
 from gigavideo.memory import check_rendering_memory
@@ -26,6 +27,7 @@ from gigavideo.rendering import CACHES, Renderer, check_frames
 from gigavideo.schema import (
     SampleError,
     ShardWriter,
+    completed_keys,
     decode_video,
     finish_rank,
     index_json,
@@ -61,12 +63,17 @@ def render_batch(renderer, keys, prompts, seeds, failures) -> list[dict | None]:
         return [render_batch(renderer, [k], [p], [s], failures)[0] for k, p, s in one_by_one]
 
 
+def tally(out):
+    """finish_rank's count: the samples that failed in this run (a rerun retries them) of those plus the written."""
+    return lambda failures: (failures, len(completed_keys(out)) + len(failures))
+
+
 def preflight(cfg, run):
     """Stage 1's output and the base model must exist before any work (or any --overwrite)."""
     read_manifest(run, "stage1")
     check_frames(cfg.render.num_frames)
     if cfg.render.cache not in CACHES:
-        raise ValueError(f"--cache={cfg.render.cache!r} not in {CACHES}")
+        raise ConfigError(f"--cache={cfg.render.cache!r} not in {CACHES}")
     check_rendering_memory(cfg, rank_and_world()[1], log)
     attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), cfg.model.dtype)
     return base_model_path(cfg, run)
@@ -157,7 +164,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         "failures": failures,
         "device_seconds": {str(rank): round(seconds_total, 2)},
     }
-    if finish_rank(out, "stage2", rank, world, info):
+    if finish_rank(out, "stage2", rank, world, info, tally(out), cfg.render.max_failed_fraction):
         log.info("stage2 complete: %s", run.manifest("stage2"))
     if failures:
         log.warning("stage2: %d samples failed on this rank (see the manifest); a rerun retries them", len(failures))

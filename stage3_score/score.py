@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.errors import ConfigError, UserError
 from gigavideo.files import write_json_atomic
 from gigavideo.judge import check_judge, load_judge
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension
@@ -28,9 +29,12 @@ from gigavideo.schema import (
     SampleError,
     ShardWriter,
     decode_video,
+    drop_failed_records,
     finish_rank,
     index_json,
+    is_name,
     iter_samples,
+    iter_shard,
     rank_prefix,
     read_manifest,
     resume_rank,
@@ -74,6 +78,32 @@ def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
     return [records[s["__key__"]] for s in chunk]
 
 
+def unreadable_record(err: SampleError, judge) -> dict:
+    """The record of a stage-2 sample that cannot be read (a member missing, its json broken): failed, with why."""
+    meta = err.meta or {}
+    dimension = meta.get("dimension")
+    return {
+        "dimension": dimension if is_name(dimension) else "unreadable",
+        "question": meta.get("question"),
+        "judge": judge.name,
+        "status": "failed",
+        "reason": f"sample: {err.member} {err.reason}",
+        "scores": {},
+        "reward": None,
+    }
+
+
+def tally(out):
+    """finish_rank's count: every failed record in the stage's shards (this run's and a resumed run's), of all."""
+
+    def count(_failures):
+        records = [s for p in sorted(out.glob("*.tar")) for s in iter_shard(str(p), ("json",))]
+        failed = [{"key": s["__key__"], "reason": s["json"]["reason"]} for s in records if s["json"]["status"] != "ok"]
+        return failed, len(records)
+
+    return count
+
+
 def summarize(run) -> dict:
     """Per dimension: count, mean reward, failures by reason; a histogram PNG of the rewards."""
     summary, rewards = {}, {}
@@ -100,10 +130,17 @@ def preflight(cfg, run):
     read_manifest(run, "stage2")
     sc = cfg.score
     if sc.aggregate not in AGGREGATES:
-        raise ValueError(f"--aggregate={sc.aggregate!r} not in {AGGREGATES}")
+        raise ConfigError(f"--aggregate={sc.aggregate!r} not in {AGGREGATES}")
     check_judge(sc, run)
-    names = {m["dimension"] for m in index_json(run, "stage2").values() if m["source"] == "synthetic"}
-    dims = {n: load_dimension(n, cfg.prompts.dimensions_dir or DIMENSIONS_DIR) for n in sorted(names)}
+    stage2 = index_json(run, "stage2", on_error=lambda err: None)  # unreadable samples: main records them as failed
+    names = {m["dimension"] for m in stage2.values() if m["source"] == "synthetic"}
+    dims = {}
+    for name in sorted(names):
+        try:
+            dims[name] = load_dimension(name, cfg.prompts.dimensions_dir or DIMENSIONS_DIR)
+        except FileNotFoundError as err:
+            first = next(k for k, m in sorted(stage2.items()) if m["dimension"] == name)
+            raise UserError(f"stage-2 sample {first!r}: {err}") from None
     return dims, detector_for(dims.values(), sc)
 
 
@@ -115,25 +152,43 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     cfg, run, (dims, detector) = started
     rank, world = rank_and_world()
     out = run.stage("stage3")
-    videos = {k: m for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic"}
+    unreadable = []  # samples with a member missing or their json broken: scored as failed, like a corrupt mp4
+    videos = {k: m for k, m in index_json(run, "stage2", on_error=unreadable.append).items() if m["source"] != "real"}
+    for err in unreadable:
+        if not is_name(err.key):  # no record can carry its key: named here, and by scripts/check_shards.py
+            log.warning("%s; it cannot be scored", err)
+        elif (err.meta or {}).get("source") != "real":
+            videos[err.key] = err.meta
     judge = load_judge(cfg.score, run, pick_device(cfg.model.device))
+    drop_failed_records(out, rank_prefix(rank))  # an unfinished stage: its failed samples are tried again
     done = resume_rank(out, rank)
     mine = set(k for k in my_slice(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
     failures = []
-    todo = iter_samples(run, "stage2", fields=("json", "mp4"), keys=mine)  # the arrays are stage 4's
+
+    def write(writer, key, record):
+        if record["status"] != "ok":
+            log.warning("%s: no score (%s)", key, record["reason"])
+            failures.append({"key": key, "reason": record["reason"]})
+        writer.write({"__key__": key, "json": record})
+
+    todo = iter_samples(
+        run, "stage2", fields=("json", "mp4"), keys=mine, on_error=lambda err: None
+    )  # arrays: stage 4's
     with (
         ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer,
         tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress,
     ):
+        for err in unreadable:
+            if err.key in mine:
+                write(writer, err.key, unreadable_record(err, judge))
+                progress.update(1)
         while chunk := list(islice(todo, int(cfg.score.batch_size))):
             for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector), strict=False):
-                if record["status"] != "ok":
-                    log.warning("%s: no score (%s)", sample["__key__"], record["reason"])
-                    failures.append({"key": sample["__key__"], "reason": record["reason"]})
-                writer.write({"__key__": sample["__key__"], "json": record})
+                write(writer, sample["__key__"], record)
             progress.update(len(chunk))
-    if finish_rank(out, "stage3", rank, world, {"judge": judge.name, "failures": failures}):
+    info = {"judge": judge.name, "failures": failures}
+    if finish_rank(out, "stage3", rank, world, info, tally(out), cfg.score.max_failed_fraction):
         summary = summarize(run)
         write_json_atomic(out / "report.json", summary)
         for name, dim in sorted(summary.items()):

@@ -49,6 +49,7 @@ from gigavideo.config import load_config
 from gigavideo.data import DataPosition, training_loader, training_weights
 from gigavideo.distributed import single_process_defaults
 from gigavideo.ds_config import build_ds_config
+from gigavideo.errors import ConfigError, StageFailed
 from gigavideo.export import SUMMARY_FILE, assemble_export, save_trained
 from gigavideo.families import family_for
 from gigavideo.families.wan21 import Expert
@@ -108,18 +109,28 @@ def check_latents(run, base: Path) -> None:
     stored = read_manifest(run, "stage2").get("latents")
     vae = json.loads((base / "vae" / "config.json").read_text())
     if stored and (stored["latents_mean"], stored["latents_std"]) != (vae["latents_mean"], vae["latents_std"]):
-        raise ValueError(
+        raise ConfigError(
             f"{run.stage('stage2')} holds latents of a {stored['channels']}-channel VAE with other statistics than "
             f"the base model's VAE ({base / 'vae'}, {len(vae['latents_mean'])} channels): stage 2 was rendered "
             "with another model. Render again with this preset (stage 2 --overwrite) or train with that model's."
         )
 
 
+def check_scored(stage3: dict, run) -> None:
+    """Rewards are the method: a stage 3 that scored nothing (its judge server was down, say) trains nothing."""
+    failed = stage3.get("samples_failed", len(stage3.get("failures", [])))
+    if stage3["num_samples"] - failed <= 0:
+        raise StageFailed(
+            f"{run.manifest('stage3')}: stage 3 scored none of its {stage3['num_samples']} samples, so there is no "
+            "reward to train on; fix the judge and run stage 3 again (--overwrite)"
+        )
+
+
 def preflight(cfg, run):
     """Inputs and an inconsistent DeepSpeed config fail here, before any compute (or any --overwrite)."""
-    read_manifest(run, "stage3")
+    check_scored(read_manifest(run, "stage3"), run)
     if cfg.train.mode not in ("full", "lora"):
-        raise ValueError(f"--mode={cfg.train.mode!r} not in (full, lora)")
+        raise ConfigError(f"--mode={cfg.train.mode!r} not in (full, lora)")
     family = family_for(cfg.model)
     experts = family.select_experts(cfg.train.expert)
     base = base_model_path(cfg, run)

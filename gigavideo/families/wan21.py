@@ -12,12 +12,13 @@ adapter; nothing else branches on the family.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
+from ..files import read_json_file
 from ..models import build_tiny_tokenizer, check_architecture, check_vae, torch_dtype
 
 
@@ -64,7 +65,7 @@ class Wan21:
         chosen = [e for e in experts if e.name and e.name == choice]
         if not chosen:
             named = [e.name for e in experts if e.name]
-            raise ValueError(
+            raise ConfigError(
                 f"--expert={choice!r}: family {self.name} has "
                 + (f"experts {named} (or both)" if named else "one transformer; leave --expert at both")
             )
@@ -112,10 +113,10 @@ class Wan21:
 
     def check_folder(self, path: Path, preset: str) -> None:
         """Refuse, before any compute, a diffusers folder that is not the model the preset describes."""
-        index = json.loads((path / "model_index.json").read_text())
+        index = read_json_file(path / "model_index.json")
         for key, wanted in self.pipeline_config().items():
             if index.get(key) != wanted:
-                raise ValueError(
+                raise ConfigError(
                     f"{path}/model_index.json has {key}={index.get(key)!r}, but preset {preset} (model.family = "
                     f"{self.name}) needs {wanted!r}: the folder holds another family's model. Use its preset."
                 )
@@ -130,9 +131,11 @@ class Wan21:
         temporal = pipe.vae_scale_factor_temporal
         multiple = pipe.vae_scale_factor_spatial * int(self.model["arch_transformer"]["patch_size"][1])
         if height % multiple or width % multiple:
-            raise ValueError(f"{width}x{height}: {self.name} needs a width and height that are multiples of {multiple}")
+            raise ConfigError(
+                f"{width}x{height}: {self.name} needs a width and height that are multiples of {multiple}"
+            )
         if (num_frames - 1) % temporal:
-            raise ValueError(f"num_frames={num_frames}: {self.name} needs {temporal}k+1 frames")
+            raise ConfigError(f"num_frames={num_frames}: {self.name} needs {temporal}k+1 frames")
 
     # ---------------------------------------------------------------- training and sampling
     def transformer_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

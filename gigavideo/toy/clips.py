@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 # Side of the square as a fraction of the frame's shorter side: drawn uniformly from SIZE_RANGE; a caption
@@ -107,7 +109,7 @@ def make_clip(
     unknown = set(caption_rates or {}) - set(CAPTIONED) - set(SHADES)
     if unknown:
         known = ", ".join((*CAPTIONED, *SHADES))
-        raise ValueError(f"caption_rates: unknown attributes {sorted(unknown)}; known: {known}")
+        raise ConfigError(f"caption_rates: unknown attributes {sorted(unknown)}; known: {known}")
     rates = dict.fromkeys(CAPTIONED, 1.0) | (caption_rates or {})
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, size_range)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import key
+from ..config import AT_LEAST_1, key
 from .clips import CAPTIONED, SIZE_RANGE
 
 
@@ -40,4 +40,6 @@ class ToyConfig:
         },
         "model.kind = toy: the base model's pre-training on the world's clips (scripts/prepare_base.py)",
     )
-    checkpoint_every: int = key(250, "pre-training checkpoints (RUN_DIR/models/base.partial) every N steps")
+    checkpoint_every: int = key(
+        250, "pre-training checkpoints (RUN_DIR/models/base.partial) every N steps", check=AT_LEAST_1
+    )

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..base_model import BaseModelKind
+from ..errors import UserError
 from ..families import family_for
 from ..files import write_atomic, write_json_atomic
 from ..loss import noisy_latents_and_target, sample_timesteps
@@ -137,7 +138,7 @@ def pretrain(cfg, run: RunDir) -> Path:
         log.info("toy base already pre-trained: %s", target)
         return check_recipe(target, wanted)
     if target.exists():
-        raise ValueError(f"{target} holds another base model; use another --run_dir, or delete it to pre-train")
+        raise UserError(f"{target} holds another base model; use another --run_dir, or delete it to pre-train")
     recipe_file = partial / "recipe.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) != wanted:
         log.warning("discarding %s: it was started with other settings", partial)

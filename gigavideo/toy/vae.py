@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 _K = 1000.0  # the constant channel
 
 
@@ -17,7 +19,7 @@ def pixel_vae(channels: int = 3, base_dim: int = 8, latent_std: float = 0.5):
     from diffusers import AutoencoderKLWan
 
     if base_dim < 2 * channels + 1:
-        raise ValueError(f"pixel_vae: base_dim must be at least {2 * channels + 1}")
+        raise ConfigError(f"pixel_vae: base_dim must be at least {2 * channels + 1}")
     vae = AutoencoderKLWan(
         base_dim=base_dim,
         z_dim=channels,
