@@ -93,6 +93,20 @@ def check_space(
         )
 
 
+class DiskFull(OSError):
+    """A write that failed for want of space, where the library's own error does not say so (torch's writer);
+    `what` names what was being written."""
+
+    def __init__(self, what: str, directory: Path):
+        super().__init__(errno.ENOSPC, "No space left on device", str(Path(directory) / "-"))
+        self.what = what
+
+
+def expect_to_write(directory: Path, nbytes: int) -> None:
+    """About `nbytes` are to be written under directory (for the disk-full message)."""
+    _still_to_write[str(directory)] = int(nbytes)
+
+
 def disk_full_message(err: OSError, run_dir: Path) -> str:
     """One line for a full disk or quota: where, how much is free, and what is still to write (if known)."""
     written = [Path(d) for d in _still_to_write if Path(d).resolve().is_relative_to(Path(run_dir).resolve())]
@@ -103,9 +117,10 @@ def disk_full_message(err: OSError, run_dir: Path) -> str:
     known = [n for n in (_still_to_write[str(d)] for d in written) if n is not None]
     still = f", about {size(sum(known))} still to write" if known else ""
     kind = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
+    what = f" {err.what}" if getattr(err, "what", None) else ""
     return (
-        f"{kind} writing under {where} ({size(free)} free{still}). Everything complete is kept; free space and "
-        "rerun the same command to resume."
+        f"{kind} writing{what} under {where} ({size(free)} free{still}). Everything complete is kept; free space "
+        "and rerun the same command to resume."
     )
 
 

@@ -172,10 +172,18 @@ def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: in
     return metrics
 
 
-def resume(engine, checkpoints: Path, lora: bool, rank: int, world: int) -> tuple[int, dict, dict, float | None]:
-    """(step, this rank's data position, the undecodable samples it met, the step's loss) from the latest
-    checkpoint, or a fresh start."""
-    state = checkpoint.resume(engine, checkpoints, trainable_only=lora) or {"step": 0}
+def checkpoint_shape(tc) -> dict:
+    """What a resumed run must share with its checkpoint (the data-parallel size it need not)."""
+    return {
+        "mode": tc.mode,
+        **({"lora_rank": tc.lora_rank, "lora_targets": tc.lora_targets} if tc.mode == "lora" else {}),
+    }
+
+
+def resume(engine, checkpoints: Path, tag, lora: bool, rank: int, world: int) -> tuple[int, dict, dict, float | None]:
+    """(step, this rank's data position, the undecodable samples it met, the step's loss) from checkpoint `tag`,
+    or a fresh start."""
+    state = checkpoint.resume(engine, checkpoints, tag, trainable_only=lora) or {"step": 0}
     positions = state.get("data_positions")
     if positions and len(positions) != world:
         log.warning(
@@ -204,9 +212,12 @@ def train_expert(
     if expert.name:
         log.info("training the %s-noise expert (%s) on t in [%g, %g)", expert.name, expert.component, *expert.t_range)
     peak = PeakMemory(device)
+    tag = checkpoint.prepare_resume(checkpoints, world, checkpoint_shape(tc))
+    if tag and tag.endswith(checkpoint.UNIVERSAL):  # written by another number of ranks
+        ds_config = ds_config | {"checkpoint": {"load_universal": True}}
     engine, scheduler = build_engine(cfg, base, family, expert, ds_config)
     peak.start()
-    step, position, undecodable, loss = resume(engine, checkpoints, lora, rank, world)
+    step, position, undecodable, loss = resume(engine, checkpoints, tag, lora, rank, world)
     data = DataPosition(
         lambda epoch: training_loader(run, tc, weights, cfg.model.max_sequence_length, world, epoch),
         position["epoch"],
@@ -256,7 +267,9 @@ def train_expert(
                 "undecodable": gather(bad.state()),
                 "loss": totals["loss"],
             }
-            checkpoint.save(engine, checkpoints, step, client_state, tc.keep_last, trainable_only=lora)
+            checkpoint.save(
+                engine, checkpoints, step, client_state, tc.keep_last, trainable_only=lora, shape=checkpoint_shape(tc)
+            )
         if stop_now and step < tc.max_steps:
             stopped = True
             break
