@@ -38,6 +38,8 @@ class Range:
     also: tuple = ()
 
     def problem(self, value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
         if value in self.also:
             return None
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
@@ -73,6 +75,21 @@ class OneOf:
 
 
 ANY = Range()  # any finite number
+
+
+@dataclass(frozen=True)
+class Entries:
+    """A table key (a dict) whose named entries have checks of their own: `entries` maps a name to its check."""
+
+    entries: dict
+
+    def problem(self, value) -> str | None:
+        for name, check in self.entries.items():
+            if name in value and (problem := check.problem(value[name])):
+                return f"its {name} = {value[name]!r} {problem}"
+        return None
+
+
 POSITIVE = Range(0, low_open=True)  # > 0
 AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
@@ -148,6 +165,9 @@ class ModelConfig:
             "rope_max_seq_len": 1024,
         },
         "the transformer's architecture where random weights are built (kind = tiny or toy, bench/): Wan2.1-1.3B's",
+        check=Entries(
+            dict.fromkeys(("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers"), AT_LEAST_1)
+        ),
     )
     arch_vae: dict = key(
         {
@@ -158,10 +178,12 @@ class ModelConfig:
             "temperal_downsample": [False, True, True],
         },
         "the VAE's constructor arguments where random weights are built: Wan2.1's AutoencoderKLWan",
+        check=Entries(dict.fromkeys(("base_dim", "z_dim", "num_res_blocks"), AT_LEAST_1)),
     )
     arch_text_encoder: dict = key(
         {"d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "relative_attention_num_buckets": 32},
         "the UMT5 text encoder's architecture where random weights are built (UMT5-XXL)",
+        check=Entries(dict.fromkeys(("d_kv", "d_ff", "num_layers", "num_heads"), AT_LEAST_1)),
     )
 
 
@@ -520,7 +542,8 @@ def check_values(cfg: Section) -> None:
             value, check = table[f.name], f.metadata.get("check")
             problem = _type_problem(value, f.default_factory()) or (check.problem(value) if check else None)
             if problem:
-                raise ConfigError(f"{name}.{f.name} = {value!r}: {problem} (preset {cfg.preset}, then flags)")
+                shown = "" if isinstance(check, Entries) else f" = {value!r}"
+                raise ConfigError(f"{name}.{f.name}{shown}: {problem} (preset {cfg.preset}, then flags)")
 
 
 def _type_problem(value, default) -> str | None:

@@ -8,7 +8,8 @@ Run directory (RUN_DIR)::
     stage1/  *.tar + manifest.json   prompts (synthetic, and real captions with their real video)
     stage2/  *.tar + manifest.json   renders: mp4, latents, text embeddings
     stage3/  *.tar + manifest.json   judge scores and rewards
-    stage4/checkpoints/      DeepSpeed checkpoints (convert with zero_to_fp32.py)
+    stage4/checkpoints/      DeepSpeed checkpoints (convert with zero_to_fp32.py); stepNNNNNNN_universal: one
+                              converted for a resume with another number of ranks (gigavideo/checkpoint.py)
     stage4/tensorboard/      TensorBoard events
     stage4/export/           diffusers pipeline folder (full fine-tune)
     stage4/manifest.json     written after the export
@@ -25,7 +26,12 @@ the stage complete. Fields per stage (`*` = optional):
     stage2: json {prompt, dimension, source, question, seed, render, model, seconds},
             mp4 (rendered video, or the real clip at training shape for source=real),
             latents.npy (normalised VAE latents, C,T,H,W), prompt_embeds.npy (tokens, dim; unpadded)
-    stage3: json {status: ok|failed, reason, p_yes, answer, reward, judge}  (synthetic samples only)
+    stage3: json {status: ok|failed, reason, p_yes, answer, reward, judge}  (synthetic samples only; one that
+            stage 2 could not give whole fails with reason "sample: ...", under dimension "unreadable")
+
+A manifest is written only when no more than max_failed_fraction of the stage's samples failed (`check_failed`);
+stages 2 and 3 record `samples_failed` of `samples_total`. A name read from a shard (a dimension) joins a path
+only when it is letters, digits, '_' and '-' (`is_name`).
 """
 
 from __future__ import annotations

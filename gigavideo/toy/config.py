@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AT_LEAST_1, key
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Entries, key
 from .clips import CAPTIONED, SIZE_RANGE
 
 
@@ -39,6 +39,10 @@ class ToyConfig:
             "seed": 0,
         },
         "model.kind = toy: the base model's pre-training on the world's clips (scripts/prepare_base.py)",
+        check=Entries(
+            dict.fromkeys(("steps", "clips", "batch_size", "height", "width", "num_frames"), AT_LEAST_1)
+            | {"lr": POSITIVE, "caption_dropout": FRACTION, "seed": AT_LEAST_0}
+        ),
     )
     checkpoint_every: int = key(
         250, "pre-training checkpoints (RUN_DIR/models/base.partial) every N steps", check=AT_LEAST_1
