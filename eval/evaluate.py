@@ -344,6 +344,7 @@ def main(
         "dtype": cfg.model.dtype,
         "judge": judge.name,
         "judge_frames": cfg.score.num_frames,
+        "judge_input": getattr(judge, "input", None),
         "aggregate": cfg.score.aggregate,
         "baseline": str(base),
         "finetuned": str(run.export),

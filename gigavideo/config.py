@@ -308,7 +308,7 @@ class ScoreConfig:
     judge: str = key(
         "transformers",
         "transformers (a local llava-hf model in judge_path; the paper: LLaVA-Video-7B-"
-        "Qwen2) | openai | tiny (a random LLaVA in RUN_DIR/models/judge) | toy",
+        "Qwen2) | openai | tiny (a random LLaVA-OneVision in RUN_DIR/models/judge) | toy",
         check=OneOf(("transformers", "openai", "tiny", "toy"), plugins=True),
     )
     judge_path: str = key("", "judge = transformers: the local model folder (REQUIRED for it)")

@@ -1,9 +1,9 @@
 """Automatic feedback: a frozen vision-language model answers a yes/no question about a video.
 
 P(yes) comes from the next-token logits of the answer tokens, not from parsing generated text.
-The `transformers` backend loads any local checkpoint that `AutoModelForImageTextToText` and
-`AutoProcessor` support and that takes frames as images (llava-hf LLaVA / LLaVA-OneVision);
-the tiny preset builds a random LLaVA of the real architecture and loads it the same way.
+The `transformers` backend loads a local llava-hf checkpoint with `AutoModelForImageTextToText` and reads the
+clip the way its class does (gigavideo/judge_inputs.py): LLaVA-OneVision / LLaVA-Video as one video,
+LLaVA-1.5 as frames given as images. The tiny preset builds a random LLaVA-OneVision and loads it the same way.
 """
 
 from __future__ import annotations
@@ -17,66 +17,13 @@ import torch
 
 from .errors import ConfigError
 from .files import write_atomic
-from .models import build_word_tokenizer, check_model_dir, torch_dtype
+from .judge_inputs import check_judge_folder, reader_for, sample_indices
+from .models import check_model_dir, torch_dtype
 from .registry import resolve
 from .schema import RunDir
+from .tiny_judges import build_tiny_judge
 
 ANSWER_SUFFIX = " Answer yes or no."
-_TINY_JUDGE_WORDS = "yes no does the a an video show camera is with of and in on while".split()
-_TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_tiny_judge(judge_cfg: dict):
-    """(model, processor): a random LLaVA (tiny CLIP vision tower + tiny Qwen2) with an offline tokenizer."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        Qwen2Config,
-    )
-
-    tokenizer = build_word_tokenizer(_TINY_JUDGE_WORDS, ["<image>", "<|im_start|>", "<|im_end|>"])
-    tokenizer.image_token = "<image>"
-    size, patch = int(judge_cfg["tiny_image_size"]), int(judge_cfg["tiny_patch_size"])
-    torch.manual_seed(int(judge_cfg["tiny_seed"]))
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=patch,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=1024,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_TINY_CHAT_TEMPLATE,
-    )
-    return model, processor
 
 
 def judge_path(score_cfg: dict, run: RunDir) -> Path:
@@ -95,12 +42,9 @@ def judge_path(score_cfg: dict, run: RunDir) -> Path:
             "(or --judge=openai with --judge_base_url and --judge_model)"
         )
 
-    def save(directory):
-        model, processor = build_tiny_judge(score_cfg)
-        model.save_pretrained(directory)
-        processor.save_pretrained(directory)
-
-    return write_atomic(run.models / "judge", save, keep_existing=True)
+    return write_atomic(
+        run.models / "judge", lambda directory: build_tiny_judge(score_cfg, directory), keep_existing=True
+    )
 
 
 class JudgeAnswerError(ValueError):
@@ -119,12 +63,12 @@ def normalized_reward(p_yes: float, p_no: float) -> float:
 
 
 def sample_frames(frames: np.ndarray, count: int) -> list[np.ndarray]:
-    idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
-    return [frames[i] for i in idx]
+    return [frames[i] for i in sample_indices(len(frames), min(count, len(frames)))]
 
 
 class TransformersJudge:
-    """A local vision-language model; frames are given as images; batched with left padding.
+    """A local vision-language model, reading each clip the way its class does (gigavideo/judge_inputs.py: one
+    video for LLaVA-OneVision / LLaVA-Video); batched with left padding.
 
     score_many([(frames, question), ...]) -> [{p_yes, p_no, answer}, ...], where P(yes) and P(no)
     are the full next-token probabilities of the answer words (so P(yes) + P(no) <= 1).
@@ -132,7 +76,7 @@ class TransformersJudge:
 
     @classmethod
     def check(cls, score_cfg, run) -> None:
-        judge_path(score_cfg, run)
+        check_judge_folder(judge_path(score_cfg, run))
 
     @classmethod
     def load(cls, score_cfg, run, device) -> TransformersJudge:
@@ -147,16 +91,21 @@ class TransformersJudge:
     def __init__(
         self, path: str | Path, device="cpu", dtype: str = "float32", num_frames: int = 8, batch_size: int = 4
     ):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        self.processor = AutoProcessor.from_pretrained(str(path))
-        self.processor.tokenizer.padding_side = "left"  # the last position is every row's next token
+        check_judge_folder(Path(path))
         self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype(dtype))
         self.model.to(device).eval()
-        self.device, self.num_frames, self.batch_size, self.name = device, int(num_frames), int(batch_size), str(path)
-        tokenizer = self.processor.tokenizer
+        self.reader = reader_for(Path(path), self.model.config, num_frames)
+        self.device, self.batch_size, self.name = device, int(batch_size), str(path)
+        tokenizer = self.reader.tokenizer
         self.yes_ids = self._answer_ids(tokenizer, ("yes", "Yes", " yes", " Yes"))
         self.no_ids = self._answer_ids(tokenizer, ("no", "No", " no", " No"))
+
+    @property
+    def input(self) -> dict:
+        """How the judge saw each clip (form, frames, resolution, visual tokens a question): in the manifests."""
+        return self.reader.describe()
 
     @staticmethod
     def _answer_ids(tokenizer, words) -> list[int]:
@@ -174,21 +123,11 @@ class TransformersJudge:
     def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict]:
         out = []
         for i in range(0, len(items), self.batch_size):
-            batch = items[i : i + self.batch_size]
-            texts, images = [], []
-            for frames, question in batch:
-                chosen = sample_frames(frames, self.num_frames)
-                messages = [
-                    {
-                        "role": "user",
-                        "content": [{"type": "image"}] * len(chosen)
-                        + [{"type": "text", "text": question + ANSWER_SUFFIX}],
-                    }
-                ]
-                texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
-                images += chosen
-            inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            batch = [(frames, question + ANSWER_SUFFIX) for frames, question in items[i : i + self.batch_size]]
+            inputs = {
+                k: v.to(self.device, dtype=self.model.dtype) if v.is_floating_point() else v.to(self.device)
+                for k, v in self.reader.inputs(batch).items()
+            }
             probs = torch.softmax(self.model(**inputs).logits[:, -1].float(), dim=-1)
             for row in probs:
                 p_yes, p_no = row[self.yes_ids].sum().item(), row[self.no_ids].sum().item()
@@ -242,6 +181,7 @@ class OpenAIJudge:
         self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
         self.model, self.num_frames = model, int(num_frames)
         self.name = f"openai:{model}@{base_url}"
+        self.input = {"input": "images", "frames": self.num_frames, "format": "png"}
 
     def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict | JudgeAnswerError]:
         return self.chat.map(lambda item: self._one(*item), items)

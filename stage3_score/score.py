@@ -187,7 +187,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector), strict=False):
                 write(writer, sample["__key__"], record)
             progress.update(len(chunk))
-    info = {"judge": judge.name, "failures": failures}
+    info = {"judge": judge.name, "judge_input": getattr(judge, "input", None), "failures": failures}
     if finish_rank(out, "stage3", rank, world, info, tally(out), cfg.score.max_failed_fraction):
         summary = summarize(run)
         write_json_atomic(out / "report.json", summary)

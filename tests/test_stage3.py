@@ -119,3 +119,70 @@ def test_instance_counts_must_hold_in_every_frame():
     assert instances.expected_count("three red balloons rise") == (3, "balloon")
     with pytest.raises(FileNotFoundError, match="YOLO-World weights"):
         instances.load_detector("yolo_world", "/nonexistent.pt")
+
+
+def test_the_tiny_judge_is_a_llava_onevision_that_reads_the_clip_as_one_video(scored_run, tmp_path):
+    import json
+    import shutil
+
+    import torch
+
+    from gigavideo.config import ConfigError
+    from gigavideo.judge import TransformersJudge
+
+    folder = RunDir(scored_run).models / "judge"
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [
+        "LlavaOnevisionForConditionalGeneration"
+    ]
+    tokens = 4 * 2 * 2 + 1  # 4 frames of a 4x4 patch grid pooled 2x2, plus the newline token
+    recorded = read_manifest(RunDir(scored_run), "stage3")["judge_input"]
+    assert recorded == {"input": "video", "frames": 4, "resolution": [32, 32], "visual_tokens_per_question": tokens}
+
+    judge = TransformersJudge(folder, num_frames=4)
+    frames, _ = make_clip(0, 32, 32, 9)
+    inputs = judge.reader.inputs([(frames, "does the video show a camera")])
+    assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
+    assert (inputs["input_ids"] == judge.model.config.video_token_index).sum() == tokens
+    short = {**inputs, "input_ids": inputs["input_ids"][:, 1:], "attention_mask": inputs["attention_mask"][:, 1:]}
+    short["input_ids"][short["input_ids"] == judge.model.config.video_token_index] = 0  # fewer video tokens
+    with pytest.raises(ValueError, match="Video features and video tokens do not match"):
+        with torch.no_grad():
+            judge.model(**short)
+
+    remote, other = tmp_path / "remote", tmp_path / "other"
+    for target, change in ((remote, {"auto_map": {"AutoModel": "x.Y"}}), (other, {"model_type": "blip"})):
+        shutil.copytree(folder, target)
+        config = json.loads((target / "config.json").read_text()) | change
+        (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="remote code"):
+        TransformersJudge(remote)
+    with pytest.raises(ConfigError, match="'blip' model; supported: LlavaOnevisionForConditionalGeneration"):
+        TransformersJudge(other)
+
+
+@pytest.mark.parametrize("version", ["2.5", "3"])
+def test_qwen_vl_judges_score_stage2_videos_as_video_through_the_same_judge_path(version, scored_copy, tmp_path):
+    import torch
+
+    from gigavideo.judge import TransformersJudge
+    from gigavideo.tiny_judges import build_tiny_qwen_vl_judge
+
+    folder = tmp_path / f"qwen{version}"
+    folder.mkdir()
+    build_tiny_qwen_vl_judge(folder, version)
+    run_stage("stage3", scored_copy, "--overwrite", "--judge=transformers", f"--judge_path={folder}", "--dtype=float32")
+    records = index_json(RunDir(scored_copy), "stage3")
+    assert all(r["status"] == "ok" and 0 < r["scores"]["vlm:0"]["p_yes"] < 1 for r in records.values())
+    recorded = read_manifest(RunDir(scored_copy), "stage3")["judge_input"]
+    side = 56 if version == "2.5" else 64  # the 64x64 clips at multiples of 28 (patch 14) or 32 (patch 16)
+    tokens = 2 * (side // (14 if version == "2.5" else 16)) ** 2 // 4  # 2 temporal patches, merged 2x2
+    assert recorded == {"input": "video", "frames": 4, "resolution": [side, side], "visual_tokens_per_question": tokens}
+
+    judge = TransformersJudge(folder, num_frames=4)
+    inputs = judge.reader.inputs([(make_clip(0, 64, 64, 9)[0], "does the video show a camera")])
+    video = judge.model.config.video_token_id
+    assert (inputs["input_ids"] == video).sum() == tokens and inputs["video_grid_thw"].prod() == 4 * tokens
+    fewer = inputs["input_ids"].clone()
+    fewer[0, (fewer[0] == video).nonzero()[0]] = 0  # one video token less than the features
+    with pytest.raises(ValueError, match="do not match"), torch.no_grad():
+        judge.model(**{**inputs, "input_ids": fewer, "mm_token_type_ids": (fewer == video).long() * 2})
