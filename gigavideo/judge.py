@@ -8,6 +8,7 @@ LLaVA-1.5 as frames given as images. The tiny preset builds a random LLaVA-OneVi
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ from .schema import RunDir
 from .tiny_judges import build_tiny_judge
 
 ANSWER_SUFFIX = " Answer yes or no."
+DEFAULT_CLIP_FPS = 16  # Wan's, where no stage-2 manifest says the clips' rate
 
 
 def judge_path(score_cfg: dict, run: RunDir) -> Path:
@@ -136,7 +138,8 @@ class TransformersJudge:
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible server with a vision model (e.g. vLLM): frames go as PNG images.
+    """An OpenAI-compatible server with a vision model (e.g. vLLM): the sampled frames go as one H.264 mp4 in a
+    `video_url` part (score.judge_server_input = video), or as one PNG `image_url` part a frame (images).
 
     P(yes), P(no) come from the answer token's log-probabilities when the server returns them;
     otherwise the answer text decides (1 or 0); an answer that is neither is an error for that sample.
@@ -153,6 +156,8 @@ class OpenAIJudge:
 
     @classmethod
     def load(cls, score_cfg, run, device) -> OpenAIJudge:
+        stage2 = run.manifest("stage2")
+        clip_fps = json.loads(stage2.read_text()).get("render", {}).get("fps") if stage2.is_file() else None
         return cls(
             score_cfg["judge_base_url"],
             score_cfg["judge_model"],
@@ -162,6 +167,8 @@ class OpenAIJudge:
             score_cfg["judge_timeout"],
             score_cfg["judge_http_retries"],
             score_cfg["judge_backoff"],
+            form=score_cfg["judge_server_input"],
+            clip_fps=clip_fps or DEFAULT_CLIP_FPS,
         )
 
     def __init__(
@@ -174,31 +181,50 @@ class OpenAIJudge:
         timeout: float = 120.0,
         max_retries: int = 5,
         backoff: float = 1.0,
+        form: str = "video",
+        clip_fps: float = DEFAULT_CLIP_FPS,
     ):
         from .openai_chat import ChatClient
 
         self.require_flags(base_url, model)
         self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
-        self.model, self.num_frames = model, int(num_frames)
+        self.model, self.num_frames, self.form, self.clip_fps = model, int(num_frames), form, float(clip_fps)
         self.name = f"openai:{model}@{base_url}"
-        self.input = {"input": "images", "frames": self.num_frames, "format": "png"}
+        self.input = {"input": form, "frames": self.num_frames, "format": "mp4" if form == "video" else "png"}
 
-    def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict | JudgeAnswerError]:
-        return self.chat.map(lambda item: self._one(*item), items)
-
-    def _one(self, frames, question):
+    def media(self, frames: np.ndarray) -> list[dict]:
+        """The clip as message parts: one mp4 video_url of the sampled frames, over the clip's duration (vLLM decodes
+        up to its --media-io-kwargs num_frames, 32 by default, so at most that many are sent), or one PNG a frame."""
         import base64
         import io
 
         from PIL import Image
 
-        content = []
-        for frame in sample_frames(frames, self.num_frames):
+        from .video import encode_mp4
+
+        chosen = sample_frames(frames, self.num_frames)
+        if self.form == "video":
+            fps = max(1, round(len(chosen) * self.clip_fps / len(frames)))  # the sampled frames span the clip
+            data = encode_mp4(np.stack(chosen), fps)
+            url = "data:video/mp4;base64," + base64.b64encode(data).decode()
+            return [{"type": "video_url", "video_url": {"url": url}}]
+        parts = []
+        for frame in chosen:
             buf = io.BytesIO()
             Image.fromarray(frame).save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            content.append({"type": "image_url", "image_url": {"url": url}})
-        content.append({"type": "text", "text": question + ANSWER_SUFFIX})
+            parts.append(
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+                }
+            )
+        return parts
+
+    def score_many(self, items: list[tuple[np.ndarray, str]]) -> list[dict | JudgeAnswerError]:
+        return self.chat.map(lambda item: self._one(*item), items)
+
+    def _one(self, frames, question):
+        content = [*self.media(frames), {"type": "text", "text": question + ANSWER_SUFFIX}]
         response = self.chat.create(
             "judge",
             model=self.model,

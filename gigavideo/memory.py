@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import REPO_ROOT
+from .errors import UserError
 from .families import family_for
 from .models import latent_shape, transformer_parameters
 
@@ -347,7 +348,7 @@ def to_json(plan: dict) -> str:
     return json.dumps(plan, indent=1, sort_keys=True)
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(UserError):
     """A setting the plan says cannot fit (a user error: exit code 2 with the plan, no traceback)."""
 
 

@@ -586,7 +586,10 @@ def read_manifest(run: RunDir, stage: str) -> dict:
             f"{stage} has not completed in {run.path} (no {path}); "
             f"run {STAGE_SCRIPTS.get(stage, stage)} --run_dir {run.path} first"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SchemaError(f"{path} is not readable JSON ({err}); rerun {STAGE_SCRIPTS.get(stage, stage)}") from None
 
 
 def shard_paths(run: RunDir, stage: str) -> list[str]:

@@ -8,8 +8,10 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from .errors import UserError
 
-class VideoError(ValueError):
+
+class VideoError(UserError):
     pass
 
 

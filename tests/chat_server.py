@@ -7,6 +7,7 @@ It speaks HTTP/1.1 with keep-alive, as vLLM and SGLang do, and counts the TCP co
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -14,6 +15,8 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from gigavideo.video import decode_mp4
 
 ANIMALS = ["a fox", "a heron", "a goat", "a seal", "an otter", "a lynx", "a crane", "a mule", "a badger", "a moose"]
 PLACES = [
@@ -65,11 +68,30 @@ def answer(text: str, seed: int = 0) -> dict:
     return {"question": f"Does the video clearly show this: {prompt[:60]}?"}
 
 
-def judge_answer(body: dict, with_logprobs: bool) -> dict:
-    """A vision judge: frames arrive as image parts; the answer depends only on the question text."""
-    content = body["messages"][-1]["content"]
+VLLM_NUM_FRAMES = 32  # what vLLM decodes a video_url to unless started with --media-io-kwargs
+
+
+def video_frames(content: list[dict]) -> int | None:
+    """The frames of the one video part, checked against the shape vLLM documents (`{"type": "video_url",
+    "video_url": {"url": "data:video/mp4;base64,..."}}`, one video a prompt), or None where frames came as PNGs."""
+    videos = [c for c in content if c["type"] == "video_url"]
     images = [c for c in content if c["type"] == "image_url"]
-    assert images and all(c["image_url"]["url"].startswith("data:image/png;base64,") for c in images)
+    if not videos:
+        assert images and all(c["image_url"]["url"].startswith("data:image/png;base64,") for c in images)
+        return None
+    assert len(videos) == 1 and not images, "vLLM is started with --limit-mm-per-prompt '{\"video\": 1}'"
+    url = videos[0]["video_url"]["url"]
+    assert url.startswith("data:video/mp4;base64,")
+    frames, _ = decode_mp4(base64.b64decode(url.split(",", 1)[1]))
+    assert 1 <= len(frames) <= VLLM_NUM_FRAMES
+    return len(frames)
+
+
+def judge_answer(body: dict, with_logprobs: bool, seen: list) -> dict:
+    """A vision judge: the clip arrives as one video part (or as image parts); the answer depends only on the
+    question text. `seen` gets each video's frame count."""
+    content = body["messages"][-1]["content"]
+    seen.append(video_frames(content))
     question = next(c["text"] for c in content if c["type"] == "text")
     p_yes = int(hashlib.sha256(question.encode()).hexdigest(), 16) % 1000 / 1000 * 0.9
     p_no = 0.95 - p_yes
@@ -89,6 +111,7 @@ class ChatServer:
     def __init__(self, failures=(), delay: float = 0.0, judge_logprobs: bool = True):
         self.failures, self.delay, self.requests, self.connections = list(failures), delay, 0, 0
         self.judge_logprobs = judge_logprobs
+        self.video_frames: list[int | None] = []  # per judge request: the frames of its video (None: PNG frames)
         self.lock = threading.Lock()
         server = self
 
@@ -119,7 +142,7 @@ class ChatServer:
                 if action == "timeout":
                     time.sleep(3)
                 if isinstance(body["messages"][-1]["content"], list):
-                    reply = judge_answer(body, server.judge_logprobs)
+                    reply = judge_answer(body, server.judge_logprobs, server.video_frames)
                     if action == "garbage":
                         reply = {"choices": [{"message": {"role": "assistant", "content": "Perhaps."}}]}
                 else:

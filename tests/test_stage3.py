@@ -76,6 +76,17 @@ def test_the_openai_judge_reuses_its_connections():
         server.close()
     assert all(isinstance(a, dict) and a["answer"] in ("yes", "no") for a in answers)
     assert server.requests == 12 and server.connections <= 2
+    assert server.video_frames == [2] * 12  # one mp4 video_url of the 2 sampled frames each
+
+
+def test_the_openai_judge_sends_one_mp4_video_or_pngs_and_the_mp4_is_smaller():
+    frames = make_clip(0, 256, 256, 33)[0]
+    video, images = (OpenAIJudge("http://x/v1", "m", num_frames=16, form=form) for form in ("video", "images"))
+    as_video, as_images = video.media(frames), images.media(frames)
+    assert [p["type"] for p in as_video] == ["video_url"] and [p["type"] for p in as_images] == ["image_url"] * 16
+    size = {name: sum(len(str(p)) for p in parts) for name, parts in (("video", as_video), ("images", as_images))}
+    assert size["images"] > 2 * size["video"], size  # a flat toy clip; bench/judge.py measures rendered ones
+    assert video.input == {"input": "video", "frames": 16, "format": "mp4"}
 
 
 def test_optical_flow_classifies_synthetic_camera_motion_with_at_least_95_percent_accuracy():
