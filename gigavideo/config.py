@@ -330,7 +330,13 @@ class ScoreConfig:
         1.0, "judge = openai: seconds before the first retry; doubles each time up to 8 s", check=AT_LEAST_0
     )
     dtype: str = key("bfloat16", "judge = transformers: its dtype", check=OneOf(("float32", "bfloat16", "float16")))
-    num_frames: int = key(8, "frames shown to the judge", check=AT_LEAST_1)
+    num_frames: int = key(
+        0,
+        "frames shown to the judge; 0 = its family's documented sampling: LLaVA-Video 64 uniform (64 x 196 + 1 = "
+        "12,545 visual tokens a question), Qwen-VL 2 a second (81 frames at 16 fps: 10, ~2,550 tokens at 832x480), "
+        "LLaVA-1.5 8 as images, a server 32 (vLLM's default)",
+        check=AT_LEAST_0,
+    )
     batch_size: int = key(4, "videos per judge forward pass (transformers)", check=AT_LEAST_1)
     camera_translation: float = key(
         0.004, "camera scorer: per-frame shift (of the width) that counts as a pan/tilt", check=POSITIVE

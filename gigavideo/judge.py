@@ -26,6 +26,14 @@ from .tiny_judges import build_tiny_judge
 
 ANSWER_SUFFIX = " Answer yes or no."
 DEFAULT_CLIP_FPS = 16  # Wan's, where no stage-2 manifest says the clips' rate
+SERVER_FRAMES = 32  # score.num_frames = 0 with a server: vLLM's default (its --media-io-kwargs set another)
+
+
+def clip_fps(run: RunDir) -> float:
+    """The frame rate of the clips the judge sees: stage 2's render fps, else Wan's."""
+    stage2 = run.manifest("stage2")
+    fps = json.loads(stage2.read_text()).get("render", {}).get("fps") if stage2.is_file() else None
+    return float(fps or DEFAULT_CLIP_FPS)
 
 
 def judge_path(score_cfg: dict, run: RunDir) -> Path:
@@ -88,17 +96,24 @@ class TransformersJudge:
             dtype=score_cfg["dtype"],
             num_frames=score_cfg["num_frames"],
             batch_size=score_cfg["batch_size"],
+            clip_fps=clip_fps(run),
         )
 
     def __init__(
-        self, path: str | Path, device="cpu", dtype: str = "float32", num_frames: int = 8, batch_size: int = 4
+        self,
+        path: str | Path,
+        device="cpu",
+        dtype: str = "float32",
+        num_frames: int = 0,
+        batch_size: int = 4,
+        clip_fps: float = DEFAULT_CLIP_FPS,
     ):
         from transformers import AutoModelForImageTextToText
 
         check_judge_folder(Path(path))
         self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype(dtype))
         self.model.to(device).eval()
-        self.reader = reader_for(Path(path), self.model.config, num_frames)
+        self.reader = reader_for(Path(path), self.model.config, num_frames, clip_fps)
         self.device, self.batch_size, self.name = device, int(batch_size), str(path)
         tokenizer = self.reader.tokenizer
         self.yes_ids = self._answer_ids(tokenizer, ("yes", "Yes", " yes", " Yes"))
@@ -156,8 +171,6 @@ class OpenAIJudge:
 
     @classmethod
     def load(cls, score_cfg, run, device) -> OpenAIJudge:
-        stage2 = run.manifest("stage2")
-        clip_fps = json.loads(stage2.read_text()).get("render", {}).get("fps") if stage2.is_file() else None
         return cls(
             score_cfg["judge_base_url"],
             score_cfg["judge_model"],
@@ -168,7 +181,7 @@ class OpenAIJudge:
             score_cfg["judge_http_retries"],
             score_cfg["judge_backoff"],
             form=score_cfg["judge_server_input"],
-            clip_fps=clip_fps or DEFAULT_CLIP_FPS,
+            clip_fps=clip_fps(run),
         )
 
     def __init__(
@@ -188,7 +201,8 @@ class OpenAIJudge:
 
         self.require_flags(base_url, model)
         self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
-        self.model, self.num_frames, self.form, self.clip_fps = model, int(num_frames), form, float(clip_fps)
+        self.model, self.form, self.clip_fps = model, form, float(clip_fps)
+        self.num_frames = int(num_frames) or SERVER_FRAMES
         self.name = f"openai:{model}@{base_url}"
         self.input = {"input": form, "frames": self.num_frames, "format": "mp4" if form == "video" else "png"}
 

@@ -23,6 +23,10 @@ import torch
 from .errors import ConfigError
 
 VIDEO_SETTINGS = ("video_preprocessor_config.json", "preprocessor_config.json")
+# score.num_frames = 0: what each family's model card or processor documents.
+LLAVA_VIDEO_FRAMES = 64  # LLaVA-Video-7B-Qwen2's card: up to 64 frames, sampled uniformly (64 x 196 + 1 tokens)
+QWEN_FPS = 2.0  # Qwen2/2.5/3-VL's video processors: 2 frames a second of the clip, within a pixel budget
+LLAVA_IMAGE_FRAMES = 8  # LLaVA-1.5 has no video input: frames as images (576 tokens each at 336 px)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -48,7 +52,7 @@ class LlavaOnevisionVideo:
         self.width = int(size.get("width", size.get("shortest_edge", vision.image_size)))
         self.mean = np.array(settings.get("image_mean", CLIP_MEAN), dtype=np.float32)
         self.std = np.array(settings.get("image_std", CLIP_STD), dtype=np.float32)
-        self.num_frames = int(num_frames)
+        self.num_frames = int(num_frames) or LLAVA_VIDEO_FRAMES
         pooled = math.ceil((vision.image_size // vision.patch_size) / 2)  # the 2x2 pooling of the patch grid
         self.video_tokens = self.num_frames * pooled * pooled + 1  # + the newline token
         self.video_token = self.tokenizer.convert_ids_to_tokens(config.video_token_index)
@@ -90,7 +94,7 @@ class QwenVLVideo:
 
     form = "video"
 
-    def __init__(self, path: Path, config, num_frames: int):
+    def __init__(self, path: Path, config, num_frames: int, clip_fps: float = 16.0):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -103,7 +107,9 @@ class QwenVLVideo:
         self.max_pixels = int(settings.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280)))
         self.mean = np.array(settings.get("image_mean", CLIP_MEAN), dtype=np.float32)
         self.std = np.array(settings.get("image_std", CLIP_STD), dtype=np.float32)
-        self.num_frames = int(num_frames) + int(num_frames) % self.temporal  # whole temporal patches
+        self.fixed_frames = int(num_frames) + int(num_frames) % self.temporal  # whole temporal patches; 0: by time
+        self.sample_fps, self.clip_fps = float(settings.get("fps", QWEN_FPS)), float(clip_fps)
+        self.num_frames = self.fixed_frames  # of the last clip read
         self.video_token_id = config.video_token_id
         self.video_token = self.tokenizer.convert_ids_to_tokens(config.video_token_id)
         self.shape: tuple[int, int] | None = None  # the resized frame size of the last clip read
@@ -129,9 +135,17 @@ class QwenVLVideo:
         return {
             "input": self.form,
             "frames": self.num_frames,
+            **({} if self.fixed_frames else {"frames_per_second": self.sample_fps}),
             "resolution": [h, w],
             "visual_tokens_per_question": tokens,
         }
+
+    def frames_for(self, length: int) -> int:
+        """score.num_frames, or (0) the processor's rate over the clip's duration, in whole temporal patches."""
+        if self.fixed_frames:
+            return self.fixed_frames
+        count = max(self.temporal, round(length / self.clip_fps * self.sample_fps))
+        return count + count % self.temporal
 
     def tokens(self, height: int, width: int) -> int:
         return (self.num_frames // self.temporal) * (height // self.patch) * (width // self.patch) // self.merge**2
@@ -141,6 +155,7 @@ class QwenVLVideo:
         from PIL import Image
 
         h, w = self.shape = self.resized(*frames.shape[1:3])
+        self.num_frames = self.frames_for(len(frames))
         chosen = frames[sample_indices(len(frames), self.num_frames)]
         video = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in chosen])
         video = ((video.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(0, 3, 1, 2)
@@ -203,7 +218,7 @@ class FramesAsImages:
         self.processor = AutoProcessor.from_pretrained(str(path))
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
-        self.num_frames = int(num_frames)
+        self.num_frames = int(num_frames) or LLAVA_IMAGE_FRAMES
         vision = config.vision_config
         self.resolution = [vision.image_size, vision.image_size]
         self.tokens_per_frame = (vision.image_size // vision.patch_size) ** 2
@@ -255,6 +270,11 @@ def check_judge_folder(path: Path) -> dict:
     return config
 
 
-def reader_for(path: Path, config, num_frames: int):
+def reader_for(path: Path, config, num_frames: int, clip_fps: float):
+    """How the judge in `path` reads a clip; num_frames 0: its family's documented sampling (clip_fps: the clips'
+    frame rate, for the families that sample by time)."""
     check_judge_folder(path)
-    return READERS[config.model_type](path, config, num_frames)
+    reader = READERS[config.model_type]
+    if issubclass(reader, QwenVLVideo):
+        return reader(path, config, num_frames, clip_fps)
+    return reader(path, config, num_frames)

@@ -97,7 +97,7 @@ def test_a_bad_value_with_overwrite_removes_nothing_and_is_one_line(trained_copy
     before = tree(trained_copy)
     cases = [  # one per stage that has finished work to lose (every key's check: the test above)
         ("stage2", "--steps=0", "render.steps = 0"),
-        ("stage3", "--num_frames=0", "score.num_frames = 0"),
+        ("stage3", "--num_frames=-1", "score.num_frames = -1"),
         ("stage4", "--max_steps=0", "train.max_steps = 0"),
         ("stage4", "--lr=-1e-5", "train.lr = -1e-05"),
         ("eval", "--prompts_per_dimension=0", "eval.prompts_per_dimension = 0"),
