@@ -8,7 +8,6 @@ LLaVA-1.5 as frames given as images. The tiny preset builds a random LLaVA-OneVi
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -21,7 +20,7 @@ from .files import write_atomic
 from .judge_inputs import check_judge_folder, reader_for, sample_indices
 from .models import check_model_dir, torch_dtype
 from .registry import resolve
-from .schema import RunDir
+from .schema import RunDir, read_manifest
 from .tiny_judges import build_tiny_judge
 
 ANSWER_SUFFIX = " Answer yes or no."
@@ -31,8 +30,7 @@ SERVER_FRAMES = 32  # score.num_frames = 0 with a server: vLLM's default (its --
 
 def clip_fps(run: RunDir) -> float:
     """The frame rate of the clips the judge sees: stage 2's render fps, else Wan's."""
-    stage2 = run.manifest("stage2")
-    fps = json.loads(stage2.read_text()).get("render", {}).get("fps") if stage2.is_file() else None
+    fps = read_manifest(run, "stage2").get("render", {}).get("fps") if run.is_complete("stage2") else None
     return float(fps or DEFAULT_CLIP_FPS)
 
 

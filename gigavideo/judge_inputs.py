@@ -30,6 +30,17 @@ LLAVA_IMAGE_FRAMES = 8  # LLaVA-1.5 has no video input: frames as images (576 to
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+def checkpoint_settings(path: Path) -> tuple[object, dict]:
+    """(its tokenizer, padding on the left so that the last position is every row's next token; its video
+    preprocessor settings, or its image preprocessor's where it has no video ones)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"
+    settings = next((json.loads((path / f).read_text()) for f in VIDEO_SETTINGS if (path / f).is_file()), {})
+    return tokenizer, settings
+
+
 def sample_indices(length: int, count: int) -> np.ndarray:
     """`count` frame indices spread uniformly over a clip of `length` (repeated where the clip is shorter)."""
     return np.linspace(0, length - 1, count).round().astype(int)
@@ -41,11 +52,7 @@ class LlavaOnevisionVideo:
     form = "video"
 
     def __init__(self, path: Path, config, num_frames: int):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.tokenizer.padding_side = "left"  # the last position is every row's next token
-        settings = next((json.loads((path / f).read_text()) for f in VIDEO_SETTINGS if (path / f).is_file()), {})
+        self.tokenizer, settings = checkpoint_settings(path)
         vision = config.vision_config
         size = settings.get("size") or {}
         self.height = int(size.get("height", size.get("shortest_edge", vision.image_size)))
@@ -95,11 +102,7 @@ class QwenVLVideo:
     form = "video"
 
     def __init__(self, path: Path, config, num_frames: int, clip_fps: float = 16.0):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.tokenizer.padding_side = "left"
-        settings = next((json.loads((path / f).read_text()) for f in VIDEO_SETTINGS if (path / f).is_file()), {})
+        self.tokenizer, settings = checkpoint_settings(path)
         self.patch, self.merge = int(settings.get("patch_size", 14)), int(settings.get("merge_size", 2))
         self.temporal = int(settings.get("temporal_patch_size", 2))
         size = settings.get("size") or {}

@@ -12,6 +12,13 @@ import torch
 
 from .models import build_word_tokenizer
 
+
+def write_settings(directory: Path, files: dict) -> None:
+    """The processor's settings files, as the processor would save them."""
+    for name, content in files.items():
+        (Path(directory) / name).write_text(json.dumps(content, indent=2))
+
+
 _TINY_JUDGE_WORDS = "yes no does the a an video show camera is with of and in on while".split()
 _TINY_CHAT_TEMPLATE = (  # LLaVA-Video's (Qwen2 chat) shape: the video first, then the question
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
@@ -82,8 +89,7 @@ def build_tiny_judge(judge_cfg: dict, directory: Path) -> None:
             "vision_feature_select_strategy": "full",
         },
     }
-    for name, content in files.items():
-        (Path(directory) / name).write_text(json.dumps(content, indent=2))
+    write_settings(directory, files)
 
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -167,5 +173,4 @@ def build_tiny_qwen_vl_judge(directory: Path, version: str = "2.5", seed: int = 
         "video_preprocessor_config.json": settings | {"video_processor_type": video_processor, "fps": 2.0},
         "processor_config.json": {"processor_class": processor},
     }
-    for name, content in files.items():
-        (Path(directory) / name).write_text(json.dumps(content, indent=2))
+    write_settings(directory, files)

@@ -329,7 +329,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     parts = rank_parts(units_dir, rank, world, {"units": len(todo), "failures": failures})
     if parts is None:
         return  # another rank selects the final prompts
-    failed = [f for part in parts for f in part["failures"]]
+    failed = [f for part in parts for f in part.get("failures", [])]
     check_failed("stage1", failed, len(units), pc.max_failed_fraction, "work units")
     summary = finalize(cfg, run, dims, units_dir, diagnosis, parts)
     print_summary(summary)
