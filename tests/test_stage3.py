@@ -197,3 +197,28 @@ def test_qwen_vl_judges_score_stage2_videos_as_video_through_the_same_judge_path
     fewer[0, (fewer[0] == video).nonzero()[0]] = 0  # one video token less than the features
     with pytest.raises(ValueError, match="do not match"), torch.no_grad():
         judge.model(**{**inputs, "input_ids": fewer, "mm_token_type_ids": (fewer == video).long() * 2})
+
+
+def test_the_hand_built_video_inputs_are_what_transformers_video_processor_gives(tmp_path):
+    """Where torchvision imports (a CUDA cluster's torch; bench/gpu_check.sh runs it), the LLaVA-OneVision video
+    processor loads from the tiny judge's files and must give the reader's tensors and token count."""
+    pytest.importorskip("torchvision")
+    import torch
+    from transformers import AutoProcessor
+
+    from gigavideo.judge import TransformersJudge
+    from gigavideo.tiny_judges import build_tiny_judge
+
+    build_tiny_judge({"tiny_image_size": 32, "tiny_patch_size": 8, "tiny_seed": 0}, tmp_path)
+    reader = TransformersJudge(tmp_path, num_frames=4).reader
+    frames, _ = make_clip(0, 64, 64, 9)
+    ours = reader.inputs([(frames, "does the video show a camera")])
+    processor = AutoProcessor.from_pretrained(str(tmp_path))
+    chosen = frames[[0, 3, 5, 8]]  # sample_indices(9, 4)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "does the video show a camera"}]}],
+        add_generation_prompt=True,
+    )
+    theirs = processor(videos=[chosen], text=[text], return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.allclose(ours["pixel_values_videos"], theirs["pixel_values_videos"], atol=1e-5)
