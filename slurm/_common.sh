@@ -4,6 +4,10 @@
 #   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
 #   NPROC_PER_NODE  processes per node (default: GPUs on the node, or 1 without GPUs)
 #   MASTER_PORT     rendezvous port (default: derived from the job id)
+#   JUDGE_SERVER    stages 3 and eval: a command serving an OpenAI-compatible judge on --port JUDGE_PORT (e.g.
+#                   "vllm serve /models/LLaVA-Video-7B-Qwen2-hf --limit-mm-per-prompt '{\"video\": 1}'"), started
+#                   on this node before the stage and stopped after it; the stage is pointed at it
+#   JUDGE_PORT      its port (default: derived from the job id); JUDGE_SERVER_WAIT: seconds to wait for it (900)
 # Under sbatch, processes start with srun: one torchrun per task (one task per node), joined by a
 # c10d rendezvous on the first host of the allocation. Run with plain bash, everything runs here.
 set -euo pipefail
@@ -64,4 +68,43 @@ launch() {
   else
     "$PYTHON" "$script" "${args[@]}"
   fi
+}
+
+# start_judge_server: with JUDGE_SERVER set, start it here (its log in RUN_DIR/logs), wait until it answers
+# GET JUDGE_URL/models, and stop it (its whole process group) when this script exits. Sets JUDGE_URL.
+start_judge_server() {
+  [ -n "${JUDGE_SERVER:-}" ] || return 0
+  JUDGE_PORT=${JUDGE_PORT:-$((30000 + ${SLURM_JOB_ID:-$$} % 20000))}
+  JUDGE_URL="http://127.0.0.1:$JUDGE_PORT/v1"
+  JUDGE_LOG="$RUN_DIR/logs/judge-server-${SLURM_JOB_ID:-$$}.log"
+  mkdir -p "$(dirname "$JUDGE_LOG")"
+  setsid bash -c "exec $JUDGE_SERVER --port $JUDGE_PORT" > "$JUDGE_LOG" 2>&1 &
+  JUDGE_PID=$!
+  trap stop_judge_server EXIT
+  trap 'exit 143' TERM  # scancel, preemption: exit, so that the EXIT trap stops the server
+  local waited=0 limit=${JUDGE_SERVER_WAIT:-900}
+  echo "judge server: started (pid $JUDGE_PID, log $JUDGE_LOG); waiting for $JUDGE_URL/models"
+  until "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+      "$JUDGE_URL/models" 2>/dev/null; do
+    if ! kill -0 "$JUDGE_PID" 2>/dev/null; then
+      echo "error: the judge server exited before answering; the end of $JUDGE_LOG:" >&2
+      tail -n 20 "$JUDGE_LOG" >&2
+      return 2
+    fi
+    if [ "$waited" -ge "$limit" ]; then
+      echo "error: the judge server did not answer $JUDGE_URL/models within ${limit}s (JUDGE_SERVER_WAIT); see $JUDGE_LOG" >&2
+      return 2
+    fi
+    sleep 2; waited=$((waited + 2))
+  done
+  echo "judge server: answering at $JUDGE_URL after ${waited}s"
+}
+
+stop_judge_server() {
+  [ -n "${JUDGE_PID:-}" ] || return 0
+  kill -TERM -- "-$JUDGE_PID" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 "$JUDGE_PID" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$JUDGE_PID" 2>/dev/null || true
+  echo "judge server: stopped"
+  JUDGE_PID=
 }

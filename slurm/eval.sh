@@ -11,4 +11,5 @@
 # Settings: PRESET, RUN_DIR, PYTHON, NPROC_PER_NODE (see slurm/_common.sh). Extra arguments go to eval/evaluate.py.
 if [ -n "${SLURM_JOB_ID:-}" ]; then REPO=${GIGAVIDEO_REPO:-$SLURM_SUBMIT_DIR}; else REPO=$(cd "$(dirname "$0")/.." && pwd); fi
 source "$REPO/slurm/_common.sh"
-launch eval/evaluate.py "$@"
+start_judge_server
+launch eval/evaluate.py ${JUDGE_URL:+--score.judge_base_url=$JUDGE_URL} "$@"

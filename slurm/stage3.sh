@@ -12,4 +12,5 @@
 # Settings: PRESET, RUN_DIR, PYTHON, NPROC_PER_NODE (see slurm/_common.sh). Extra arguments go to stage3_score/score.py.
 if [ -n "${SLURM_JOB_ID:-}" ]; then REPO=${GIGAVIDEO_REPO:-$SLURM_SUBMIT_DIR}; else REPO=$(cd "$(dirname "$0")/.." && pwd); fi
 source "$REPO/slurm/_common.sh"
-launch stage3_score/score.py "$@"
+start_judge_server
+launch stage3_score/score.py ${JUDGE_URL:+--score.judge_base_url=$JUDGE_URL} "$@"

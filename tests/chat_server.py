@@ -108,7 +108,7 @@ def judge_answer(body: dict, with_logprobs: bool, seen: list) -> dict:
 
 
 class ChatServer:
-    def __init__(self, failures=(), delay: float = 0.0, judge_logprobs: bool = True):
+    def __init__(self, failures=(), delay: float = 0.0, judge_logprobs: bool = True, port: int = 0):
         self.failures, self.delay, self.requests, self.connections = list(failures), delay, 0, 0
         self.judge_logprobs = judge_logprobs
         self.video_frames: list[int | None] = []  # per judge request: the frames of its video (None: PNG frames)
@@ -125,6 +125,14 @@ class ChatServer:
 
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):  # what a health check asks, as of vLLM: the served models
+                data = json.dumps({"object": "list", "data": [{"id": "vlm", "object": "model"}]}).encode()
+                self.send_response(200 if self.path.rstrip("/").endswith("/v1/models") else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -164,10 +172,31 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+if __name__ == "__main__":  # a stand-in for `vllm serve ... --port N` (slurm/_common.sh's judge server)
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--startup", type=float, default=0.0, help="seconds before it listens (loading weights)")
+    parser.add_argument("--fail", action="store_true", help="exit at once, as a server that cannot load does")
+    args = parser.parse_args()
+    if args.fail:
+        print("error: the model does not fit in memory", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(args.startup)
+    server = ChatServer(port=args.port)
+    print(f"serving on {server.url}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(1)

@@ -222,3 +222,34 @@ def test_the_hand_built_video_inputs_are_what_transformers_video_processor_gives
     theirs = processor(videos=[chosen], text=[text], return_tensors="pt")
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.allclose(ours["pixel_values_videos"], theirs["pixel_values_videos"], atol=1e-5)
+
+
+def test_a_judge_server_is_started_waited_for_pointed_at_and_stopped_around_stage3(scored_copy):
+    """slurm/stage3.sh with JUDGE_SERVER (here the test server, standing in for `vllm serve`), without SLURM."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = f"{sys.executable} {REPO / 'tests' / 'chat_server.py'}"
+    env = {**os.environ, "PRESET": "tiny", "RUN_DIR": str(scored_copy), "PYTHON": sys.executable}
+    env |= {"JUDGE_SERVER": f"{server} --startup 3", "JUDGE_PORT": str(port)}
+    args = ["bash", "slurm/stage3.sh", "--overwrite", "--score.judge=openai", "--score.judge_model=vlm"]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"answering at http://127.0.0.1:{port}/v1 after" in proc.stdout and "judge server: stopped" in proc.stdout
+    records = index_json(RunDir(scored_copy), "stage3")
+    assert all(r["status"] == "ok" and r["judge"] == f"openai:vlm@http://127.0.0.1:{port}/v1" for r in records.values())
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the server is gone
+
+    env["JUDGE_SERVER"] = f"{server} --fail"
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "the judge server exited before answering" in proc.stderr
+    assert "the model does not fit in memory" in proc.stderr  # the end of its log, shown
+    assert read_manifest(RunDir(scored_copy), "stage3")["num_samples"] == 9  # the finished stage is untouched
