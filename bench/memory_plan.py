@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Will it fit: the memory planner for any preset, per GPU, for stage 4 and stage 2 (predicted).
+"""Will it fit: the memory planner for any preset, per GPU, for stage 4, stage 2 and stage 3's judge (predicted).
 
     python bench/memory_plan.py --preset=wan2.1-t2v-1.3b --nodes=1 --gpus_per_node=8 --gpu_mem_gib=80
     python bench/memory_plan.py --preset=wan2.2-t2v-a14b --gpu_mem_gib=141 --mode=lora --json
@@ -18,9 +18,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiet: DeepSpeed's estimators need no accelerator
 
+from transformers import LlavaOnevisionConfig
+
 from gigavideo.config import load_config
 from gigavideo.ds_config import build_ds_config
-from gigavideo.memory import describe, render_plan, train_plan
+from gigavideo.memory import describe, judge_plan, render_plan, train_plan
+
+# LLaVA-Video-7B-Qwen2's architecture: transformers' LlavaOnevisionConfig (its SigLIP-so400m tower at 384 px) with
+# Qwen2-7B as the language model (Qwen2-7B's config.json).
+LLAVA_VIDEO_7B = LlavaOnevisionConfig(
+    text_config={
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+    }
+)
 
 
 def main(
@@ -36,6 +52,8 @@ def main(
     plans = [
         train_plan(cfg, build_ds_config(cfg.train, world), nodes, gpus_per_node, gpu_mem_gib),
         render_plan(cfg, nodes, gpus_per_node, gpu_mem_gib),
+        # stage 3's judge: the paper's LLaVA-Video-7B-Qwen2 at its card's 64 frames (64 x 196 + 1 visual tokens)
+        judge_plan(LLAVA_VIDEO_7B, 64 * 196 + 1, 64, cfg.score.batch_size, cfg.score.dtype, gpu_mem_gib),
     ]
     if json:
         print(json_lib.dumps(plans, indent=1, sort_keys=True))

@@ -317,6 +317,37 @@ def render_plan(cfg, nodes: int, per_node: int, gpu_mem_gib: float) -> dict:
     }
 
 
+def judge_plan(config, visual_tokens: int, text_tokens: int, batch_size: int, dtype: str, gpu_mem_gib: float) -> dict:
+    """Bytes per GPU of stage 3 with a local judge (`config`: its transformers config, e.g. a checkpoint's, or
+    LlavaOnevisionConfig() for the class of LLaVA-Video-7B): its weights, counted on the meta device, and the peak
+    of one no-grad forward over `batch_size` questions of visual + text tokens (the language model's widest
+    layer; the next token's logits only)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    weight = 2 if dtype in ("bfloat16", "float16") else 4
+    parameters = sum(p.numel() for p in model.parameters())
+    text = config.text_config
+    tokens = batch_size * (visual_tokens + text_tokens)
+    # a decoder layer holds its input and output, q/k/v and attention output (fused attention: no L x L matrix),
+    # and the MLP's gate, up and activated product
+    language = tokens * (6 * text.hidden_size + 3 * text.intermediate_size) * weight
+    parts = {"weights": parameters * weight, "forward (peak)": language, "reserved": RESERVED}
+    total, limit = sum(parts.values()), int(gpu_mem_gib * GIB)
+    return {
+        "stage": "stage3",
+        "bytes": parts,
+        "parameters": parameters,
+        "tokens_per_question": visual_tokens + text_tokens,
+        "total": total,
+        "gpu_bytes": limit,
+        "gpus": 1,
+        "fits": total <= limit,
+        "headroom": limit - total,
+    }
+
+
 def size(n: int) -> str:
     return f"{n / GIB:8.2f} GiB" if abs(n) >= GIB / 10 else f"{n / 2**20:8.2f} MiB"
 

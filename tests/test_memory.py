@@ -227,3 +227,27 @@ def test_the_gpu_check_runs_its_whole_table_as_a_dry_run_on_cpu():
     ], proc.stdout
     for row in rows:  # every figure measured: no empty or non-finite cell
         assert "nan" not in row and "inf" not in row and "||" not in row.replace(" ", ""), row
+
+
+def test_the_judge_plan_counts_the_judges_weights_on_the_meta_device_and_its_forward_at_its_tokens(tmp_path):
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    from gigavideo.memory import judge_plan
+    from gigavideo.tiny_judges import build_tiny_judge
+
+    build_tiny_judge({"tiny_image_size": 32, "tiny_patch_size": 8, "tiny_seed": 0}, tmp_path)
+    from safetensors.torch import load_file
+
+    stored = sum(t.numel() for t in load_file(tmp_path / "model.safetensors").values())
+    plan = judge_plan(AutoConfig.from_pretrained(tmp_path), 17, 12, 4, "float32", 1.0)
+    assert plan["parameters"] == stored and plan["bytes"]["weights"] == 4 * stored
+    longer = judge_plan(AutoConfig.from_pretrained(tmp_path), 34, 24, 4, "float32", 1.0)
+    assert longer["bytes"]["forward (peak)"] == 2 * plan["bytes"]["forward (peak)"]  # linear in the tokens
+
+    spec = importlib.util.spec_from_file_location("memory_plan", REPO / "bench" / "memory_plan.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seven_b = judge_plan(bench.LLAVA_VIDEO_7B, 64 * 196 + 1, 64, 1, "bfloat16", 80)
+    assert 7.9e9 < seven_b["parameters"] < 8.1e9 and seven_b["fits"]  # LLaVA-Video-7B-Qwen2: 8.03B
