@@ -328,7 +328,7 @@ def main(
         ]
         check_failed(stage, failed, len(videos), cfg.eval.max_failed_fraction, f"{label} videos")
     if diagnose:
-        write_diagnosis(cfg, run, videos, records, dims, base, judge.name, process_seconds(parts))
+        write_diagnosis(cfg, run, videos, records, dims, base, judge, process_seconds(parts))
         return
     settings = {label: json.loads((run.eval / f"settings-{label}.json").read_text()) for label in LABELS}
     if settings["baseline"] != settings["finetuned"]:
@@ -370,11 +370,12 @@ def main(
     log.info("eval report: %s\n%s", run.eval / "report.md", (run.eval / "report.md").read_text())
 
 
-def write_diagnosis(cfg, run, videos, records, dims, base, judge_name, seconds: float) -> None:
+def write_diagnosis(cfg, run, videos, records, dims, base, judge, seconds: float) -> None:
     result = diagnose(dims, videos, records, cfg.eval.bootstrap_samples, cfg.eval.seed)
     result |= {
         "base": str(base),
-        "judge": judge_name,
+        "judge": judge.name,
+        "judge_input": getattr(judge, "input", None),
         "suites": list(cfg.eval.suites),
         "render": json.loads((run.stage(DIAGNOSIS) / "settings-baseline.json").read_text()),
     }
