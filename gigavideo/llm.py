@@ -171,7 +171,7 @@ def build_tiny_chat_model(words: list[str], seed: int = 0):
     """(model, tokenizer): a random Qwen2 causal LM with a word-level tokenizer and a chat template."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from .models import build_word_tokenizer
+    from .models import TINY_QWEN2, build_word_tokenizer
 
     tokenizer = build_word_tokenizer(words, ["<|im_start|>", "<|im_end|>"], eos="<|im_end|>")
     tokenizer.chat_template = (
@@ -181,11 +181,7 @@ def build_tiny_chat_model(words: list[str], seed: int = 0):
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **TINY_QWEN2,
         max_position_embeddings=2048,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -49,6 +49,16 @@ def build_tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+# The language model of every tiny chat model and judge: a 2-layer Qwen2 of width 32.
+TINY_QWEN2 = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+
 def build_word_tokenizer(words: list[str], special_tokens: list[str], eos: str | None = None):
     """A word-level fast tokenizer built offline (for tiny judges and chat models)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

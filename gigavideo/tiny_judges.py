@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .models import build_word_tokenizer
+from .models import TINY_QWEN2, build_word_tokenizer
 
 
 def write_settings(directory: Path, files: dict) -> None:
@@ -51,15 +51,7 @@ def build_tiny_judge(judge_cfg: dict, directory: Path) -> None:
             image_size=size,
             patch_size=patch,
         ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=4096,
-        ),
+        text_config=Qwen2Config(vocab_size=len(tokenizer), **TINY_QWEN2, max_position_embeddings=4096),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full",
@@ -135,11 +127,7 @@ def build_tiny_qwen_vl_judge(directory: Path, version: str = "2.5", seed: int = 
         vision_config=vision | {"spatial_merge_size": 2, "temporal_patch_size": 2} | spec["vision"],
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
+            **TINY_QWEN2,
             "head_dim": 16,
             "max_position_embeddings": 4096,
             "bos_token_id": None,
