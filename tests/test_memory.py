@@ -78,8 +78,9 @@ def test_bench_prints_the_plan_as_json_in_bytes_per_gpu():
         timeout=300,
         check=True,
     ).stdout
-    train, render = json.loads(out[out.index("[") :])
+    train, render, judge = json.loads(out[out.index("[") :])
     assert train["stage"] == "stage4" and render["stage"] == "stage2" and train["gpu_bytes"] == 141 * GIB
+    assert judge["stage"] == "stage3" and judge["tokens_per_question"] == 64 * 196 + 1 + 64  # LLaVA-Video-7B
     assert train["bytes"]["validation_models"] > 28e9  # the other expert, frozen, for validation videos
 
 
