@@ -68,7 +68,7 @@ class OneOf:
     def problem(self, value) -> str | None:
         values = value if isinstance(value, list) else [value]
         bad = [v for v in values if v not in self.choices and not (self.plugins and ":" in str(v))]
-        return f"{bad[0]!r} is not one of {', '.join(map(str, self.choices))}" if bad else None
+        return f"{bad[0]!r} not in ({', '.join(map(str, self.choices))})" if bad else None
 
     def __str__(self) -> str:
         return "one of " + " | ".join(map(str, self.choices)) + (" | module:Class" if self.plugins else "")
@@ -553,6 +553,8 @@ def check_values(cfg: Section) -> None:
         for f in dataclasses.fields(section_class(name)):
             value, check = table[f.name], f.metadata.get("check")
             problem = _type_problem(value, f.default_factory()) or (check.problem(value) if check else None)
+            if problem and isinstance(check, OneOf) and not isinstance(value, list):  # as the flag was given
+                raise ConfigError(f"--{f.name}={problem} ({name}.{f.name}; preset {cfg.preset}, then flags)")
             if problem:
                 shown = "" if isinstance(check, Entries) else f" = {value!r}"
                 raise ConfigError(f"{name}.{f.name}{shown}: {problem} (preset {cfg.preset}, then flags)")

@@ -242,6 +242,7 @@ def array_spec(manifest: dict) -> dict:
     }
 
 
+PATH_NAMES = ("stage1", "stage2", "stage3")  # whose `dimension` later stages join into file names
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # what a name read from a shard must be before it joins a path
 
 
@@ -269,7 +270,7 @@ def validate(sample: dict, stage: str, where: str = "") -> dict:
         raise SampleError(key, where, "json", f"lacks {missing} required by {stage}")
     if "source" in meta and meta["source"] not in SOURCES:
         raise SampleError(key, where, "json", f"has source {meta['source']!r}, not one of {SOURCES}")
-    if "dimension" in meta and not is_name(meta["dimension"]):
+    if stage in PATH_NAMES and "dimension" in meta and not is_name(meta["dimension"]):
         raise SampleError(
             key,
             where,
