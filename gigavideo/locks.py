@@ -31,12 +31,17 @@ class StageLocked(RuntimeError):
     """Another live process holds this stage and rank."""
 
 
-def _start_time(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (tells a reused pid apart), where /proc has it."""
+def _stat_field(pid: int, index: int) -> str | None:
+    """A field of /proc/PID/stat after the command name (0: the state, 19: the start time), where /proc has it."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[index]
     except (OSError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (tells a reused pid apart)."""
+    return _stat_field(pid, 19)
 
 
 def this_process() -> dict:
@@ -64,6 +69,8 @@ def why_stale(holder: dict) -> str | None:
             return f"process {pid} has exited"
         except PermissionError:
             return None  # alive, another user's
+        if _stat_field(pid, 0) == "Z":  # killed, and its parent (gone too) left it to an init that has not reaped it
+            return f"process {pid} has exited (a zombie not yet reaped)"
         if holder.get("pid_start") and _start_time(pid) != holder["pid_start"]:
             return f"process {pid} has exited (its pid was reused)"
         return None
