@@ -17,14 +17,13 @@ import torch
 
 from .errors import ConfigError
 from .files import write_atomic
-from .judge_inputs import check_judge_folder, reader_for, sample_indices
+from .judge_inputs import DEFAULT_CLIP_FPS, check_judge_folder, reader_for, sample_indices
 from .models import check_model_dir, torch_dtype
 from .registry import resolve
 from .schema import RunDir, read_manifest
 from .tiny_judges import build_tiny_judge
 
 ANSWER_SUFFIX = " Answer yes or no."
-DEFAULT_CLIP_FPS = 16  # Wan's, where no stage-2 manifest says the clips' rate
 SERVER_FRAMES = 32  # score.num_frames = 0 with a server: vLLM's default (its --media-io-kwargs set another)
 
 

@@ -26,6 +26,7 @@ VIDEO_SETTINGS = ("video_preprocessor_config.json", "preprocessor_config.json")
 # score.num_frames = 0: what each family's model card or processor documents.
 LLAVA_VIDEO_FRAMES = 64  # LLaVA-Video-7B-Qwen2's card: up to 64 frames, sampled uniformly (64 x 196 + 1 tokens)
 QWEN_FPS = 2.0  # Qwen2/2.5/3-VL's video processors: 2 frames a second of the clip, within a pixel budget
+DEFAULT_CLIP_FPS = 16  # Wan's, where no stage-2 manifest says the clips' rate
 LLAVA_IMAGE_FRAMES = 8  # LLaVA-1.5 has no video input: frames as images (576 tokens each at 336 px)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -101,7 +102,7 @@ class QwenVLVideo:
 
     form = "video"
 
-    def __init__(self, path: Path, config, num_frames: int, clip_fps: float = 16.0):
+    def __init__(self, path: Path, config, num_frames: int, clip_fps: float = DEFAULT_CLIP_FPS):
         self.tokenizer, settings = checkpoint_settings(path)
         self.patch, self.merge = int(settings.get("patch_size", 14)), int(settings.get("merge_size", 2))
         self.temporal = int(settings.get("temporal_patch_size", 2))
@@ -276,8 +277,7 @@ def check_judge_folder(path: Path) -> dict:
 def reader_for(path: Path, config, num_frames: int, clip_fps: float):
     """How the judge in `path` reads a clip; num_frames 0: its family's documented sampling (clip_fps: the clips'
     frame rate, for the families that sample by time)."""
-    check_judge_folder(path)
-    reader = READERS[config.model_type]
+    reader = READERS[config.model_type]  # the folder was checked (check_judge_folder) before its model loaded
     if issubclass(reader, QwenVLVideo):
         return reader(path, config, num_frames, clip_fps)
     return reader(path, config, num_frames)
