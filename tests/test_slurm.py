@@ -23,15 +23,25 @@ if shutil.which("sbatch") is None:
 def sbatch(script, *options, args=(), env=None, timeout=900):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full_env.update({"PYTHON": sys.executable, **(env or {})})
-    proc = subprocess.run(
-        ["sbatch", "--parsable", "--wait", "--gpus-per-node=0", *options, script, *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.stdout.strip().split(";")[0], proc
+    submit = ["sbatch", "--parsable", "--gpus-per-node=0", *options, script, *args]
+    return submit_and_wait(submit, full_env, timeout)
+
+
+def submit_and_wait(submit, env, timeout=900):
+    """`sbatch --wait`, polling every half second: sbatch's own wait sleeps 2, 8, then 32 s between
+    looks, which added up to half a minute to every job here."""
+    proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True)
+    job_id = proc.stdout.strip().split(";")[0]
+    if proc.returncode != 0:
+        return job_id, proc
+    deadline = time.time() + timeout
+    while (state := job_field(job_id, "JobState")) in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+        if time.time() > deadline:
+            raise AssertionError(f"job {job_id} did not end in {timeout} s")
+        time.sleep(0.5)
+    exit_code = int(job_field(job_id, "ExitCode").split(":")[0])
+    returncode = 0 if state == "COMPLETED" else exit_code or 1
+    return job_id, subprocess.CompletedProcess(submit, returncode, proc.stdout, f"{proc.stderr}job {job_id}: {state}")
 
 
 def sbatch_two_ranks(script, tmp_path, run_dir, args=()):
@@ -260,10 +270,7 @@ def test_a_job_array_renders_stage2_and_a_failed_task_reruns_alone(scored_copy, 
     )
     assert not (scored_copy / "stage2" / "manifest.json").exists()  # task 1's slice is missing
     assert "task 0 of 3 (no rendezvous)" in (tmp_path / f"{job}_0.out").read_text()
-    again = subprocess.run(
-        [*submit, "--wait", "--array=1", "slurm/stage2.sh", *slow], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    rerun = again.stdout.strip().split(";")[0]
+    rerun, again = submit_and_wait([*submit, "--array=1", "slurm/stage2.sh", *slow], env)
     output = (tmp_path / f"{rerun}_1.out").read_text()
     assert again.returncode == 0, output[-3000:]
     assert "task 1 of 3 (no rendezvous)" in output  # the array's count, although resubmitted alone
