@@ -5,7 +5,8 @@
    sampled to each family's default), computed by the same readers stage 3 uses (gigavideo/judge_inputs.py)
    from each checkpoint's processor settings (no weights needed): LLaVA-Video-7B as one video against its
    frames given as images (base resolution, no anyres tiles: a lower bound), Qwen2.5-VL-7B likewise.
-2. Measured on the tiny random judges of the real classes on this CPU: tokens and seconds per question.
+2. Measured on the tiny random judges of the real classes on this CPU: tokens and seconds per question, frames
+   as images against one video.
 3. Request bytes per question for the server judge: one mp4 video_url against one PNG a frame.
 
     python bench/judge.py [--questions=16]
@@ -44,7 +45,7 @@ def render_sized_clip(frames: int = 81, height: int = 480, width: int = 832) -> 
 def real_judge_tokens(clip: np.ndarray, folder: Path) -> dict:
     grid = LLAVA_VIDEO_7B["image_size"] // LLAVA_VIDEO_7B["patch_size"]
     pooled = -(-grid // 2)
-    llava = {"video": LLAVA_VIDEO_FRAMES * pooled**2 + 1, "images": LLAVA_VIDEO_FRAMES * grid**2}
+    llava = {"video": LLAVA_VIDEO_FRAMES * pooled**2 + 1, "images": LLAVA_VIDEO_FRAMES * (grid**2 + 1)}  # + newlines
     (folder / "video_preprocessor_config.json").write_text(json.dumps(QWEN25_VL_VIDEO))  # the 7B's settings
     reader = TransformersJudge(folder, num_frames=0, clip_fps=16).reader
     reader.inputs([(clip, "Does the video show this?")])
@@ -72,12 +73,21 @@ def tiny_judges(folder: Path, questions: int) -> dict:
         target = folder / name
         target.mkdir()
         build(target)
-        judge = TransformersJudge(target, num_frames=8, batch_size=4)
         items = [(clip, f"Does the video show a square? ({i})") for i in range(questions)]
-        judge.score_many(items[:4])  # warm-up
-        start = time.perf_counter()
-        judge.score_many(items)
-        out[name] = judge.input | {"seconds_per_question": round((time.perf_counter() - start) / questions, 4)}
+        row = {}
+        for form in ("images", "video"):
+            judge = TransformersJudge(target, num_frames=8, batch_size=4, form=form)
+            judge.score_many(items[:4])  # warm-up
+            start = time.perf_counter()
+            judge.score_many(items)
+            seconds = (time.perf_counter() - start) / questions
+            row[form] = judge.input | {"seconds_per_question": round(seconds, 4)}
+        tokens, seconds = (
+            [row[f][k] for f in ("images", "video")] for k in ("visual_tokens_per_question", "seconds_per_question")
+        )
+        out[name] = row | {
+            "images / video": {"tokens": round(tokens[0] / tokens[1], 2), "seconds": round(seconds[0] / seconds[1], 2)}
+        }
     return out
 
 

@@ -317,10 +317,10 @@ class ScoreConfig:
     judge_api_key_env: str = key("OPENAI_API_KEY", "the key is read from this environment variable, never from flags")
     judge_concurrency: int = key(8, "judge = openai: requests in flight", check=AT_LEAST_1)
     judge_timeout: float = key(120.0, "judge = openai: seconds per request", check=POSITIVE)
-    judge_server_input: str = key(
+    judge_input: str = key(
         "video",
-        "judge = openai: video (one video_url part, the sampled frames as an H.264 mp4 data URL: vLLM's form) | "
-        "images (one PNG image_url part a frame, for servers without video input)",
+        "video: the sampled frames as one video (local: the family's video tokens; openai: one video_url part, an "
+        "H.264 mp4 data URL, vLLM's form) | images: one image a frame (servers without video input; comparisons)",
         check=OneOf(("video", "images")),
     )
     judge_http_retries: int = key(

@@ -94,6 +94,7 @@ class TransformersJudge:
             num_frames=score_cfg["num_frames"],
             batch_size=score_cfg["batch_size"],
             clip_fps=clip_fps(run),
+            form=score_cfg["judge_input"],
         )
 
     def __init__(
@@ -104,13 +105,14 @@ class TransformersJudge:
         num_frames: int = 0,
         batch_size: int = 4,
         clip_fps: float = DEFAULT_CLIP_FPS,
+        form: str = "video",
     ):
         from transformers import AutoModelForImageTextToText
 
         check_judge_folder(Path(path))
         self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype(dtype))
         self.model.to(device).eval()
-        self.reader = reader_for(Path(path), self.model.config, num_frames, clip_fps)
+        self.reader = reader_for(Path(path), self.model.config, num_frames, clip_fps, form)
         self.device, self.batch_size, self.name = device, int(batch_size), str(path)
         tokenizer = self.reader.tokenizer
         self.yes_ids = self._answer_ids(tokenizer, ("yes", "Yes", " yes", " Yes"))
@@ -153,7 +155,7 @@ class TransformersJudge:
 
 class OpenAIJudge:
     """An OpenAI-compatible server with a vision model (e.g. vLLM): the sampled frames go as one H.264 mp4 in a
-    `video_url` part (score.judge_server_input = video), or as one PNG `image_url` part a frame (images).
+    `video_url` part (score.judge_input = video), or as one PNG `image_url` part a frame (images).
 
     P(yes), P(no) come from the answer token's log-probabilities when the server returns them;
     otherwise the answer text decides (1 or 0); an answer that is neither is an error for that sample.
@@ -179,7 +181,7 @@ class OpenAIJudge:
             score_cfg["judge_timeout"],
             score_cfg["judge_http_retries"],
             score_cfg["judge_backoff"],
-            form=score_cfg["judge_server_input"],
+            form=score_cfg["judge_input"],
             clip_fps=clip_fps(run),
         )
 

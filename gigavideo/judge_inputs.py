@@ -198,9 +198,7 @@ class QwenVLVideo:
 class Qwen3VLVideo(QwenVLVideo):
     """Qwen3-VL: as Qwen2.5-VL (patch 16 in its settings), but each temporal patch is its own vision block after
     its timestamp (`<0.1 seconds><|vision_start|>...<|vision_end|>`), as its processor writes it: the template's
-    one block is replaced whole. Frames arrive decoded, so their times assume the processor's default of 24 fps."""
-
-    clip_fps = 24.0
+    one block is replaced whole. The times are the sampled frames' own, at the clips' rate (stage 2's manifest)."""
 
     def template_block(self) -> str:
         return f"<|vision_start|>{self.video_token}<|vision_end|>"
@@ -212,39 +210,64 @@ class Qwen3VLVideo(QwenVLVideo):
 
 
 class FramesAsImages:
-    """A LLaVA-1.5-class judge, which has no video input: the sampled frames go as images."""
+    """The sampled frames as separate images, one image token block each, through the checkpoint's image
+    processor: how a LLaVA-1.5 judge (no video input) reads a clip, and how any video judge did before it read
+    video (score.judge_input = images; bench/judge.py compares the two). LLaVA-OneVision takes several images
+    per prompt at base resolution (no anyres tiles): its tower's patch grid plus a newline token each."""
 
     form = "images"
 
     def __init__(self, path: Path, config, num_frames: int):
-        from transformers import AutoProcessor
+        from transformers import AutoImageProcessor
 
-        self.processor = AutoProcessor.from_pretrained(str(path))
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
-        self.num_frames = int(num_frames) or LLAVA_IMAGE_FRAMES
+        self.tokenizer, _ = checkpoint_settings(path)
+        self.image_processor = AutoImageProcessor.from_pretrained(str(path))
+        self.config, self.num_frames = config, int(num_frames) or LLAVA_IMAGE_FRAMES
+        token_id = getattr(config, "image_token_id", None)
+        self.image_token_id = config.image_token_index if token_id is None else token_id
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         vision = config.vision_config
-        self.resolution = [vision.image_size, vision.image_size]
-        self.tokens_per_frame = (vision.image_size // vision.patch_size) ** 2
+        self.resolution = [vision.image_size, vision.image_size] if hasattr(vision, "image_size") else None
+        self.tokens_per_frame = None if self.resolution is None else self.fixed_tokens_per_frame()
+
+    def fixed_tokens_per_frame(self) -> int:
+        vision = self.config.vision_config
+        grid = (vision.image_size // vision.patch_size) ** 2
+        if self.config.model_type == "llava_onevision":
+            return grid + 1  # + its newline token
+        return grid  # LLaVA-1.5: CLIP's class token dropped ("default" feature selection)
 
     def describe(self) -> dict:
+        tokens = None if self.tokens_per_frame is None else self.num_frames * self.tokens_per_frame
         return {
             "input": self.form,
             "frames": self.num_frames,
             "resolution": self.resolution,
-            "visual_tokens_per_question": self.num_frames * self.tokens_per_frame,
+            "visual_tokens_per_question": tokens,
         }
 
     def inputs(self, batch: list[tuple[np.ndarray, str]]) -> dict:
-        texts, images = [], []
-        for frames, question in batch:
-            chosen = [frames[i] for i in sample_indices(len(frames), min(self.num_frames, len(frames)))]
-            content = [{"type": "image"}] * len(chosen) + [{"type": "text", "text": question}]
-            texts.append(
-                self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-            )
-            images += chosen
-        return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+        frames = [clip[i] for clip, _ in batch for i in sample_indices(len(clip), self.num_frames)]
+        encoded = dict(self.image_processor(images=frames, return_tensors="pt"))
+        if "image_grid_thw" in encoded:  # Qwen-VL: each image at its own resized size
+            t, h, w = (int(n) for n in encoded["image_grid_thw"][0])
+            merge = self.image_processor.merge_size
+            self.tokens_per_frame = t * h * w // merge**2
+            self.resolution = [h * self.image_processor.patch_size, w * self.image_processor.patch_size]
+        texts = []
+        for _, question in batch:
+            content = [{"type": "image"}] * self.num_frames + [{"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if text.count(self.image_token) != self.num_frames:
+                raise ConfigError(f"the judge's chat template does not write one {self.image_token} an image")
+            texts.append(text.replace(self.image_token, self.image_token * self.tokens_per_frame))
+        tokens = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+        if "image_grid_thw" in encoded:
+            tokens["mm_token_type_ids"] = (tokens["input_ids"] == self.image_token_id).long()
+        if self.config.model_type == "llava_onevision":
+            encoded["batch_num_images"] = torch.tensor([self.num_frames] * len(batch))
+        return tokens | encoded
 
 
 # config.json's model_type -> how that judge class reads a clip
@@ -274,10 +297,12 @@ def check_judge_folder(path: Path) -> dict:
     return config
 
 
-def reader_for(path: Path, config, num_frames: int, clip_fps: float):
+def reader_for(path: Path, config, num_frames: int, clip_fps: float, form: str = "video"):
     """How the judge in `path` reads a clip; num_frames 0: its family's documented sampling (clip_fps: the clips'
-    frame rate, for the families that sample by time)."""
+    frame rate, for the families that sample by time); form "images": its frames as separate images."""
     reader = READERS[config.model_type]  # the folder was checked (check_judge_folder) before its model loaded
+    if form == "images":
+        return FramesAsImages(path, config, num_frames)
     if issubclass(reader, QwenVLVideo):
         return reader(path, config, num_frames, clip_fps)
     return reader(path, config, num_frames)
