@@ -1,5 +1,5 @@
-"""Will it fit: the per-GPU memory of stage 4 (training) and stage 2 (rendering) at a preset's shapes,
-before any compute, and the cheapest setting that fits when the asked one does not.
+"""Will it fit: the per-GPU memory of stage 4 (training), stage 2 (rendering) and stage 3 (a local judge) at
+a preset's shapes, before any compute, and the cheapest setting that fits when the asked one does not.
 
 Model states (parameters, gradients, optimizer states under ZeRO-0/2/3 and offload) come from
 DeepSpeed's own estimators. Activations, the frozen components and the VAE decode are predicted from
@@ -464,3 +464,27 @@ def check_rendering_memory(cfg, world: int, log) -> None:
     gib = planned_gpu_memory_gib(cfg.model)
     if gib is not None:
         enforce(render_plan(cfg, *cluster_shape(world), gib), cfg.model.force, log)
+
+
+def check_judging_memory(cfg, run, log) -> None:
+    """Stage 3 with a local judge: its weights and one batch's forward at the tokens its reader gives a clip of
+    stage 2's size, refused before the judge loads. The question stands in as 48 words."""
+    gib = planned_gpu_memory_gib(cfg.model)
+    if gib is None or cfg.score.judge not in ("transformers", "tiny"):
+        return
+    import numpy as np
+    from transformers import AutoConfig
+
+    from .judge import clip_fps, judge_path
+    from .judge_inputs import reader_for
+    from .schema import read_manifest
+
+    folder = judge_path(cfg.score, run)
+    config = AutoConfig.from_pretrained(str(folder))
+    reader = reader_for(folder, config, cfg.score.num_frames, clip_fps(run), cfg.score.judge_input)
+    shape = read_manifest(run, "stage2").get("render") or cfg.render
+    clip = np.zeros((shape["num_frames"], shape["height"], shape["width"], 3), dtype=np.uint8)
+    tokens = reader.inputs([(clip, " ".join(["word"] * 48))])["input_ids"].shape[1]
+    visual = reader.describe()["visual_tokens_per_question"]
+    plan = judge_plan(config, visual, tokens - visual, cfg.score.batch_size, cfg.score.dtype, gib)
+    enforce(plan, cfg.model.force, log)

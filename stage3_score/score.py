@@ -23,6 +23,7 @@ from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.errors import ConfigError, UserError
 from gigavideo.files import write_json_atomic
 from gigavideo.judge import check_judge, load_judge
+from gigavideo.memory import check_judging_memory
 from gigavideo.prompts import DIMENSIONS_DIR, load_dimension
 from gigavideo.report import histogram_png
 from gigavideo.schema import (
@@ -132,6 +133,7 @@ def preflight(cfg, run):
     if sc.aggregate not in AGGREGATES:
         raise ConfigError(f"--aggregate={sc.aggregate!r} not in {AGGREGATES}")
     check_judge(sc, run)
+    check_judging_memory(cfg, run, log)
     stage2 = index_json(run, "stage2", on_error=lambda err: None)  # unreadable samples: main records them as failed
     names = {m["dimension"] for m in stage2.values() if m["source"] == "synthetic"}
     dims = {}

@@ -92,6 +92,9 @@ def test_stages_refuse_before_any_compute_what_cannot_fit_and_force_runs_anyway(
     proc = run_stage("stage2", scored_copy, "--gpu_mem_gib=1", "--overwrite", check=False)
     assert proc.returncode == 2 and "stage2 memory plan" in proc.stderr
     assert (scored_copy / "stage2" / "manifest.json").is_file()  # refused before --overwrite removed anything
+    proc = run_stage("stage3", scored_copy, "--gpu_mem_gib=1", "--overwrite", check=False)
+    assert proc.returncode == 2 and "stage3 memory plan" in proc.stderr and "weights" in proc.stderr
+    assert (scored_copy / "stage3" / "manifest.json").is_file()
     proc = run_stage("stage4", scored_copy, "--gpu_mem_gib=1", "--force", "--max_steps=2", "--sample_every=0")
     assert "--force: running anyway" in proc.stderr and (scored_copy / "stage4" / "manifest.json").is_file()
 
