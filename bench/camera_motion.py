@@ -5,9 +5,9 @@ numpy pyramidal Lucas-Kanade the scorer used before, on the same synthetic clips
     python bench/camera_motion.py
 
 The first row is the scorer as it was (Lucas-Kanade and a median fit over every pixel); the others feed
-stage 3's fit (gigavideo/camera_motion.py: least squares over textured pixels, outliers trimmed), so
+stage 3's fit (gigavideo/judges/camera_motion.py: least squares over textured pixels, outliers trimmed), so
 they differ only in the flow. All share the classification.
-Clip sets (gigavideo/camera_clips.py), each over the 7 labels:
+Clip sets (gigavideo/judges/camera_clips.py), each over the 7 labels:
 clean (the scorer test's clips), noisy (sensor noise of 10% and 20% of the range), low_texture (heavily
 smoothed, 10-20% contrast, a flat band over 60% of the frame), large_motion (8-16 px per frame on 64-px
 frames, zooms of 10-20% per frame, over a multi-scale scene). Prints accuracy and clips/s per set, one
@@ -23,9 +23,9 @@ import cv2
 import fire
 import numpy as np
 
-from gigavideo import camera_motion
-from gigavideo.camera_clips import camera_clip
-from gigavideo.camera_motion import LABELS as KINDS
+from gigavideo.judges import camera_motion
+from gigavideo.judges.camera_clips import camera_clip
+from gigavideo.judges.camera_motion import LABELS as KINDS
 
 SPEEDS = ((0.6, 1.015), (1.5, 1.03), (2.5, 1.04), (4.0, 1.06))
 

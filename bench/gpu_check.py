@@ -7,7 +7,7 @@
 Stage 4: step time, tokens/s, MFU and peak memory beside the memory planner's prediction, for full
 fine-tuning (the preset's ZeRO config, gradient checkpointing) and for LoRA. Stage 2: seconds per video at
 50 steps with classifier-free guidance, without and with step caching (--cache=first_block), and how far
-caching moved the latents. Attention backends (gigavideo/attention.py): each one that can run on this GPU,
+caching moved the latents. Attention backends (gigavideo/models/attention.py): each one that can run on this GPU,
 stage 4's LoRA step and stage 2's sampling, as a speed-up over native, and how far each moved the latents.
 Text embeddings are random: the 5.7B text encoder is not what is timed.
 """
@@ -23,16 +23,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from gigavideo import attention
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
-from gigavideo.ds_config import build_ds_config
-from gigavideo.families import family_for
-from gigavideo.loss import batch_loss
-from gigavideo.memory import GIB, asked_setting, plan_training, tokens_per_sample
-from gigavideo.models import latent_shape
-from gigavideo.rendering import configure_pipeline
-from gigavideo.training import prepare_for_training
+from gigavideo.models import attention
+from gigavideo.models.families import family_for
+from gigavideo.models.memory import GIB, asked_setting, plan_training, tokens_per_sample
+from gigavideo.models.pipeline import latent_shape
+from gigavideo.models.rendering import configure_pipeline
+from gigavideo.train.ds_config import build_ds_config
+from gigavideo.train.loop import prepare_for_training
+from gigavideo.train.loss import batch_loss
 
 
 def sync(device: torch.device) -> None:

@@ -2,7 +2,7 @@
 """What the judge costs a question, by how it reads the clip, in one run:
 
 1. Visual tokens per question of the real judges at the paper's render size (832x480, 81 frames at 16 fps,
-   sampled to each family's default), computed by the same readers stage 3 uses (gigavideo/judge_inputs.py)
+   sampled to each family's default), computed by the same readers stage 3 uses (gigavideo/judges/inputs.py)
    from each checkpoint's processor settings (no weights needed): LLaVA-Video-7B as one video against its
    frames given as images (base resolution, no anyres tiles: a lower bound), Qwen2.5-VL-7B likewise.
 2. Measured on the tiny random judges of the real classes on this CPU: tokens and seconds per question, frames
@@ -23,10 +23,10 @@ from pathlib import Path
 import fire
 import numpy as np
 
-from gigavideo.camera_clips import camera_clip
-from gigavideo.judge import OpenAIJudge, TransformersJudge
-from gigavideo.judge_inputs import LLAVA_VIDEO_FRAMES
-from gigavideo.tiny_judges import build_tiny_judge, build_tiny_qwen_vl_judge
+from gigavideo.judges.camera_clips import camera_clip
+from gigavideo.judges.inputs import LLAVA_VIDEO_FRAMES
+from gigavideo.judges.judge import OpenAIJudge, TransformersJudge
+from gigavideo.tiny.judges import build_tiny_judge, build_tiny_qwen_vl_judge
 
 # The real checkpoints' processor settings that decide the token count (their configs on the hub).
 LLAVA_VIDEO_7B = {"image_size": 384, "patch_size": 14}  # SigLIP-so400m: 27x27 patches; video: pooled 2x2

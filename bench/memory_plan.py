@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
 from transformers import LlavaOnevisionConfig
 
 from gigavideo.config import load_config
-from gigavideo.ds_config import build_ds_config
-from gigavideo.memory import describe, judge_plan, render_plan, train_plan
+from gigavideo.models.memory import describe, judge_plan, render_plan, train_plan
+from gigavideo.train.ds_config import build_ds_config
 
 # LLaVA-Video-7B-Qwen2's architecture: transformers' LlavaOnevisionConfig (its SigLIP-so400m tower at 384 px) with
 # Qwen2-7B as the language model (Qwen2-7B's config.json).

@@ -15,8 +15,8 @@ import time
 import torch
 
 from gigavideo.config import load_config
-from gigavideo.families import family_for
-from gigavideo.rendering import Renderer
+from gigavideo.models.families import family_for
+from gigavideo.models.rendering import Renderer
 from gigavideo.seeding import derive_seed
 
 

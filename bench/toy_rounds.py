@@ -24,11 +24,11 @@ from pathlib import Path
 
 import fire
 
-from gigavideo.eval_report import load_records
-from gigavideo.files import write_json_atomic
-from gigavideo.stats import paired_bootstrap
+from gigavideo.eval.report import load_records
+from gigavideo.eval.stats import paired_bootstrap
+from gigavideo.rundir.files import write_json_atomic
+from gigavideo.rundir.video import decode_mp4
 from gigavideo.toy.judge import track
-from gigavideo.video import decode_mp4
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "toy-rounds"

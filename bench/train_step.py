@@ -31,10 +31,10 @@ if not torch.cuda.is_available():
 
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
-from gigavideo.ds_config import build_ds_config
-from gigavideo.families import family_for
-from gigavideo.loss import batch_loss
-from gigavideo.models import encode_video
+from gigavideo.models.families import family_for
+from gigavideo.models.pipeline import encode_video
+from gigavideo.train.ds_config import build_ds_config
+from gigavideo.train.loss import batch_loss
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,14 +9,14 @@ Prompt suites (--suites):
 
 --diagnose renders and scores the base model alone, before stage 1, into RUN_DIR/diagnosis/ and writes
 RUN_DIR/diagnosis.json: per dimension the mean reward with its interval and a weakness rank, which stage 1
-reads with --dimensions=auto --num_weak=K (gigavideo/diagnosis.py).
+reads with --dimensions=auto --num_weak=K (gigavideo/eval/diagnosis.py).
 
 Both models render every (prompt, index) with the same seed into VBench-2.0's layout,
 `RUN_DIR/eval/videos/{baseline,finetuned}/{suite}/{Dimension}/{prompt[:180]}-{index}.mp4`. The
 stage-3 judge (and specialist) scores each saved video, and drift statistics are measured on the
 same frames. Where VBench-2.0's evaluator is installed (--official), it scores the vbench2 folders
 too. Writes RUN_DIR/eval/report.json, report.md, chart-{suite}.png, gallery.html (the videos side by side:
-gigavideo/gallery.py) and TensorBoard scalars.
+gigavideo/eval/gallery.py) and TensorBoard scalars.
 Resumable: videos are renamed into place when complete and each scored video is appended to
 this rank's record file, so a rerun renders and scores only what is missing.
 """
@@ -32,24 +32,26 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gigavideo import attention, vbench2
-from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
-from gigavideo.diagnosis import DIAGNOSIS, DIAGNOSIS_FILE, diagnose, diagnosis_table
 from gigavideo.distributed import rank_and_world
 from gigavideo.errors import UserError
-from gigavideo.eval_report import LABELS, dimension_summary, load_records, realism, write_outputs
-from gigavideo.export import load_exported
-from gigavideo.families import family_for
-from gigavideo.files import write_atomic, write_json_atomic
-from gigavideo.gallery import write_gallery
-from gigavideo.judge import check_judge, load_judge
-from gigavideo.llm import TemplateBackend
-from gigavideo.models import load_pipeline
-from gigavideo.prompt_engine import Similarity, engine_prompts
-from gigavideo.prompts import load_style, resolve_dimensions
-from gigavideo.rendering import Renderer
-from gigavideo.schema import (
+from gigavideo.eval import vbench2
+from gigavideo.eval.diagnosis import DIAGNOSIS, DIAGNOSIS_FILE, diagnose, diagnosis_table
+from gigavideo.eval.gallery import write_gallery
+from gigavideo.eval.report import LABELS, dimension_summary, load_records, realism, write_outputs
+from gigavideo.judges.judge import check_judge, load_judge
+from gigavideo.judges.scoring import detector_for, score_videos
+from gigavideo.models import attention
+from gigavideo.models.base import base_model_path
+from gigavideo.models.export import load_exported
+from gigavideo.models.families import family_for
+from gigavideo.models.pipeline import load_pipeline
+from gigavideo.models.rendering import Renderer
+from gigavideo.prompts.dimensions import load_style, resolve_dimensions
+from gigavideo.prompts.engine import Similarity, engine_prompts
+from gigavideo.prompts.llm import TemplateBackend
+from gigavideo.rundir.files import write_atomic, write_json_atomic
+from gigavideo.rundir.schema import (
     SampleError,
     check_failed,
     decode_video,
@@ -59,9 +61,8 @@ from gigavideo.schema import (
     rank_parts,
     read_manifest,
 )
-from gigavideo.scoring import detector_for, score_videos
+from gigavideo.rundir.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics
 from gigavideo.seeding import derive_seed
-from gigavideo.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics
 
 log = logging.getLogger("gigavideo.eval")
 SUITES = ("heldout", "vbench2")

@@ -19,12 +19,12 @@ import json
 import logging
 
 from gigavideo.cli import run_cli, setup_logging
-from gigavideo.diagnosis import DIAGNOSIS
 from gigavideo.errors import ConfigError
-from gigavideo.eval_report import DRIFT_KEYS, drift, load_records
-from gigavideo.files import write_atomic, write_json_atomic
-from gigavideo.schema import RunDir, read_manifest
-from gigavideo.stats import paired_bootstrap
+from gigavideo.eval.diagnosis import DIAGNOSIS
+from gigavideo.eval.report import DRIFT_KEYS, drift, load_records
+from gigavideo.eval.stats import paired_bootstrap
+from gigavideo.rundir.files import write_atomic, write_json_atomic
+from gigavideo.rundir.schema import RunDir, read_manifest
 
 log = logging.getLogger("gigavideo.rounds")
 COST_STEPS = (DIAGNOSIS, "stage1", "stage2", "stage3", "stage4", "eval")

@@ -10,12 +10,12 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import Section, defaults, docs, load_config, to_json
-from .distributed import rank_and_world
-from .errors import UserError
-from .files import DISK_FULL, disk_full_message, writing_to
-from .locks import StageLocked, acquire
-from .schema import RunDir, StageNotReady, set_aside_unreadable_manifest
+from gigavideo.config import Section, defaults, docs, load_config, to_json
+from gigavideo.distributed import rank_and_world
+from gigavideo.errors import UserError
+from gigavideo.rundir.files import DISK_FULL, disk_full_message, writing_to
+from gigavideo.rundir.locks import StageLocked, acquire
+from gigavideo.rundir.schema import RunDir, StageNotReady, set_aside_unreadable_manifest
 
 log = logging.getLogger("gigavideo")
 # Faults of the input, printed as one line. Not ValueError: a bug that raises one must show where.
@@ -42,7 +42,7 @@ def start_stage(
 
     `preflight(cfg, run)` checks the inputs (previous stage, model paths) and returns what it
     resolved; it runs before --overwrite removes anything, so a bad input loses no data. Before either,
-    this process takes the stage's lock for its rank (gigavideo/locks.py): a second process on the same
+    this process takes the stage's lock for its rank (gigavideo/rundir/locks.py): a second process on the same
     stage and rank refuses to start, and so cannot --overwrite the first one's work.
     """
     setup_logging()
@@ -162,7 +162,7 @@ def run_dir_argument() -> Path:
 def pick_device(name: str):
     import torch
 
-    from .distributed import device_for_rank
+    from gigavideo.distributed import device_for_rank
 
     if name == "auto":
         return device_for_rank()

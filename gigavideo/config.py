@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .files import read_toml
-from .registry import resolve
+from gigavideo.errors import ConfigError
+from gigavideo.registry import resolve
+from gigavideo.rundir.files import read_toml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
@@ -121,7 +121,7 @@ class ModelConfig:
     )
     family: str = key(
         "wan2.1",
-        "the model family (gigavideo/families): wan2.1 | wan2.2-ti2v | wan2.2-a14b | a plug-in's module:Class",
+        "the model family (gigavideo/models/families): wan2.1 | wan2.2-ti2v | wan2.2-a14b | a plug-in's module:Class",
     )
     path: str = key("", "kind = wan: the local diffusers folder, e.g. Wan2.1-T2V-1.3B-Diffusers (REQUIRED for it)")
     tiny_seed: int = key(0, "kind = tiny or toy: the seed of the random weights", check=AT_LEAST_0)
@@ -129,7 +129,7 @@ class ModelConfig:
     device: str = key("auto", "auto = cuda when available, else cpu")
     attention_backend: str = key(
         "auto",
-        "the attention kernel of every transformer (stages 2 and 4, eval; gigavideo/attention.py): auto (the "
+        "the attention kernel of every transformer (stages 2 and 4, eval; gigavideo/models/attention.py): auto (the "
         "fastest installed for the device and dtype; native on CPU) | native | _native_cudnn | _native_flash | "
         "_native_efficient | _native_math | flash | _flash_3 | xformers | sage",
     )

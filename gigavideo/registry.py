@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import ConfigError
+from gigavideo.errors import ConfigError
 
 
 def resolve(registry: dict, name: str, what: str):

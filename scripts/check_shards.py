@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from gigavideo.schema import RunDir, iter_samples
+from gigavideo.rundir.schema import RunDir, iter_samples
 
 
 def main(run_dir: str = "runs/demo", stage: str = "stage2") -> None:

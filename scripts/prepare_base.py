@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import shutil
 
-from gigavideo.base_model import prepare_base
 from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config
-from gigavideo.diagnosis import pipeline_steps
-from gigavideo.schema import RunDir
+from gigavideo.eval.diagnosis import pipeline_steps
+from gigavideo.models.base import prepare_base
+from gigavideo.rundir.schema import RunDir
 
 log = logging.getLogger("gigavideo.base")
 

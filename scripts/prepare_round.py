@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import logging
 
-from gigavideo.base_model import prepare_base
 from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config, resolve_preset
-from gigavideo.diagnosis import pipeline_steps
 from gigavideo.errors import ConfigError
-from gigavideo.files import write_atomic
-from gigavideo.schema import RunDir
+from gigavideo.eval.diagnosis import pipeline_steps
+from gigavideo.models.base import prepare_base
+from gigavideo.rundir.files import write_atomic
+from gigavideo.rundir.schema import RunDir
 
 log = logging.getLogger("gigavideo.rounds")
 

@@ -25,16 +25,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gigavideo.cli import pick_device, run_cli, start_stage
-from gigavideo.diagnosis import DIAGNOSIS_FILE, read_diagnosis, weakest
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.errors import ConfigError, UserError
-from gigavideo.files import read_jsonl, read_text_lines
-from gigavideo.llm import OpenAIBackend, TemplateBackend, TransformersBackend
-from gigavideo.models import torch_dtype
-from gigavideo.prompt_engine import Similarity, run_unit, select
-from gigavideo.prompts import load_style, resolve_dimensions
+from gigavideo.eval.diagnosis import DIAGNOSIS_FILE, read_diagnosis, weakest
+from gigavideo.models.pipeline import torch_dtype
+from gigavideo.prompts.dimensions import load_style, resolve_dimensions
+from gigavideo.prompts.engine import Similarity, run_unit, select
+from gigavideo.prompts.llm import OpenAIBackend, TemplateBackend, TransformersBackend
 from gigavideo.registry import resolve
-from gigavideo.schema import (
+from gigavideo.rundir.files import read_jsonl, read_text_lines
+from gigavideo.rundir.schema import (
     ShardWriter,
     check_failed,
     iter_shard,
@@ -44,7 +44,7 @@ from gigavideo.schema import (
     resume_rank,
     write_manifest,
 )
-from gigavideo.video import VideoError, decode_mp4
+from gigavideo.rundir.video import VideoError, decode_mp4
 
 log = logging.getLogger("gigavideo.stage1")
 ENGINES = ("template", "transformers", "openai")

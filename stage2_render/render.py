@@ -14,17 +14,17 @@ import time
 
 from tqdm import tqdm
 
-from gigavideo import attention
-from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.errors import ConfigError
-from gigavideo.families import family_for
-from gigavideo.files import check_space
-from gigavideo.memory import check_rendering_memory
-from gigavideo.models import latent_space, load_pipeline
-from gigavideo.rendering import CACHES, Renderer, check_frames
-from gigavideo.schema import (
+from gigavideo.models import attention
+from gigavideo.models.base import base_model_path
+from gigavideo.models.families import family_for
+from gigavideo.models.memory import check_rendering_memory
+from gigavideo.models.pipeline import latent_space, load_pipeline
+from gigavideo.models.rendering import CACHES, Renderer, check_frames
+from gigavideo.rundir.files import check_space
+from gigavideo.rundir.schema import (
     SampleError,
     ShardWriter,
     completed_keys,
@@ -37,8 +37,8 @@ from gigavideo.schema import (
     resume_rank,
     stage2_arrays,
 )
+from gigavideo.rundir.video import encode_mp4
 from gigavideo.seeding import derive_seed
-from gigavideo.video import encode_mp4
 
 log = logging.getLogger("gigavideo.stage2")
 

@@ -21,12 +21,13 @@ from tqdm import tqdm
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.errors import ConfigError, UserError
-from gigavideo.files import write_json_atomic
-from gigavideo.judge import check_judge, load_judge
-from gigavideo.memory import check_judging_memory
-from gigavideo.prompts import DIMENSIONS_DIR, load_dimension
-from gigavideo.report import histogram_png
-from gigavideo.schema import (
+from gigavideo.eval.figures import histogram_png
+from gigavideo.judges.judge import check_judge, load_judge
+from gigavideo.judges.scoring import AGGREGATES, detector_for, questions_of, score_videos
+from gigavideo.models.memory import check_judging_memory
+from gigavideo.prompts.dimensions import DIMENSIONS_DIR, load_dimension
+from gigavideo.rundir.files import write_json_atomic
+from gigavideo.rundir.schema import (
     SampleError,
     ShardWriter,
     decode_video,
@@ -40,7 +41,6 @@ from gigavideo.schema import (
     read_manifest,
     resume_rank,
 )
-from gigavideo.scoring import AGGREGATES, detector_for, questions_of, score_videos
 
 log = logging.getLogger("gigavideo.stage3")
 MIN_FRAMES = 2

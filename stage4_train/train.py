@@ -42,22 +42,23 @@ import deepspeed
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gigavideo import attention, checkpoint
-from gigavideo.base_model import base_model_path
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.config import load_config
-from gigavideo.data import DataPosition, training_loader, training_weights
 from gigavideo.distributed import single_process_defaults
-from gigavideo.ds_config import build_ds_config
 from gigavideo.errors import ConfigError, StageFailed
-from gigavideo.export import SUMMARY_FILE, assemble_export, save_trained
-from gigavideo.families import family_for
-from gigavideo.families.wan21 import Expert
-from gigavideo.loss import batch_loss, sample_timesteps
-from gigavideo.memory import PeakMemory, check_training_memory, training_memory_record
-from gigavideo.schema import PROCESS_STARTED, read_manifest, write_manifest
+from gigavideo.models import attention
+from gigavideo.models.base import base_model_path
+from gigavideo.models.export import SUMMARY_FILE, assemble_export, save_trained
+from gigavideo.models.families import family_for
+from gigavideo.models.families.wan21 import Expert
+from gigavideo.models.memory import PeakMemory, check_training_memory, training_memory_record
+from gigavideo.rundir.schema import PROCESS_STARTED, read_manifest, write_manifest
 from gigavideo.seeding import derive_seed
-from gigavideo.training import BadSamples, StepMetrics, StopRequest, compute_dtype, prepare_for_training
+from gigavideo.train import checkpoint
+from gigavideo.train.data import DataPosition, training_loader, training_weights
+from gigavideo.train.ds_config import build_ds_config
+from gigavideo.train.loop import BadSamples, StepMetrics, StopRequest, compute_dtype, prepare_for_training
+from gigavideo.train.loss import batch_loss, sample_timesteps
 
 log = logging.getLogger("gigavideo.stage4")
 PREEMPTED_EXIT_CODE = 3
@@ -230,7 +231,7 @@ def train_expert(
         writer = SummaryWriter(str(tensorboard), purge_step=step + 1 if step else None)
     validation = None
     if tc.sample_every > 0:
-        from gigavideo.validation import Validation
+        from gigavideo.train.validation import Validation
 
         validation = Validation(run, base, family, expert.component, cfg, device, rank)
     bad = BadSamples(tc.max_bad_samples, tc.max_bad_steps, undecodable)

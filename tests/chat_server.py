@@ -16,7 +16,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from gigavideo.video import decode_mp4
+from gigavideo.rundir.video import decode_mp4
 
 ANIMALS = ["a fox", "a heron", "a goat", "a seal", "an otter", "a lynx", "a crane", "a mule", "a badger", "a moose"]
 PLACES = [

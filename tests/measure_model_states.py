@@ -33,8 +33,8 @@ def main(run_dir: str, *flags: str):
     import torch.distributed as dist
 
     from gigavideo.config import load_config
-    from gigavideo.ds_config import build_ds_config
-    from gigavideo.families import family_for
+    from gigavideo.models.families import family_for
+    from gigavideo.train.ds_config import build_ds_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     overrides = dict(f.lstrip("-").split("=", 1) for f in flags)

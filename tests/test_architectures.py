@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from gigavideo.base_model import base_model_path
 from gigavideo.config import load_config
-from gigavideo.families import family_for
-from gigavideo.models import ARCHITECTURE_KEYS, latent_shape, transformer_parameters, vae_architecture
-from gigavideo.schema import RunDir
+from gigavideo.models.base import base_model_path
+from gigavideo.models.families import family_for
+from gigavideo.models.pipeline import ARCHITECTURE_KEYS, latent_shape, transformer_parameters, vae_architecture
+from gigavideo.rundir.schema import RunDir
 
 ARCHITECTURES = REPO / "configs" / "architectures"
 # Parameters of the released checkpoints, per transformer (Wan2.2-A14B: each of its two experts).

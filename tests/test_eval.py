@@ -18,9 +18,9 @@ import pytest
 from conftest import REPO, SCRIPTS
 
 from gigavideo.config import load_config
-from gigavideo.eval_report import dimension_summary
-from gigavideo.prompts import resolve_dimensions
-from gigavideo.schema import RunDir
+from gigavideo.eval.report import dimension_summary
+from gigavideo.prompts.dimensions import resolve_dimensions
+from gigavideo.rundir.schema import RunDir
 
 DIMS = {"human_anatomy", "mechanics", "camera_motion"}
 
@@ -53,7 +53,7 @@ def vbench2_class(monkeypatch, tmp_path):
 
 
 def test_vbench2_folders_pass_vbench2s_own_name_matching(trained_run, vbench2_class, tmp_path):
-    from gigavideo.vbench2 import suite_file, vbench_name
+    from gigavideo.eval.vbench2 import suite_file, vbench_name
 
     run = RunDir(trained_run)
     report = json.loads((run.eval / "report.json").read_text())
@@ -135,7 +135,7 @@ class GalleryPairs(HTMLParser):
 
 
 def test_the_gallery_plays_every_pair_side_by_side_gains_then_losses(trained_run):
-    from gigavideo.eval_report import load_records
+    from gigavideo.eval.report import load_records
 
     run = RunDir(trained_run)
     records = load_records(run.eval / "records")
@@ -201,8 +201,8 @@ def test_a_browser_plays_the_first_pair_of_the_gallery(trained_run, tmp_path):
 def test_the_eval_chart_is_matplotlibs_and_draws_the_interval_of_each_difference(trained_run, tmp_path):
     from PIL import Image
 
-    from gigavideo.eval_report import chart_series
-    from gigavideo.report import bar_chart_png
+    from gigavideo.eval.figures import bar_chart_png
+    from gigavideo.eval.report import chart_series
 
     run = RunDir(trained_run)
     for chart in run.eval.glob("chart-*.png"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import run_stage, scalars, scored, train_and_kill
 
-from gigavideo.export import LORA_FILE
-from gigavideo.models import load_pipeline
-from gigavideo.schema import RunDir, iter_samples, read_manifest
+from gigavideo.models.export import LORA_FILE
+from gigavideo.models.pipeline import load_pipeline
+from gigavideo.rundir.schema import RunDir, iter_samples, read_manifest
 
 A14B = "--config=tiny-wan2.2-a14b"
 BOUNDARY = 0.875  # the tiny preset's, as the real model's

@@ -21,10 +21,10 @@ from conftest import REPO, run_stage
 
 from gigavideo.cli import run_cli
 from gigavideo.config import SECTIONS, ConfigError, load_config
-from gigavideo.data import DataPosition, decodable_batches
 from gigavideo.errors import UserError
-from gigavideo.schema import RunDir, index_json, read_manifest, shard_paths
-from gigavideo.video import encode_mp4
+from gigavideo.rundir.schema import RunDir, index_json, read_manifest, shard_paths
+from gigavideo.rundir.video import encode_mp4
+from gigavideo.train.data import DataPosition, decodable_batches
 
 
 def tree(path: Path) -> dict:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gigavideo.loss import (
+from gigavideo.train.loss import (
     noisy_latents_and_target,
     per_sample_flow_matching_loss,
     reward_weights,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SCRIPTS, run_stage
 
-from gigavideo.schema import RunDir, iter_samples, read_manifest, shard_keys
+from gigavideo.rundir.schema import RunDir, iter_samples, read_manifest, shard_keys
 
 
 def start(stage: str, run_dir, *args: str) -> subprocess.Popen:
@@ -336,7 +336,7 @@ def test_chaos_five_kill9s_mid_stage_then_a_rerun_give_the_uninterrupted_content
 
 
 def test_an_empty_lock_file_over_a_minute_old_is_taken_over_and_a_live_holder_refuses(tmp_path):
-    from gigavideo.locks import StageLocked, acquire, release, this_process
+    from gigavideo.rundir.locks import StageLocked, acquire, release, this_process
 
     lock = tmp_path / ".locks" / "stage3-rank00002.lock"
     lock.parent.mkdir()

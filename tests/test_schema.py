@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from gigavideo.schema import (
+from gigavideo.rundir.schema import (
     RunDir,
     SchemaError,
     ShardWriter,

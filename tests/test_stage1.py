@@ -11,11 +11,11 @@ import pytest
 from chat_server import ChatServer
 from conftest import REPO, run_stage
 
-from gigavideo.llm import OpenAIBackend, Request, build_tiny_chat_model
-from gigavideo.prompt_engine import Similarity, parse_answer
-from gigavideo.schema import RunDir, index_json, read_manifest
+from gigavideo.prompts.engine import Similarity, parse_answer
+from gigavideo.prompts.llm import OpenAIBackend, Request, build_tiny_chat_model
+from gigavideo.rundir.schema import RunDir, index_json, read_manifest
+from gigavideo.rundir.video import encode_mp4
 from gigavideo.toy.clips import make_clip
-from gigavideo.video import encode_mp4
 
 FAST = ["--real_captions=", "--dimensions=mechanics,camera_motion"]
 
@@ -82,7 +82,7 @@ def test_embedding_dedup_catches_paraphrases_that_the_lexical_filter_misses():
 def _select(prompts, similarity, threshold):
     from collections import Counter
 
-    from gigavideo.prompt_engine import select
+    from gigavideo.prompts.engine import select
 
     candidates = [{"prompt": p} for p in prompts]
     limits = {"min_words": 1, "max_words": 100, "dedup_threshold": threshold, "heldout_threshold": 2}
@@ -122,7 +122,7 @@ def test_real_captions_keep_their_video_and_bad_ones_are_dropped_and_counted(tmp
         f"--real_captions={pairs}",
         "--real_per_synthetic=0.5",
     )
-    from gigavideo.schema import iter_samples
+    from gigavideo.rundir.schema import iter_samples
 
     real = [s for s in iter_samples(RunDir(tmp_path / "run"), "stage1") if s["json"]["source"] == "real"]
     assert len(real) == 2  # 0.5 x 4 synthetic
@@ -298,7 +298,7 @@ def test_killed_midway_and_rerun_every_prompt_exactly_once_and_as_uninterrupted(
 
 @pytest.mark.slow
 def test_real_captions_from_a_video_webdataset_and_from_csv(tmp_path):
-    from gigavideo.schema import ShardWriter, iter_samples
+    from gigavideo.rundir.schema import ShardWriter, iter_samples
 
     clips = [make_clip(i) for i in range(3)]
     with ShardWriter(tmp_path / "videos", "stage1_units", "videos", 2) as writer:  # any tar writer will do

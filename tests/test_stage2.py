@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import REPO, run_stage
 
-from gigavideo.models import decode_latents, encode_video
-from gigavideo.schema import RunDir, index_json, iter_samples, read_manifest, shard_keys
-from gigavideo.video import decode_mp4, encode_mp4
+from gigavideo.models.pipeline import decode_latents, encode_video
+from gigavideo.rundir.schema import RunDir, index_json, iter_samples, read_manifest, shard_keys
+from gigavideo.rundir.video import decode_mp4, encode_mp4
 
 PROMPTS = ["--num_per_dimension=6", "--real_captions=procedural:2"]
 SHARDS = ["--samples_per_shard=2", "--batch_size=2", "--steps=20"]  # slow enough to be killed midway

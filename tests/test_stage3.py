@@ -8,10 +8,10 @@ from chat_server import ChatServer
 from conftest import run_stage
 from PIL import Image
 
-from gigavideo import camera_motion, instances
-from gigavideo.camera_clips import camera_clip
-from gigavideo.judge import OpenAIJudge
-from gigavideo.schema import RunDir, index_json, read_manifest
+from gigavideo.judges import camera_motion, instances
+from gigavideo.judges.camera_clips import camera_clip
+from gigavideo.judges.judge import OpenAIJudge
+from gigavideo.rundir.schema import RunDir, index_json, read_manifest
 from gigavideo.toy.clips import make_clip
 
 
@@ -139,7 +139,7 @@ def test_the_tiny_judge_is_a_llava_onevision_that_reads_the_clip_as_one_video(sc
     import torch
 
     from gigavideo.config import ConfigError
-    from gigavideo.judge import TransformersJudge
+    from gigavideo.judges.judge import TransformersJudge
 
     folder = RunDir(scored_run).models / "judge"
     assert json.loads((folder / "config.json").read_text())["architectures"] == [
@@ -175,8 +175,8 @@ def test_the_tiny_judge_is_a_llava_onevision_that_reads_the_clip_as_one_video(sc
 def test_qwen_vl_judges_score_stage2_videos_as_video_through_the_same_judge_path(version, scored_copy, tmp_path):
     import torch
 
-    from gigavideo.judge import TransformersJudge
-    from gigavideo.tiny_judges import build_tiny_qwen_vl_judge
+    from gigavideo.judges.judge import TransformersJudge
+    from gigavideo.tiny.judges import build_tiny_qwen_vl_judge
 
     folder = tmp_path / f"qwen{version}"
     folder.mkdir()
@@ -204,8 +204,8 @@ def test_every_video_judge_also_reads_frames_as_images_and_its_model_takes_them(
     """score.judge_input = images: the old way, kept for servers without video and for bench/judge.py's comparison."""
     import torch
 
-    from gigavideo.judge import TransformersJudge
-    from gigavideo.tiny_judges import build_tiny_judge, build_tiny_qwen_vl_judge
+    from gigavideo.judges.judge import TransformersJudge
+    from gigavideo.tiny.judges import build_tiny_judge, build_tiny_qwen_vl_judge
 
     if family == "llava-onevision":
         build_tiny_judge({"tiny_image_size": 32, "tiny_patch_size": 8, "tiny_seed": 0}, tmp_path)
@@ -232,8 +232,8 @@ def test_the_hand_built_video_inputs_are_what_transformers_video_processor_gives
     import torch
     from transformers import AutoProcessor
 
-    from gigavideo.judge import TransformersJudge
-    from gigavideo.tiny_judges import build_tiny_judge
+    from gigavideo.judges.judge import TransformersJudge
+    from gigavideo.tiny.judges import build_tiny_judge
 
     build_tiny_judge({"tiny_image_size": 32, "tiny_patch_size": 8, "tiny_seed": 0}, tmp_path)
     reader = TransformersJudge(tmp_path, num_frames=4).reader

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import run_stage
 
-from gigavideo.schema import RunDir, index_json, iter_samples, read_manifest, shard_paths
-from gigavideo.video import decode_mp4
+from gigavideo.rundir.schema import RunDir, index_json, iter_samples, read_manifest, shard_paths
+from gigavideo.rundir.video import decode_mp4
 
 
 def test_each_stage_reads_the_previous_one_by_key(scored_run):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gigavideo.stats import paired_bootstrap
+from gigavideo.eval.stats import paired_bootstrap
 
 
 def test_constant_improvement_has_a_zero_width_interval():

@@ -10,17 +10,17 @@ import pytest
 import torch
 from conftest import REPO, run_stage
 
-from gigavideo.eval_report import realism, realism_distance
+from gigavideo.eval.report import realism, realism_distance
+from gigavideo.rundir.video import video_statistics
 from gigavideo.toy.clips import COLOURS, DIRECTIONS, SHADES, SIZE_WORDS, Scene, make_clip, render_scene
 from gigavideo.toy.judge import ToyJudge
 from gigavideo.toy.vae import pixel_vae
-from gigavideo.video import video_statistics
 
 
 def test_pixel_vae_round_trips_rgb_through_stock_diffusers(tmp_path):
     from diffusers import AutoencoderKLWan
 
-    from gigavideo.models import decode_latents, encode_video
+    from gigavideo.models.pipeline import decode_latents, encode_video
 
     pixel_vae().save_pretrained(tmp_path / "vae")
     vae = AutoencoderKLWan.from_pretrained(tmp_path / "vae").eval()
@@ -126,9 +126,9 @@ def test_realism_change_comes_with_an_interval_that_tells_drift_from_noise():
 
 
 def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_path):
-    from gigavideo.base_model import base_model_path
     from gigavideo.config import load_config
-    from gigavideo.schema import RunDir
+    from gigavideo.models.base import base_model_path
+    from gigavideo.rundir.schema import RunDir
 
     run = RunDir(tmp_path / "run")
     cfg = load_config("tiny", "render")
@@ -151,9 +151,9 @@ checkpoint_every = 20
 def test_toy_base_is_an_explicit_step_and_its_pretraining_killed_midway_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from gigavideo.base_model import base_model_path
     from gigavideo.config import load_config
-    from gigavideo.schema import RunDir
+    from gigavideo.models.base import base_model_path
+    from gigavideo.rundir.schema import RunDir
 
     preset = tmp_path / "short-toy.toml"
     preset.write_text((REPO / "configs" / "toy.toml").read_text() + SHORT_PRETRAINING)  # [toy] is its last table

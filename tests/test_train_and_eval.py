@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gigavideo.config import REPO_ROOT
-from gigavideo.ds_config import build_ds_config
-from gigavideo.schema import RunDir, index_json, read_manifest
+from gigavideo.rundir.schema import RunDir, index_json, read_manifest
+from gigavideo.train.ds_config import build_ds_config
 
 
 def test_training_exports_a_pipeline_that_stock_diffusers_loads(trained_run):
@@ -107,9 +107,9 @@ import deepspeed, torch, torch.distributed as dist
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
 from gigavideo.config import REPO_ROOT
-from gigavideo.ds_config import build_ds_config
-from gigavideo.families import family_for
-from gigavideo.loss import batch_loss
+from gigavideo.train.ds_config import build_ds_config
+from gigavideo.models.families import family_for
+from gigavideo.train.loss import batch_loss
 
 single_process_defaults()
 deepspeed.init_distributed(dist_backend="gloo")

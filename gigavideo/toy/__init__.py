@@ -2,8 +2,8 @@
 whose answers are known to be right (README: Toy world).
 
 It is a plug-in: no module outside this package imports it. It is registered by name where a
-config value picks it: `model.kind = "toy"` (gigavideo.models.BASE_MODELS), `score.judge = "toy"`
-(gigavideo.judge.JUDGES), `real_captions = "procedural:N"` (stage 1's REAL_CAPTION_SOURCES) and the
+config value picks it: `model.kind = "toy"` (gigavideo.models.pipeline.BASE_MODELS), `score.judge = "toy"`
+(gigavideo.judges.judge.JUDGES), `real_captions = "procedural:N"` (stage 1's REAL_CAPTION_SOURCES) and the
 `[toy]` config section (gigavideo.config.PLUGIN_SECTIONS).
 
     clips.py        the world's clips and their captions

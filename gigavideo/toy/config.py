@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Entries, key
-from .clips import CAPTIONED, SIZE_RANGE
+from gigavideo.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Entries, key
+from gigavideo.toy.clips import CAPTIONED, SIZE_RANGE
 
 
 def toy_settings(cfg):
     """The [toy] section of a config, or its defaults where the preset has none (the tiny preset's clips)."""
-    from ..config import defaults
+    from gigavideo.config import defaults
 
     return cfg.get("toy") or defaults("toy")
 

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from .clips import COLOURS, DIRECTIONS, SHADES, SIZE_WORDS, shaded
+from gigavideo.toy.clips import COLOURS, DIRECTIONS, SHADES, SIZE_WORDS, shaded
 
 
 def track(frames: np.ndarray, saturation: int = 40) -> dict:

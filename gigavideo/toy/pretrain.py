@@ -24,16 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..base_model import BaseModelKind
-from ..errors import UserError
-from ..families import family_for
-from ..files import write_atomic, write_json_atomic
-from ..loss import noisy_latents_and_target, sample_timesteps
-from ..models import check_recipe, model_recipe, normalize_latents, write_recipe
-from ..schema import RunDir
-from .clips import make_clip
-from .config import toy_settings
-from .vae import pixel_vae
+from gigavideo.errors import UserError
+from gigavideo.models.base import BaseModelKind
+from gigavideo.models.families import family_for
+from gigavideo.models.pipeline import check_recipe, model_recipe, normalize_latents, write_recipe
+from gigavideo.rundir.files import write_atomic, write_json_atomic
+from gigavideo.rundir.schema import RunDir
+from gigavideo.toy.clips import make_clip
+from gigavideo.toy.config import toy_settings
+from gigavideo.toy.vae import pixel_vae
+from gigavideo.train.loss import noisy_latents_and_target, sample_timesteps
 
 log = logging.getLogger("gigavideo.toy")
 STATE_FILE = "pretrain-state.pt"
@@ -173,4 +173,4 @@ def check_toy_folder(cfg, path: Path) -> None:
 
 TOY_BASE = BaseModelKind(
     find=toy_base, prepare=pretrain, check=check_toy_folder
-)  # model.kind = "toy" (gigavideo.base_model.BASE_MODELS)
+)  # model.kind = "toy" (gigavideo.models.base.BASE_MODELS)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..video import encode_mp4
-from .clips import make_clip
-from .config import toy_settings
+from gigavideo.rundir.video import encode_mp4
+from gigavideo.toy.clips import make_clip
+from gigavideo.toy.config import toy_settings
 
 
 def caption_pairs(count: str, cfg):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from gigavideo.errors import ConfigError
 
 _K = 1000.0  # the constant channel
 

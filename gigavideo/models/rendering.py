@@ -1,0 +1,176 @@
+"""Rendering with the frozen base model, shared by stage 2 and eval.
+
+Generation runs with `output_type="latent"` and the latents are decoded once here, so the same
+latents that make the mp4 are the ones stage 4 trains on; prompt embeddings are kept too, so
+training never loads the text encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from gigavideo.errors import ConfigError
+from gigavideo.models import attention
+from gigavideo.models.pipeline import decode_latents, encode_video
+from gigavideo.rundir.video import resize_crop_sample
+
+log = logging.getLogger("gigavideo.render")
+
+
+def check_frames(num_frames: int) -> None:
+    if (num_frames - 1) % 4:
+        raise ConfigError(f"num_frames={num_frames}: Wan needs 4k+1 frames (e.g. 9, 17, 33, 81)")
+
+
+# WanPipeline warns about the rounding on every call when the factor is 1 (its test is num_frames % factor != 1);
+# pipeline_num_frames has already accounted for it, so that one message, exactly, is dropped.
+ROUNDING_NOTICE = "`num_frames - 1` has to be divisible by 1. Rounding to the nearest number."
+
+
+def pipeline_num_frames(num_frames: int, temporal_factor: int) -> int:
+    """What to pass WanPipeline for `num_frames` output frames. It rounds num_frames to k * factor + 1,
+    which for a VAE without temporal compression (factor 1, the toy world's) would add a frame."""
+    if temporal_factor == 1:
+        logging.getLogger("diffusers.pipelines.wan.pipeline_wan").addFilter(_drop_rounding_notice)
+        return num_frames - 1
+    return num_frames
+
+
+def _drop_rounding_notice(record: logging.LogRecord) -> bool:
+    return record.getMessage() != ROUNDING_NOTICE
+
+
+def trim_padding(embeds: torch.Tensor) -> np.ndarray:
+    """WanPipeline zero-pads text embeddings to max_sequence_length; store only the real tokens."""
+    nonzero = embeds.abs().sum(-1) > 0
+    length = int(nonzero.nonzero().max()) + 1 if nonzero.any() else 1
+    return embeds[:length].float().cpu().numpy()
+
+
+CACHES = ("none", "first_block", "taylorseer")
+
+
+def configure_pipeline(pipe, render_cfg: dict, flow_shift: float, device) -> None:
+    """The sampler's shift, memory savers and step caching, as the flags ask."""
+    from diffusers import UniPCMultistepScheduler
+
+    if isinstance(pipe.scheduler, UniPCMultistepScheduler):
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=float(flow_shift))
+    if render_cfg.get("vae_tiling"):
+        pipe.vae.enable_tiling()
+    if render_cfg.get("vae_slicing"):
+        pipe.vae.enable_slicing()
+    if render_cfg.get("cpu_offload"):
+        pipe.enable_model_cpu_offload(device=device)
+    cache = render_cfg.get("cache", "none")
+    if cache not in CACHES:
+        raise ConfigError(f"--cache={cache!r} not in {CACHES}")
+    if cache == "first_block":
+        from diffusers import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(render_cfg["cache_threshold"])))
+    elif cache == "taylorseer":
+        from diffusers import TaylorSeerCacheConfig
+
+        pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=int(render_cfg["cache_interval"])))
+
+
+class Renderer:
+    def __init__(
+        self, pipe, family, render_cfg: dict, max_sequence_length: int, device, flow_shift: float | None = None
+    ):
+        check_frames(render_cfg["num_frames"])
+        family.check_video_shape(pipe, render_cfg["height"], render_cfg["width"], render_cfg["num_frames"])
+        if flow_shift is not None:
+            configure_pipeline(pipe, render_cfg, flow_shift, device)
+        self.pipe, self.cfg, self.device = pipe, render_cfg, device
+        self.sampler_kwargs = family.sampler_kwargs(render_cfg)
+        self.max_sequence_length = int(max_sequence_length)
+
+    def settings(self) -> dict:
+        keys = (
+            "height",
+            "width",
+            "num_frames",
+            "fps",
+            "steps",
+            "guidance_scale",
+            "negative_prompt",
+            "cache",
+            "pix_fmt",
+        )
+        return {k: self.cfg[k] for k in keys} | {
+            "flow_shift": getattr(self.pipe.scheduler.config, "flow_shift", None),
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "max_sequence_length": self.max_sequence_length,
+            "attention_backend": attention.registered_in(attention.pipeline_transformers(self.pipe)),
+        }
+
+    def warn_if_truncated(self, keys: list[str], prompts: list[str]) -> None:
+        for key, prompt in zip(keys, prompts, strict=False):
+            n = len(self.pipe.tokenizer(prompt, add_special_tokens=True).input_ids)
+            if n > self.max_sequence_length:
+                log.warning("%s: prompt has %d tokens, truncated to %d", key, n, self.max_sequence_length)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]):
+        use_cfg = self.cfg["guidance_scale"] > 1.0
+        return self.pipe.encode_prompt(
+            prompts,
+            negative_prompt=[self.cfg["negative_prompt"]] * len(prompts),
+            do_classifier_free_guidance=use_cfg,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
+
+    @torch.no_grad()
+    def render(self, keys: list[str], prompts: list[str], seeds: list[int]) -> list[dict]:
+        """One batch: returns per sample {latents, prompt_embeds, frames, seconds}."""
+        self.warn_if_truncated(keys, prompts)
+        start = time.time()
+        prompt_embeds, negative_embeds = self.embed(prompts)
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        latents = self.pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            height=self.cfg["height"],
+            width=self.cfg["width"],
+            num_frames=pipeline_num_frames(self.cfg["num_frames"], self.pipe.vae_scale_factor_temporal),
+            num_inference_steps=self.cfg["steps"],
+            guidance_scale=self.cfg["guidance_scale"],
+            generator=generators,
+            output_type="latent",
+            **self.sampler_kwargs,
+        ).frames
+        frames = decode_latents(self.pipe.vae, latents)
+        seconds = (time.time() - start) / len(prompts)
+        return [
+            {
+                "latents": latents[i].float().cpu().numpy(),
+                "prompt_embeds": trim_padding(prompt_embeds[i]),
+                "frames": frames[i],
+                "seconds": seconds,
+            }
+            for i in range(len(prompts))
+        ]
+
+    @torch.no_grad()
+    def encode_real(self, frames: np.ndarray, caption: str) -> dict:
+        """A real clip at the training shape, with its VAE latents and its caption's embeddings."""
+        clip = resize_crop_sample(frames, self.cfg["height"], self.cfg["width"], self.cfg["num_frames"])
+        latents = encode_video(self.pipe.vae, clip, self.device)
+        prompt_embeds, _ = self.pipe.encode_prompt(
+            [caption],
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
+        return {
+            "latents": latents.float().cpu().numpy(),
+            "prompt_embeds": trim_padding(prompt_embeds[0]),
+            "frames": clip,
+        }

@@ -1,0 +1,172 @@
+"""Stage 4's data: stage-2 latents and text embeddings joined with stage-3 rewards by key.
+
+Weights are computed offline, once, before training (the paper's offline reweighting): a
+synthetic sample's weight is its reward through the chosen mapping; a real-caption sample's
+weight is the realism weight. Synthetic samples without a score are excluded and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from gigavideo.models.pipeline import pad_prompt_embeds
+from gigavideo.rundir.schema import (
+    RunDir,
+    SampleError,
+    SchemaError,
+    array_spec,
+    decode_sample,
+    index_json,
+    read_manifest,
+    shard_paths,
+)
+from gigavideo.seeding import derive_seed
+from gigavideo.train.loss import reward_weights
+
+log = logging.getLogger("gigavideo.train.data")
+
+
+def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], dict, list[dict]]:
+    """key -> loss weight for every stage-2 sample that trains, counts of what was excluded, and the samples
+    left out already here for lacking a member or a readable json (SampleError records)."""
+    unreadable = []
+    renders = index_json(run, "stage2", on_error=lambda err: unreadable.append(err.record()))
+    scores = index_json(run, "stage3")
+    rewards = {
+        k: scores[k]["reward"]
+        for k, m in renders.items()
+        if m["source"] == "synthetic" and k in scores and scores[k]["status"] == "ok"
+    }
+    weights = reward_weights(
+        rewards, train_cfg["weight_mapping"], train_cfg["weight_temperature"], train_cfg["weight_threshold"]
+    )
+    real = [k for k, m in renders.items() if m["source"] == "real"]
+    if train_cfg["realism_weight"] > 0:
+        weights.update(dict.fromkeys(real, float(train_cfg["realism_weight"])))
+    synthetic = [k for k, m in renders.items() if m["source"] == "synthetic"]
+    stats = {
+        "synthetic": len(synthetic),
+        "scored": len(rewards),
+        "real": len(real),
+        "excluded_unscored": len(synthetic) - len(rewards),
+        "excluded_real": len(real) if train_cfg["realism_weight"] <= 0 else 0,
+        "excluded_undecodable": len(unreadable),
+        "mean_synthetic_weight": float(np.mean([weights[k] for k in rewards])) if rewards else None,
+    }
+    if not weights:
+        raise SchemaError(f"nothing to train on in {run.path}: {stats}")
+    return weights, stats, unreadable
+
+
+def _decode(raw: dict, weights: dict, max_sequence_length: int, arrays: dict) -> dict:
+    """A training sample, or {"undecodable": what was wrong} when a member cannot be decoded (the schema's
+    one decoding path: never unpickled, dtype and shape checked against stage 2's manifest)."""
+    try:
+        sample = decode_sample(raw, "stage2", arrays)
+    except SampleError as err:
+        return {"key": raw.get("__key__"), "undecodable": err.record()}
+    return {
+        "key": sample["__key__"],
+        "latents": torch.from_numpy(sample["latents.npy"]),
+        "prompt_embeds": torch.from_numpy(pad_prompt_embeds(sample["prompt_embeds.npy"], max_sequence_length)),
+        "weight": float(weights[sample["__key__"]]),
+        "is_real": sample["json"]["source"] == "real",
+    }
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "keys": [s["key"] for s in samples],
+        "latents": torch.stack([s["latents"] for s in samples]),
+        "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),
+        "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
+        "is_real": torch.tensor([s["is_real"] for s in samples]),
+    }
+
+
+def decodable_batches(samples, size: int):
+    """Full batches of the samples that decode; each batch carries, in "undecodable", the samples left out
+    since the previous one. A batch is the same on a replay, so a resumed run skips the same samples. The
+    samples left out after the last full batch come last, in a batch with no keys (DataPosition passes them on)."""
+    batch, undecodable = [], []
+    for sample in samples:
+        if "undecodable" in sample:
+            undecodable.append(sample["undecodable"])
+            continue
+        batch.append(sample)
+        if len(batch) == size:
+            yield collate(batch) | {"undecodable": undecodable}
+            batch, undecodable = [], []
+    if undecodable:
+        yield {"keys": [], "undecodable": undecodable}
+
+
+def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_length: int, world_size: int, epoch: int):
+    """One epoch of this rank's batches, in an order fixed by (seed, epoch).
+
+    Shards are split over ranks, then over dataloader workers; shard order and a shuffle buffer
+    are seeded per epoch, so a resumed run can replay an epoch up to where it stopped.
+    """
+    shards = shard_paths(run, "stage2")
+    workers = int(train_cfg["num_workers"])
+    needed = world_size * max(1, workers)
+    if len(shards) < needed:
+        raise SchemaError(
+            f"stage2 has {len(shards)} shards but {world_size} ranks x {max(1, workers)} workers "
+            f"need at least {needed}: rerun stage 2 with a smaller --samples_per_shard, "
+            f"or lower --num_workers"
+        )
+    seed = derive_seed(train_cfg["seed"], "epoch", epoch)
+    arrays = array_spec(read_manifest(run, "stage2"))
+    dataset = (
+        wds.WebDataset(
+            shards,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            shardshuffle=len(shards),
+            seed=seed,
+            empty_check=False,
+        )
+        .select(lambda s: s["__key__"] in weights)
+        .shuffle(int(train_cfg["shuffle_buffer"]), seed=seed)
+        .map(partial(_decode, weights=weights, max_sequence_length=max_sequence_length, arrays=arrays))
+        .compose(partial(decodable_batches, size=int(train_cfg["micro_batch_size"])))
+    )
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+
+
+class DataPosition:
+    """Where a rank is in its data: (epoch, batches taken in that epoch); saved in every checkpoint."""
+
+    def __init__(self, make_loader, epoch: int = 0, batches: int = 0):
+        self.make_loader, self.epoch, self.batches = make_loader, epoch, batches
+        self._iter = self._open(skip=batches)
+
+    def _open(self, skip: int):
+        it = iter(self.make_loader(self.epoch))
+        for _ in range(skip):  # replay the epoch up to the saved position
+            next(it)
+        return it
+
+    def next(self) -> dict:
+        """The next full batch, into the next epoch where this one has ended; the samples left out at an epoch's
+        end (after its last full batch) ride on it, so that every one is named and counted."""
+        left_out, opened = [], False
+        while True:
+            for batch in self._iter:
+                self.batches += 1
+                if batch["keys"]:
+                    return batch | {"undecodable": left_out + batch["undecodable"]}
+                left_out += batch["undecodable"]
+            if opened:
+                raise RuntimeError("this rank's shards gave no full batch; lower --micro_batch_size")
+            self.epoch, self.batches, opened = self.epoch + 1, 0, True
+            self._iter = self._open(skip=0)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
