@@ -25,9 +25,9 @@ if not torch.cuda.is_available():
 
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
+from gigavideo.memory import GIB, asked_setting, plan_training, tokens_per_sample
 from gigavideo.models import attention
 from gigavideo.models.families import family_for
-from gigavideo.models.memory import GIB, asked_setting, plan_training, tokens_per_sample
 from gigavideo.models.pipeline import latent_shape
 from gigavideo.models.rendering import configure_pipeline
 from gigavideo.train.ds_config import build_ds_config

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 from transformers import LlavaOnevisionConfig
 
 from gigavideo.config import load_config
-from gigavideo.models.memory import describe, judge_plan, render_plan, train_plan
+from gigavideo.memory import describe, judge_plan, render_plan, train_plan
 from gigavideo.train.ds_config import build_ds_config
 
 # LLaVA-Video-7B-Qwen2's architecture: transformers' LlavaOnevisionConfig (its SigLIP-so400m tower at 384 px) with

@@ -27,7 +27,7 @@ import fire
 import numpy as np
 
 from gigavideo.config import load_config
-from gigavideo.rundir.schema import STAGE_SCRIPTS
+from gigavideo.rundir.layout import STAGE_SCRIPTS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -50,17 +50,11 @@ from gigavideo.models.rendering import Renderer
 from gigavideo.prompts.dimensions import load_style, resolve_dimensions
 from gigavideo.prompts.engine import Similarity, engine_prompts
 from gigavideo.prompts.llm import TemplateBackend
+from gigavideo.rundir.completion import check_failed, process_seconds, rank_parts
+from gigavideo.rundir.fields import SampleError, decode_video
 from gigavideo.rundir.files import write_atomic, write_json_atomic
-from gigavideo.rundir.schema import (
-    SampleError,
-    check_failed,
-    decode_video,
-    index_json,
-    iter_samples,
-    process_seconds,
-    rank_parts,
-    read_manifest,
-)
+from gigavideo.rundir.layout import read_manifest
+from gigavideo.rundir.shards import index_json, iter_samples
 from gigavideo.rundir.video import VideoError, decode_mp4, encode_mp4, resize_crop_sample, video_statistics
 from gigavideo.seeding import derive_seed
 

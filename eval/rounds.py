@@ -24,7 +24,7 @@ from gigavideo.eval.diagnosis import DIAGNOSIS
 from gigavideo.eval.report import DRIFT_KEYS, drift, load_records
 from gigavideo.eval.stats import paired_bootstrap
 from gigavideo.rundir.files import write_atomic, write_json_atomic
-from gigavideo.rundir.schema import RunDir, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
 
 log = logging.getLogger("gigavideo.rounds")
 COST_STEPS = (DIAGNOSIS, "stage1", "stage2", "stage3", "stage4", "eval")

@@ -13,9 +13,10 @@ from pathlib import Path
 from gigavideo.config import Section, defaults, docs, load_config, to_json
 from gigavideo.distributed import rank_and_world
 from gigavideo.errors import UserError
+from gigavideo.rundir.completion import set_aside_unreadable_manifest
 from gigavideo.rundir.files import DISK_FULL, disk_full_message, writing_to
+from gigavideo.rundir.layout import RunDir, StageNotReady
 from gigavideo.rundir.locks import StageLocked, acquire
-from gigavideo.rundir.schema import RunDir, StageNotReady, set_aside_unreadable_manifest
 
 log = logging.getLogger("gigavideo")
 # Faults of the input, printed as one line. Not ValueError: a bug that raises one must show where.

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from gigavideo.rundir.schema import RunDir, iter_samples
+from gigavideo.rundir.layout import RunDir
+from gigavideo.rundir.shards import iter_samples
 
 
 def main(run_dir: str = "runs/demo", stage: str = "stage2") -> None:

@@ -17,7 +17,7 @@ from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config
 from gigavideo.eval.diagnosis import pipeline_steps
 from gigavideo.models.base import prepare_base
-from gigavideo.rundir.schema import RunDir
+from gigavideo.rundir.layout import RunDir
 
 log = logging.getLogger("gigavideo.base")
 

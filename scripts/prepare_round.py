@@ -23,7 +23,7 @@ from gigavideo.errors import ConfigError
 from gigavideo.eval.diagnosis import pipeline_steps
 from gigavideo.models.base import prepare_base
 from gigavideo.rundir.files import write_atomic
-from gigavideo.rundir.schema import RunDir
+from gigavideo.rundir.layout import RunDir
 
 log = logging.getLogger("gigavideo.rounds")
 

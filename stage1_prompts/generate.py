@@ -33,17 +33,9 @@ from gigavideo.prompts.dimensions import load_style, resolve_dimensions
 from gigavideo.prompts.engine import Similarity, run_unit, select
 from gigavideo.prompts.llm import OpenAIBackend, TemplateBackend, TransformersBackend
 from gigavideo.registry import resolve
+from gigavideo.rundir.completion import check_failed, process_seconds, rank_parts, write_manifest
 from gigavideo.rundir.files import read_jsonl, read_text_lines
-from gigavideo.rundir.schema import (
-    ShardWriter,
-    check_failed,
-    iter_shard,
-    process_seconds,
-    rank_parts,
-    rank_prefix,
-    resume_rank,
-    write_manifest,
-)
+from gigavideo.rundir.shards import ShardWriter, iter_shard, rank_prefix, resume_rank
 from gigavideo.rundir.video import VideoError, decode_mp4
 
 log = logging.getLogger("gigavideo.stage1")

@@ -17,26 +17,17 @@ from tqdm import tqdm
 from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_slice, rank_and_world
 from gigavideo.errors import ConfigError
+from gigavideo.memory import check_rendering_memory
 from gigavideo.models import attention
 from gigavideo.models.base import base_model_path
 from gigavideo.models.families import family_for
-from gigavideo.models.memory import check_rendering_memory
 from gigavideo.models.pipeline import latent_space, load_pipeline
 from gigavideo.models.rendering import CACHES, Renderer, check_frames
+from gigavideo.rundir.completion import finish_rank
+from gigavideo.rundir.fields import SampleError, decode_video, stage2_arrays
 from gigavideo.rundir.files import check_space
-from gigavideo.rundir.schema import (
-    SampleError,
-    ShardWriter,
-    completed_keys,
-    decode_video,
-    finish_rank,
-    index_json,
-    iter_samples,
-    rank_prefix,
-    read_manifest,
-    resume_rank,
-    stage2_arrays,
-)
+from gigavideo.rundir.layout import read_manifest
+from gigavideo.rundir.shards import ShardWriter, completed_keys, index_json, iter_samples, rank_prefix, resume_rank
 from gigavideo.rundir.video import encode_mp4
 from gigavideo.seeding import derive_seed
 

@@ -24,21 +24,19 @@ from gigavideo.errors import ConfigError, UserError
 from gigavideo.eval.figures import histogram_png
 from gigavideo.judges.judge import check_judge, load_judge
 from gigavideo.judges.scoring import AGGREGATES, detector_for, questions_of, score_videos
-from gigavideo.models.memory import check_judging_memory
+from gigavideo.memory import check_judging_memory
 from gigavideo.prompts.dimensions import DIMENSIONS_DIR, load_dimension
+from gigavideo.rundir.completion import finish_rank
+from gigavideo.rundir.fields import SampleError, decode_video, is_name
 from gigavideo.rundir.files import write_json_atomic
-from gigavideo.rundir.schema import (
-    SampleError,
+from gigavideo.rundir.layout import read_manifest
+from gigavideo.rundir.shards import (
     ShardWriter,
-    decode_video,
     drop_failed_records,
-    finish_rank,
     index_json,
-    is_name,
     iter_samples,
     iter_shard,
     rank_prefix,
-    read_manifest,
     resume_rank,
 )
 

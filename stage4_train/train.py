@@ -46,13 +46,14 @@ from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
 from gigavideo.errors import ConfigError, StageFailed
+from gigavideo.memory import PeakMemory, check_training_memory, training_memory_record
 from gigavideo.models import attention
 from gigavideo.models.base import base_model_path
 from gigavideo.models.export import SUMMARY_FILE, assemble_export, save_trained
 from gigavideo.models.families import family_for
 from gigavideo.models.families.wan21 import Expert
-from gigavideo.models.memory import PeakMemory, check_training_memory, training_memory_record
-from gigavideo.rundir.schema import PROCESS_STARTED, read_manifest, write_manifest
+from gigavideo.rundir.completion import PROCESS_STARTED, write_manifest
+from gigavideo.rundir.layout import read_manifest
 from gigavideo.seeding import derive_seed
 from gigavideo.train import checkpoint
 from gigavideo.train.data import DataPosition, training_loader, training_weights

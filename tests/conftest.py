@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gigavideo.rundir.schema import STAGE_SCRIPTS as SCRIPTS
+from gigavideo.rundir.layout import STAGE_SCRIPTS as SCRIPTS
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for seconds per stage, large enough for several shards per stage.

@@ -57,8 +57,8 @@ def main(run_dir: str, *flags: str):
     spec.loader.exec_module(train)
 
     from gigavideo.config import load_config
+    from gigavideo.memory import activation_bytes, tokens_per_sample
     from gigavideo.models.families import family_for
-    from gigavideo.models.memory import activation_bytes, tokens_per_sample
     from gigavideo.models.pipeline import latent_shape
     from gigavideo.train.loss import batch_loss
 

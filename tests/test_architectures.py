@@ -14,7 +14,7 @@ from gigavideo.config import load_config
 from gigavideo.models.base import base_model_path
 from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import ARCHITECTURE_KEYS, latent_shape, transformer_parameters, vae_architecture
-from gigavideo.rundir.schema import RunDir
+from gigavideo.rundir.layout import RunDir
 
 ARCHITECTURES = REPO / "configs" / "architectures"
 # Parameters of the released checkpoints, per transformer (Wan2.2-A14B: each of its two experts).

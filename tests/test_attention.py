@@ -10,7 +10,7 @@ from conftest import run_stage
 
 from gigavideo.config import ConfigError
 from gigavideo.models import attention
-from gigavideo.rundir.schema import RunDir, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
 
 
 def test_auto_is_native_on_a_cpu_and_a_backend_that_cannot_run_here_names_what_provides_it():

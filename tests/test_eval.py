@@ -20,7 +20,7 @@ from conftest import REPO, SCRIPTS
 from gigavideo.config import load_config
 from gigavideo.eval.report import dimension_summary
 from gigavideo.prompts.dimensions import resolve_dimensions
-from gigavideo.rundir.schema import RunDir
+from gigavideo.rundir.layout import RunDir
 
 DIMS = {"human_anatomy", "mechanics", "camera_motion"}
 

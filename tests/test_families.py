@@ -11,7 +11,8 @@ from conftest import run_stage, scalars, scored, train_and_kill
 
 from gigavideo.models.export import LORA_FILE
 from gigavideo.models.pipeline import load_pipeline
-from gigavideo.rundir.schema import RunDir, iter_samples, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import iter_samples
 
 A14B = "--config=tiny-wan2.2-a14b"
 BOUNDARY = 0.875  # the tiny preset's, as the real model's

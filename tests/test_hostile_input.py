@@ -22,7 +22,8 @@ from conftest import REPO, run_stage
 from gigavideo.cli import run_cli
 from gigavideo.config import SECTIONS, ConfigError, load_config
 from gigavideo.errors import UserError
-from gigavideo.rundir.schema import RunDir, index_json, read_manifest, shard_paths
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json, shard_paths
 from gigavideo.rundir.video import encode_mp4
 from gigavideo.train.data import DataPosition, decodable_batches
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, run_stage
 
 from gigavideo.config import PRESETS_DIR, load_config
-from gigavideo.models.memory import GIB, plan_training, render_plan, train_plan
+from gigavideo.memory import GIB, plan_training, render_plan, train_plan
 from gigavideo.train.ds_config import build_ds_config
 
 PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
@@ -58,7 +58,7 @@ def test_zero_partitions_model_states_over_gpus_and_checkpointing_cuts_activatio
 
 
 def type_of_setting():
-    from gigavideo.models.memory import TrainSetting
+    from gigavideo.memory import TrainSetting
 
     return TrainSetting
 
@@ -164,7 +164,7 @@ def test_the_real_size_lora_run_exports_for_stock_diffusers_and_peaks_near_its_p
     from diffusers import WanPipeline
     from safetensors.torch import load_file
 
-    from gigavideo.rundir.schema import RunDir, read_manifest
+    from gigavideo.rundir.layout import RunDir, read_manifest
 
     run = RunDir(real_size_run)
     manifest = read_manifest(run, "stage4")
@@ -238,7 +238,7 @@ def test_the_judge_plan_counts_the_judges_weights_on_the_meta_device_and_its_for
 
     from transformers import AutoConfig
 
-    from gigavideo.models.memory import judge_plan
+    from gigavideo.memory import judge_plan
     from gigavideo.tiny.judges import build_tiny_judge
 
     build_tiny_judge({"tiny_image_size": 32, "tiny_patch_size": 8, "tiny_seed": 0}, tmp_path)

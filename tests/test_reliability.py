@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import REPO, SCRIPTS, run_stage
 
-from gigavideo.rundir.schema import RunDir, iter_samples, read_manifest, shard_keys
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import iter_samples, shard_keys
 
 
 def start(stage: str, run_dir, *args: str) -> subprocess.Popen:

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import REPO, run_stage, sample_frames
 
-from gigavideo.rundir.schema import RunDir, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
 
 
 @pytest.mark.slow

@@ -9,19 +9,17 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from gigavideo.rundir.schema import (
-    RunDir,
-    SchemaError,
+from gigavideo.rundir.completion import write_manifest
+from gigavideo.rundir.fields import SchemaError
+from gigavideo.rundir.layout import RunDir, StageNotReady, read_manifest
+from gigavideo.rundir.shards import (
     ShardWriter,
-    StageNotReady,
     completed_keys,
     discard_partial_shards,
     iter_samples,
     iter_shard,
-    read_manifest,
     set_aside_duplicates,
     shard_keys,
-    write_manifest,
 )
 
 

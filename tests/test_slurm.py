@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import REPO
 
-from gigavideo.rundir.schema import RunDir, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
 
 pytestmark = pytest.mark.slurm
 
@@ -63,7 +63,7 @@ def sbatch_two_ranks(script, tmp_path, run_dir, args=()):
 
 
 def keys_by_rank(folder):
-    from gigavideo.rundir.schema import shard_keys
+    from gigavideo.rundir.shards import shard_keys
 
     return [{k for p in folder.glob(f"r{r:05d}-*.tar") for k in shard_keys(p)} for r in (0, 1)]
 
@@ -121,7 +121,7 @@ def test_sbatch_stage1_splits_llm_calls_over_two_ranks_disjointly_and_completely
 def test_sbatch_stage2_renders_on_two_ranks_disjointly_and_completely(tmp_path):
     from conftest import run_stage
 
-    from gigavideo.rundir.schema import index_json
+    from gigavideo.rundir.shards import index_json
 
     run_dir = tmp_path / "run"
     run_stage("stage1", run_dir)
@@ -133,7 +133,7 @@ def test_sbatch_stage2_renders_on_two_ranks_disjointly_and_completely(tmp_path):
 
 
 def test_sbatch_stage3_scores_on_two_ranks_disjointly_and_completely(scored_copy, tmp_path):
-    from gigavideo.rundir.schema import index_json
+    from gigavideo.rundir.shards import index_json
 
     sbatch_two_ranks("slurm/stage3.sh", tmp_path, scored_copy, ["--overwrite", "--samples_per_shard=2"])
     by_rank = keys_by_rank(RunDir(scored_copy).stage("stage3"))
@@ -248,7 +248,7 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
 
 def test_a_job_array_renders_stage2_and_a_failed_task_reruns_alone(scored_copy, tmp_path):
     """Three array tasks, no rendezvous; task 1 is cancelled mid-run, resubmitted alone, and completes the stage."""
-    from gigavideo.rundir.schema import shard_keys
+    from gigavideo.rundir.shards import shard_keys
 
     shutil.rmtree(scored_copy / "stage2")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

@@ -13,7 +13,8 @@ from conftest import REPO, run_stage
 
 from gigavideo.prompts.engine import Similarity, parse_answer
 from gigavideo.prompts.llm import OpenAIBackend, Request, build_tiny_chat_model
-from gigavideo.rundir.schema import RunDir, index_json, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json
 from gigavideo.rundir.video import encode_mp4
 from gigavideo.toy.clips import make_clip
 
@@ -122,7 +123,7 @@ def test_real_captions_keep_their_video_and_bad_ones_are_dropped_and_counted(tmp
         f"--real_captions={pairs}",
         "--real_per_synthetic=0.5",
     )
-    from gigavideo.rundir.schema import iter_samples
+    from gigavideo.rundir.shards import iter_samples
 
     real = [s for s in iter_samples(RunDir(tmp_path / "run"), "stage1") if s["json"]["source"] == "real"]
     assert len(real) == 2  # 0.5 x 4 synthetic
@@ -298,7 +299,7 @@ def test_killed_midway_and_rerun_every_prompt_exactly_once_and_as_uninterrupted(
 
 @pytest.mark.slow
 def test_real_captions_from_a_video_webdataset_and_from_csv(tmp_path):
-    from gigavideo.rundir.schema import ShardWriter, iter_samples
+    from gigavideo.rundir.shards import ShardWriter, iter_samples
 
     clips = [make_clip(i) for i in range(3)]
     with ShardWriter(tmp_path / "videos", "stage1_units", "videos", 2) as writer:  # any tar writer will do

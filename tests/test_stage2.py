@@ -12,7 +12,8 @@ import torch
 from conftest import REPO, run_stage
 
 from gigavideo.models.pipeline import decode_latents, encode_video
-from gigavideo.rundir.schema import RunDir, index_json, iter_samples, read_manifest, shard_keys
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json, iter_samples, shard_keys
 from gigavideo.rundir.video import decode_mp4, encode_mp4
 
 PROMPTS = ["--num_per_dimension=6", "--real_captions=procedural:2"]

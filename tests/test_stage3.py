@@ -11,7 +11,8 @@ from PIL import Image
 from gigavideo.judges import camera_motion, instances
 from gigavideo.judges.camera_clips import camera_clip
 from gigavideo.judges.judge import OpenAIJudge
-from gigavideo.rundir.schema import RunDir, index_json, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json
 from gigavideo.toy.clips import make_clip
 
 

@@ -12,7 +12,7 @@ from conftest import REPO, run_stage, sample_frames, scalars, train_and_kill
 
 from gigavideo.config import load_config
 from gigavideo.models.families import family_for
-from gigavideo.rundir.schema import RunDir, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
 from gigavideo.train.loss import batch_loss
 
 
@@ -128,7 +128,7 @@ def test_non_finite_inputs_get_no_weight_and_a_diverging_run_stops_with_a_messag
 
     import numpy as np
 
-    from gigavideo.rundir.schema import shard_paths
+    from gigavideo.rundir.shards import shard_paths
 
     run = RunDir(scored_copy)
     shard = shard_paths(run, "stage2")[0]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import run_stage
 
-from gigavideo.rundir.schema import RunDir, index_json, iter_samples, read_manifest, shard_paths
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json, iter_samples, shard_paths
 from gigavideo.rundir.video import decode_mp4
 
 

@@ -128,7 +128,7 @@ def test_realism_change_comes_with_an_interval_that_tells_drift_from_noise():
 def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_path):
     from gigavideo.config import load_config
     from gigavideo.models.base import base_model_path
-    from gigavideo.rundir.schema import RunDir
+    from gigavideo.rundir.layout import RunDir
 
     run = RunDir(tmp_path / "run")
     cfg = load_config("tiny", "render")
@@ -153,7 +153,7 @@ def test_toy_base_is_an_explicit_step_and_its_pretraining_killed_midway_resumes_
 
     from gigavideo.config import load_config
     from gigavideo.models.base import base_model_path
-    from gigavideo.rundir.schema import RunDir
+    from gigavideo.rundir.layout import RunDir
 
     preset = tmp_path / "short-toy.toml"
     preset.write_text((REPO / "configs" / "toy.toml").read_text() + SHORT_PRETRAINING)  # [toy] is its last table

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gigavideo.config import REPO_ROOT
-from gigavideo.rundir.schema import RunDir, index_json, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json
 from gigavideo.train.ds_config import build_ds_config
 
 

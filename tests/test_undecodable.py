@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import REPO, run_stage, scalars, train_and_kill
 
-from gigavideo.rundir.schema import RunDir, SampleError, decode_array, index_json, read_manifest, shard_paths
+from gigavideo.rundir.fields import SampleError, decode_array
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json, shard_paths
 
 NO_UNPICKLING = REPO / "tests" / "no_unpickling.py"
 ARGS = ["--max_steps=16", "--save_every=4", "--sample_every=0", "--micro_batch_size=1", "--shuffle_buffer=4"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from gigavideo.errors import ConfigError
 from gigavideo.eval.stats import bootstrap_mean
-from gigavideo.rundir.schema import RunDir, StageNotReady
+from gigavideo.rundir.layout import RunDir, StageNotReady
 
 DIAGNOSIS = "diagnosis"  # the stage name: RUN_DIR/diagnosis/ holds its videos and records
 DIAGNOSIS_FILE = "diagnosis.json"  # RUN_DIR/diagnosis.json: what stage 1 reads

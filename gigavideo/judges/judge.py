@@ -20,7 +20,7 @@ from gigavideo.judges.inputs import DEFAULT_CLIP_FPS, check_judge_folder, reader
 from gigavideo.models.pipeline import check_model_dir, torch_dtype
 from gigavideo.registry import resolve
 from gigavideo.rundir.files import write_atomic
-from gigavideo.rundir.schema import RunDir, read_manifest
+from gigavideo.rundir.layout import RunDir, read_manifest
 from gigavideo.tiny.judges import build_tiny_judge
 
 ANSWER_SUFFIX = " Answer yes or no."

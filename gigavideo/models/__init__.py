@@ -1,2 +1,2 @@
-"""The video models: loading and checking pipelines, the families, attention backends, the sampler,
-export, and the memory planner."""
+"""The video models: loading and checking pipelines, the families, the base model by model.kind, attention
+backends, the sampler, and export."""

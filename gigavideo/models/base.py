@@ -16,7 +16,7 @@ from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import WAN_DOWNLOAD_HINT, check_model_dir, check_recipe, model_recipe, write_recipe
 from gigavideo.registry import resolve
 from gigavideo.rundir.files import write_atomic
-from gigavideo.rundir.schema import RunDir
+from gigavideo.rundir.layout import RunDir
 
 
 def local_base(cfg, run: RunDir) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from gigavideo.config import PRESETS_DIR
 from gigavideo.errors import ConfigError
+from gigavideo.rundir.fields import is_name
 from gigavideo.rundir.files import read_toml
-from gigavideo.rundir.schema import is_name
 
 DIMENSIONS_DIR = PRESETS_DIR / "dimensions"
 SETTINGS = [

@@ -29,7 +29,7 @@ from gigavideo.models.base import BaseModelKind
 from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import check_recipe, model_recipe, normalize_latents, write_recipe
 from gigavideo.rundir.files import write_atomic, write_json_atomic
-from gigavideo.rundir.schema import RunDir
+from gigavideo.rundir.layout import RunDir
 from gigavideo.toy.clips import make_clip
 from gigavideo.toy.config import toy_settings
 from gigavideo.toy.vae import pixel_vae

@@ -15,16 +15,9 @@ import torch
 import webdataset as wds
 
 from gigavideo.models.pipeline import pad_prompt_embeds
-from gigavideo.rundir.schema import (
-    RunDir,
-    SampleError,
-    SchemaError,
-    array_spec,
-    decode_sample,
-    index_json,
-    read_manifest,
-    shard_paths,
-)
+from gigavideo.rundir.fields import SampleError, SchemaError, array_spec, decode_sample
+from gigavideo.rundir.layout import RunDir, read_manifest
+from gigavideo.rundir.shards import index_json, shard_paths
 from gigavideo.seeding import derive_seed
 from gigavideo.train.loss import reward_weights
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gigavideo.errors import ConfigError
-from gigavideo.rundir.schema import SchemaError
+from gigavideo.rundir.fields import SchemaError
 
 log = logging.getLogger("gigavideo.stage4")
 

@@ -17,7 +17,7 @@ import torch
 from gigavideo.models import attention
 from gigavideo.models.pipeline import decode_latents, pad_prompt_embeds
 from gigavideo.models.rendering import pipeline_num_frames
-from gigavideo.rundir.schema import index_json, iter_samples
+from gigavideo.rundir.shards import index_json, iter_samples
 from gigavideo.rundir.video import gif_bytes, video_statistics
 from gigavideo.train.loop import compute_dtype
 

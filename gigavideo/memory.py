@@ -477,7 +477,7 @@ def check_judging_memory(cfg, run, log) -> None:
 
     from gigavideo.judges.inputs import reader_for
     from gigavideo.judges.judge import clip_fps, judge_path
-    from gigavideo.rundir.schema import read_manifest
+    from gigavideo.rundir.layout import read_manifest
 
     folder = judge_path(cfg.score, run)
     config = AutoConfig.from_pretrained(str(folder))
