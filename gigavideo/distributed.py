@@ -17,9 +17,10 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
-def my_slice(keys: list[str], rank: int, world_size: int) -> list[str]:
-    """A disjoint, deterministic slice of the sorted keys for this rank."""
-    return sorted(keys)[rank::world_size]
+def my_share(items: list, rank: int, world_size: int, key=None) -> list:
+    """The one work split of every stage and the eval: each rank sorts the same items (by `key`) and takes every
+    world_size-th, so the ranks cover the work disjointly and completely without talking to each other."""
+    return sorted(items, key=key)[rank::world_size]
 
 
 def device_for_rank():
@@ -50,3 +51,14 @@ def single_process_defaults() -> None:
             "MASTER_PORT": str(port),
         }
     )
+
+
+def import_deepspeed():
+    """deepspeed, with its CPU accelerator where there is no CUDA device (it picks an accelerator as it imports)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed

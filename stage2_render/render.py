@@ -15,14 +15,14 @@ import time
 from tqdm import tqdm
 
 from gigavideo.cli import pick_device, run_cli, start_stage
-from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.distributed import my_share, rank_and_world
 from gigavideo.errors import ConfigError
 from gigavideo.memory import check_rendering_memory
 from gigavideo.models import attention
 from gigavideo.models.base import base_model_path
 from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import latent_space, load_pipeline
-from gigavideo.models.rendering import CACHES, Renderer, check_frames
+from gigavideo.models.rendering import CACHES, Renderer, check_frames, fixed_batches, render_batch
 from gigavideo.rundir.completion import finish_rank
 from gigavideo.rundir.fields import SampleError, decode_video, stage2_arrays
 from gigavideo.rundir.files import check_space
@@ -32,26 +32,6 @@ from gigavideo.rundir.video import encode_mp4
 from gigavideo.seeding import derive_seed
 
 log = logging.getLogger("gigavideo.stage2")
-
-
-def fixed_batches(keys: list[str], size: int) -> list[list[str]]:
-    """Batches cut from the rank's whole slice, so a resumed run batches every key as before
-    (and so renders it bit-identically)."""
-    return [keys[i : i + size] for i in range(0, len(keys), size)]
-
-
-def render_batch(renderer, keys, prompts, seeds, failures) -> list[dict | None]:
-    """A batch; if it fails, each sample alone, so one bad sample fails only itself."""
-    try:
-        return renderer.render(keys, prompts, seeds)
-    except (RuntimeError, ValueError) as err:
-        if len(keys) == 1:
-            log.error("render failed for %s: %s", keys[0], err)
-            failures.append({"key": keys[0], "reason": f"render: {err}"})
-            return [None]
-        log.warning("batch %s failed (%s); rendering its samples one by one", keys, err)
-        one_by_one = zip(keys, prompts, seeds, strict=True)
-        return [render_batch(renderer, [k], [p], [s], failures)[0] for k, p, s in one_by_one]
 
 
 def tally(out):
@@ -70,6 +50,57 @@ def preflight(cfg, run):
     return base_model_path(cfg, run)
 
 
+class Samples:
+    """Stage 2's samples as they are written: the mp4, the latents and the prompt embeddings with the stage-1
+    metadata and how it was rendered; counts the rendering seconds and the failures."""
+
+    def __init__(self, writer: ShardWriter, prompts: dict, meta: dict, render_cfg):
+        self.writer, self.prompts, self.meta, self.rc = writer, prompts, meta, render_cfg
+        self.failures, self.seconds = [], 0.0
+
+    def write(self, key: str, result: dict, seed: int | None, seconds: float) -> None:
+        self.seconds += seconds
+        self.writer.write(
+            {
+                "__key__": key,
+                "json": self.prompts[key] | {"seed": seed, **self.meta, "seconds": round(seconds, 3)},
+                "mp4": encode_mp4(result["frames"], self.rc.fps, self.rc.pix_fmt),
+                "latents.npy": result["latents"],
+                "prompt_embeds.npy": result["prompt_embeds"],
+            }
+        )
+
+
+def render_synthetic(renderer, batches: list[list[str]], done: set, samples: Samples, progress, out, todo: int):
+    for number, keys in enumerate(batches):
+        seeds = [derive_seed(samples.rc.seed, k) for k in keys]
+        prompts = [samples.prompts[k]["prompt"] for k in keys]
+        results = render_batch(renderer, keys, prompts, seeds, samples.failures)
+        for key, seed, result in zip(keys, seeds, results, strict=True):
+            if key in done:
+                continue  # rendered again only to keep the batch as it was
+            if result is not None:
+                samples.write(key, result, seed, result["seconds"])
+            progress.update(1)
+        # The first batch tells the bytes per sample: warn now if the rest cannot fit.
+        writer = samples.writer
+        check_space(out, writer.samples_written, writer.bytes_written, todo - progress.n, "stage2", warn=number == 0)
+
+
+def encode_real(renderer, run, keys: set, samples: Samples, progress) -> None:
+    """Real clips at the training shape, with their latents and their captions' embeddings (the realism term)."""
+    for sample in iter_samples(run, "stage1", keys=keys) if keys else []:
+        key, start = sample["__key__"], time.time()
+        try:
+            result = renderer.encode_real(decode_video(sample, "real.mp4"), sample["json"]["prompt"])
+        except SampleError as err:
+            log.error("%s", err)
+            samples.failures.append({"key": key, "reason": str(err)})
+        else:
+            samples.write(key, result, None, time.time() - start)
+        progress.update(1)
+
+
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
     """Render every stage-1 prompt with the frozen base model into RUN_DIR/stage2.
 
@@ -80,85 +111,38 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         return
     cfg, run, model_path = started
     rank, world = rank_and_world()
-    out = run.stage("stage2")
-    done = resume_rank(out, rank)
-    prompts = index_json(run, "stage1")
-    mine = my_slice(list(prompts), rank, world)
-    synthetic_batches = [
-        b
-        for b in fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"], int(cfg.render.batch_size))
-        if set(b) - done
-    ]
+    out, rc = run.stage("stage2"), cfg.render
+    done, prompts = resume_rank(out, rank), index_json(run, "stage1")
+    mine = my_share(list(prompts), rank, world)
+    synthetic = fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"], int(rc.batch_size))
+    batches = [b for b in synthetic if set(b) - done]
     real_todo = {k for k in mine if prompts[k]["source"] == "real" and k not in done}
-    todo = sum(len(set(b) - done) for b in synthetic_batches) + len(real_todo)
+    todo = sum(len(set(b) - done) for b in batches) + len(real_todo)
     log.info("stage2: %d samples in stage1, %d for this rank still to render", len(prompts), todo)
-
     device = pick_device(cfg.model.device)
-    renderer = Renderer(
-        load_pipeline(model_path, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend),
-        family_for(cfg.model),
-        cfg.render,
-        cfg.model.max_sequence_length,
-        device,
-        flow_shift=cfg.model.flow_shift,
-    )
-    settings = renderer.settings()
-    model_id = {"path": str(model_path), "dtype": cfg.model.dtype}
-    failures, seconds_total = [], 0.0
-
-    def write(writer, key, result, seed, seconds):
-        meta = prompts[key] | {"seed": seed, "render": settings, "model": model_id, "seconds": round(seconds, 3)}
-        mp4 = encode_mp4(result["frames"], cfg.render.fps, cfg.render.pix_fmt)
-        writer.write(
-            {
-                "__key__": key,
-                "json": meta,
-                "mp4": mp4,
-                "latents.npy": result["latents"],
-                "prompt_embeds.npy": result["prompt_embeds"],
-            }
-        )
-
-    progress = tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True)
-    with ShardWriter(out, "stage2", rank_prefix(rank), cfg.render.samples_per_shard) as writer:
-        for number, keys in enumerate(synthetic_batches):
-            seeds = [derive_seed(cfg.render.seed, k) for k in keys]
-            results = render_batch(renderer, keys, [prompts[k]["prompt"] for k in keys], seeds, failures)
-            for key, seed, result in zip(keys, seeds, results, strict=False):
-                if key in done:
-                    continue  # rendered again only to keep the batch as it was
-                if result is not None:
-                    seconds_total += result["seconds"]
-                    write(writer, key, result, seed, result["seconds"])
-                progress.update(1)
-            # The first batch tells the bytes per sample: warn now if the rest cannot fit.
-            left = todo - progress.n
-            check_space(out, writer.samples_written, writer.bytes_written, left, "stage2", warn=number == 0)
-        for sample in iter_samples(run, "stage1", keys=real_todo) if real_todo else []:
-            key = sample["__key__"]
-            start = time.time()
-            try:
-                result = renderer.encode_real(decode_video(sample, "real.mp4"), sample["json"]["prompt"])
-            except SampleError as err:
-                log.error("%s", err)
-                failures.append({"key": key, "reason": str(err)})
-            else:
-                seconds_total += time.time() - start
-                write(writer, key, result, None, time.time() - start)
-            progress.update(1)
-    progress.close()
-    info = {
-        "render": settings,
-        "model": model_id,
-        "latents": latent_space(renderer.pipe),
-        "arrays": stage2_arrays(latent_space(renderer.pipe), cfg.render, renderer.pipe.transformer.config.text_dim),
-        "failures": failures,
-        "device_seconds": {str(rank): round(seconds_total, 2)},
+    pipe = load_pipeline(model_path, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend)
+    renderer = Renderer(pipe, family_for(cfg.model), rc, cfg.model.max_sequence_length, device, cfg.model.flow_shift)
+    meta = {"render": renderer.settings(), "model": {"path": str(model_path), "dtype": cfg.model.dtype}}
+    with (
+        ShardWriter(out, "stage2", rank_prefix(rank), rc.samples_per_shard) as writer,
+        tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True) as progress,
+    ):
+        samples = Samples(writer, prompts, meta, rc)
+        render_synthetic(renderer, batches, done, samples, progress, out, todo)
+        encode_real(renderer, run, real_todo, samples, progress)
+    space = latent_space(pipe)
+    info = meta | {
+        "latents": space,
+        "arrays": stage2_arrays(space, rc, pipe.transformer.config.text_dim),
+        "failures": samples.failures,
+        "device_seconds": {str(rank): round(samples.seconds, 2)},
     }
-    if finish_rank(out, "stage2", rank, world, info, tally(out), cfg.render.max_failed_fraction):
+    if finish_rank(out, "stage2", rank, world, info, tally(out), rc.max_failed_fraction):
         log.info("stage2 complete: %s", run.manifest("stage2"))
-    if failures:
-        log.warning("stage2: %d samples failed on this rank (see the manifest); a rerun retries them", len(failures))
+    if samples.failures:
+        log.warning(
+            "stage2: %d samples failed on this rank (see the manifest); a rerun retries them", len(samples.failures)
+        )
 
 
 if __name__ == "__main__":

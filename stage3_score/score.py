@@ -15,20 +15,23 @@ from __future__ import annotations
 import logging
 from itertools import islice
 
-import numpy as np
 from tqdm import tqdm
 
 from gigavideo.cli import pick_device, run_cli, start_stage
-from gigavideo.distributed import my_slice, rank_and_world
+from gigavideo.distributed import my_share, rank_and_world
 from gigavideo.errors import ConfigError, UserError
-from gigavideo.eval.figures import histogram_png
+from gigavideo.eval.rewards import report
 from gigavideo.judges.judge import check_judge, load_judge
-from gigavideo.judges.scoring import AGGREGATES, detector_for, questions_of, score_videos
+from gigavideo.judges.scoring import (
+    AGGREGATES,
+    detector_for,
+    score_chunk,
+    unreadable_record,
+)
 from gigavideo.memory import check_judging_memory
 from gigavideo.prompts.dimensions import DIMENSIONS_DIR, load_dimension
 from gigavideo.rundir.completion import finish_rank
-from gigavideo.rundir.fields import SampleError, decode_video, is_name
-from gigavideo.rundir.files import write_json_atomic
+from gigavideo.rundir.fields import is_name
 from gigavideo.rundir.layout import read_manifest
 from gigavideo.rundir.shards import (
     ShardWriter,
@@ -41,55 +44,6 @@ from gigavideo.rundir.shards import (
 )
 
 log = logging.getLogger("gigavideo.stage3")
-MIN_FRAMES = 2
-
-
-def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
-    """Records for a list of stage-2 samples; the judge sees all their questions in one batch."""
-    records, decoded = {}, []
-    for sample in chunk:
-        key, meta = sample["__key__"], sample["json"]
-        records[key] = {
-            "dimension": meta["dimension"],
-            "question": meta["question"],
-            "questions": questions_of(meta),
-            "judge": judge.name,
-            "status": "failed",
-            "reason": None,
-            "scores": {},
-            "reward": None,
-        }
-        try:
-            frames = decode_video(sample)
-        except SampleError as err:
-            records[key]["reason"] = f"video: {err}"
-            continue
-        if len(frames) < MIN_FRAMES:
-            records[key]["reason"] = f"video: {key}: only {len(frames)} frames (need {MIN_FRAMES})"
-            continue
-        decoded.append((key, (frames, meta, dims[meta["dimension"]].scorer)))
-    results = score_videos([video for _, video in decoded], judge, sc, detector)
-    for (key, _), result in zip(decoded, results, strict=False):
-        if isinstance(result, str):
-            records[key]["reason"] = result
-        else:
-            records[key].update(status="ok", **result)
-    return [records[s["__key__"]] for s in chunk]
-
-
-def unreadable_record(err: SampleError, judge) -> dict:
-    """The record of a stage-2 sample that cannot be read (a member missing, its json broken): failed, with why."""
-    meta = err.meta or {}
-    dimension = meta.get("dimension")
-    return {
-        "dimension": dimension if is_name(dimension) else "unreadable",
-        "question": meta.get("question"),
-        "judge": judge.name,
-        "status": "failed",
-        "reason": f"sample: {err.member} {err.reason}",
-        "scores": {},
-        "reward": None,
-    }
 
 
 def tally(out):
@@ -101,27 +55,6 @@ def tally(out):
         return failed, len(records)
 
     return count
-
-
-def summarize(run) -> dict:
-    """Per dimension: count, mean reward, failures by reason; a histogram PNG of the rewards."""
-    summary, rewards = {}, {}
-    for record in index_json(run, "stage3").values():
-        dim = summary.setdefault(record["dimension"], {"scored": 0, "failed": {}})
-        if record["status"] == "ok":
-            dim["scored"] += 1
-            rewards.setdefault(record["dimension"], []).append(record["reward"])
-        else:
-            reason = record["reason"].split(":", 1)[0]
-            dim["failed"][reason] = dim["failed"].get(reason, 0) + 1
-    for name, dim in summary.items():
-        values = rewards.get(name, [])
-        dim["mean_reward"] = float(np.mean(values)) if values else None
-        if values:
-            dim["histogram"] = histogram_png(
-                values, run.stage("stage3") / f"rewards-{name}.png", f"{name}: reward of {len(values)} videos"
-            )
-    return summary
 
 
 def preflight(cfg, run):
@@ -144,6 +77,19 @@ def preflight(cfg, run):
     return dims, detector_for(dims.values(), sc)
 
 
+def videos_to_score(run) -> tuple[dict, list]:
+    """Stage 2's synthetic samples by key, and those that cannot be read (a member missing or their json broken),
+    which are scored as failed, like a corrupt mp4."""
+    unreadable = []
+    videos = {k: m for k, m in index_json(run, "stage2", on_error=unreadable.append).items() if m["source"] != "real"}
+    for err in unreadable:
+        if not is_name(err.key):  # no record can carry its key: named here, and by scripts/check_shards.py
+            log.warning("%s; it cannot be scored", err)
+        elif (err.meta or {}).get("source") != "real":
+            videos[err.key] = err.meta
+    return videos, [err for err in unreadable if err.key in videos]
+
+
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
     """Score every synthetic stage-2 video into RUN_DIR/stage3 (e.g. --judge_path=/models/llava --num_frames=16)."""
     started = start_stage("stage3", "score", run_dir, config, overwrite, overrides, preflight)
@@ -152,17 +98,11 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     cfg, run, (dims, detector) = started
     rank, world = rank_and_world()
     out = run.stage("stage3")
-    unreadable = []  # samples with a member missing or their json broken: scored as failed, like a corrupt mp4
-    videos = {k: m for k, m in index_json(run, "stage2", on_error=unreadable.append).items() if m["source"] != "real"}
-    for err in unreadable:
-        if not is_name(err.key):  # no record can carry its key: named here, and by scripts/check_shards.py
-            log.warning("%s; it cannot be scored", err)
-        elif (err.meta or {}).get("source") != "real":
-            videos[err.key] = err.meta
+    videos, unreadable = videos_to_score(run)
     judge = load_judge(cfg.score, run, pick_device(cfg.model.device))
     drop_failed_records(out, rank_prefix(rank))  # an unfinished stage: its failed samples are tried again
     done = resume_rank(out, rank)
-    mine = set(k for k in my_slice(list(videos), rank, world) if k not in done)
+    mine = set(k for k in my_share(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
     failures = []
 
@@ -172,33 +112,21 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             failures.append({"key": key, "reason": record["reason"]})
         writer.write({"__key__": key, "json": record})
 
-    todo = iter_samples(
-        run, "stage2", fields=("json", "mp4"), keys=mine, on_error=lambda err: None
-    )  # arrays: stage 4's
+    todo = iter_samples(run, "stage2", fields=("json", "mp4"), keys=mine, on_error=lambda err: None)  # no arrays
     with (
         ShardWriter(out, "stage3", rank_prefix(rank), cfg.score.samples_per_shard) as writer,
         tqdm(total=len(mine), desc=f"score rank {rank}", unit="video", position=rank) as progress,
     ):
-        for err in unreadable:
-            if err.key in mine:
-                write(writer, err.key, unreadable_record(err, judge))
-                progress.update(1)
+        for err in (err for err in unreadable if err.key in mine):
+            write(writer, err.key, unreadable_record(err, judge))
+            progress.update(1)
         while chunk := list(islice(todo, int(cfg.score.batch_size))):
-            for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector), strict=False):
+            for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector), strict=True):
                 write(writer, sample["__key__"], record)
             progress.update(len(chunk))
     info = {"judge": judge.name, "judge_input": getattr(judge, "input", None), "failures": failures}
     if finish_rank(out, "stage3", rank, world, info, tally(out), cfg.score.max_failed_fraction):
-        summary = summarize(run)
-        write_json_atomic(out / "report.json", summary)
-        for name, dim in sorted(summary.items()):
-            log.info(
-                "%-20s scored %4d  mean reward %s  failed %s",
-                name,
-                dim["scored"],
-                f"{dim['mean_reward']:.3f}" if dim["mean_reward"] is not None else "-",
-                dim["failed"] or 0,
-            )
+        report(run)
 
 
 if __name__ == "__main__":

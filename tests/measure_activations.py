@@ -1,5 +1,5 @@
 """Print the peak bytes of the tensors one training micro-step creates (its activations, their gradients and
-every temporary), against the planner's activation figure: stage 4's own model (stage4_train/train.py's
+every temporary), against the planner's activation figure: stage 4's own model (gigavideo/train/trainer.py's
 build_model, from RUN_DIR's base) at the preset's video shape and micro-batch, in the training precision.
 
     python tests/measure_activations.py RUN_DIR --config=PRESET   -> {"measured": N, "planned": M, "tokens": T}
@@ -9,7 +9,6 @@ with weak references), so the figure does not depend on the allocator. The param
 plan counts among the model states, are taken off.
 """
 
-import importlib.util
 import json
 import sys
 import weakref
@@ -52,9 +51,10 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def main(run_dir: str, *flags: str):
-    spec = importlib.util.spec_from_file_location("train", REPO / "stage4_train" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    from gigavideo.distributed import import_deepspeed
+    from gigavideo.train import trainer as train
+
+    import_deepspeed()  # with the CPU accelerator where there is no CUDA device
 
     from gigavideo.config import load_config
     from gigavideo.memory import activation_bytes, tokens_per_sample

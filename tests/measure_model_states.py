@@ -1,4 +1,4 @@
-"""Run under torchrun: build stage 4's engine (stage4_train/train.py's build_engine) for the tiny preset
+"""Run under torchrun: build stage 4's engine (gigavideo/train/trainer.py's build_engine) for the tiny preset
 and print, per rank, the bytes of every live tensor at the peak of the second step (its backward pass,
 with the optimizer's state from the first), less what was there before the model (JSON, one line per rank).
 
@@ -6,7 +6,6 @@ with the optimizer's state from the first), less what was there before the model
 """
 
 import gc
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -25,9 +24,10 @@ def live_bytes() -> int:
 
 
 def main(run_dir: str, *flags: str):
-    spec = importlib.util.spec_from_file_location("train", REPO / "stage4_train" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)  # sets the CPU accelerator before deepspeed is imported
+    from gigavideo.distributed import import_deepspeed
+    from gigavideo.train import trainer as train
+
+    import_deepspeed()  # with the CPU accelerator where there is no CUDA device
     import deepspeed
     import torch
     import torch.distributed as dist

@@ -25,13 +25,6 @@ from gigavideo.rundir.layout import RunDir
 DIMS = {"human_anatomy", "mechanics", "camera_motion"}
 
 
-def load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def vbench2_class(monkeypatch, tmp_path):
     """VBench-2.0's own VBench2 class from the installed package. Its `utils` module imports the
@@ -217,14 +210,15 @@ def test_the_eval_chart_is_matplotlibs_and_draws_the_interval_of_each_difference
 
 
 def test_heldout_prompts_leave_out_near_duplicates_of_training_prompts():
-    evaluate = load_script("evaluate", REPO / SCRIPTS["eval"])
+    from gigavideo.eval.protocol import eval_videos
+
     cfg = load_config("tiny", "eval", {"dimensions": ["mechanics"], "prompts_per_dimension": 4})
     dims = resolve_dimensions(["mechanics"])
-    untouched, _ = evaluate.eval_videos(cfg, dims, [])
+    untouched, _ = eval_videos(cfg, dims, [])
     first, second = untouched[0]["prompt"], untouched[1]["prompt"]
     # a reworded copy of the first and an exact copy of the second were "trained on"
     reworded = first.replace("In a", "Inside a").replace("shot", "view")
-    videos, notes = evaluate.eval_videos(cfg, dims, [reworded, second, "A red square moves left."])
+    videos, notes = eval_videos(cfg, dims, [reworded, second, "A red square moves left."])
     kept = [v["prompt"] for v in videos]
     assert first not in kept and second not in kept and len(kept) == 4
     assert "2 of 12 candidate prompts left out" in notes["heldout"][0]

@@ -83,3 +83,16 @@ def test_no_module_outside_the_toy_package_imports_it():
     importers = [m for m, deps in outside.items() if any(d.startswith("gigavideo.toy") for d in deps)]
     importers += [str(p) for p in scripts if any(d.startswith("gigavideo.toy") for d in imports_of(p))]
     assert any(m.startswith("gigavideo.toy") for m in graph) and not importers, importers
+
+
+def test_stage_scripts_are_thin_and_no_function_is_long():
+    """A script is its CLI and the paper's steps as calls (under 150 lines); no function over 60 lines anywhere."""
+    scripts = [*REPO.glob("stage*/*.py"), *REPO.glob("eval/*.py"), *REPO.glob("scripts/*.py")]
+    long_scripts = {str(p.relative_to(REPO)): n for p in scripts if (n := len(p.read_text().splitlines())) >= 150}
+    long_functions = {
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name}": node.end_lineno - node.lineno + 1
+        for path in [*PACKAGE.rglob("*.py"), *scripts]
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
+    }
+    assert len(scripts) >= 9 and not long_scripts and not long_functions, (long_scripts, long_functions)

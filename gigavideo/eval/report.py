@@ -131,6 +131,64 @@ def chart_series(name: str, result: dict, paper: dict) -> tuple[dict[str, float]
     return bars, intervals
 
 
+def dimension_lines(name: str, r: dict, paper: dict) -> tuple[str, str | None]:
+    """A dimension's row of the suite's table, and of its drift table (None without drift)."""
+    official = r.get("vbench2", {})
+    if "finetuned" in official:
+        vb = f"{official['baseline']:.4f} -> {official['finetuned']:.4f}"
+    else:
+        vb = official.get("error", "not run")[:60]
+    pp = f"{paper['wan2_1']:.2f} -> {paper['gigavideo_1']:.2f}" if paper else "-"
+    if "difference" in r:
+        row = (
+            f"| {name} | {r['n']} | {r['baseline']:.4f} | {r['finetuned']:.4f} | "
+            f"{r['difference']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {vb} | {pp} |"
+        )
+    else:
+        row = f"| {name} | 0 | - | - | - | - | {vb} | {pp} |"
+    if "drift" not in r:
+        return row, None
+    changes = (r["drift"][k]["relative_change"] for k in DRIFT_KEYS)
+    return row, f"| {name} | " + " | ".join(f"{100 * c:+.1f}%" if c is not None else "-" for c in changes) + " |"
+
+
+def realism_line(body: dict) -> str:
+    r = body["realism"]
+    interval = f", 95% interval [{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]" if "ci_low" in r else ""
+    return (
+        f"Realism distance to {body['realism_reference']} real clips, over the {r['videos']} videos both models "
+        "made (Frechet distance of the drift statistics, lower is closer): baseline "
+        f"{r['baseline']:.3f}, fine-tuned {r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%{interval})."
+    )
+
+
+def suite_section(suite: str, body: dict, out_dir: Path, papers: dict, writer) -> list[str]:
+    """A suite's part of report.md (its table, realism, drift and chart), its TensorBoard scalars and its chart."""
+    lines = [f"## Suite `{suite}`", "", *(f"- {note}" for note in body.get("notes", [])), ""]
+    lines += ["| dimension | pairs | baseline | fine-tuned | difference | 95% interval | VBench-2.0 | paper |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    drift_lines = ["| dimension | " + " | ".join(DRIFT_KEYS) + " |", "|---" * (len(DRIFT_KEYS) + 1) + "|"]
+    bars, intervals = {}, {}
+    for name, r in body["dimensions"].items():
+        row, drift_row = dimension_lines(name, r, papers.get(name, {}))
+        lines.append(row)
+        for label in (*LABELS, "difference") if "difference" in r else ():
+            writer.add_scalar(f"eval/{suite}/{name}/{label}", r[label], 0)
+        if drift_row is not None:
+            drift_lines.append(drift_row)
+            for key in DRIFT_KEYS:
+                writer.add_scalar(f"eval/{suite}/{name}/drift_{key}", r["drift"][key]["finetuned"], 0)
+        bars[name], intervals[name] = chart_series(name, r, papers.get(name, {}))
+    if body.get("realism", {}).get("videos"):  # none: no video has statistics on both sides
+        lines += ["", realism_line(body)]
+        for label in LABELS:
+            writer.add_scalar(f"eval/{suite}/realism_distance/{label}", body["realism"][label], 0)
+    title = f"{suite}: baseline vs fine-tuned (error bar: 95% interval of the difference)"
+    body["chart"] = chart = bar_chart_png(bars, out_dir / f"chart-{suite}.png", title, intervals)
+    lines += ["", "Drift of the fine-tuned videos from the baseline's (relative change of the mean):", ""]
+    return [*lines, *drift_lines, "", f"![{suite}]({chart})", ""]
+
+
 def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
     """report.json is written by the caller; this writes report.md, the charts and TensorBoard scalars."""
     from torch.utils.tensorboard import SummaryWriter
@@ -144,78 +202,6 @@ def write_outputs(report: dict, out_dir: Path, papers: dict[str, dict]) -> None:
     ]
     with SummaryWriter(str(out_dir / "tensorboard")) as writer:
         for suite, body in report["suites"].items():
-            lines += [
-                f"## Suite `{suite}`",
-                "",
-                *(f"- {note}" for note in body.get("notes", [])),
-                "",
-                "| dimension | pairs | baseline | fine-tuned | difference | 95% interval | VBench-2.0 | paper |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            drift_lines = ["| dimension | " + " | ".join(DRIFT_KEYS) + " |", "|---" * (len(DRIFT_KEYS) + 1) + "|"]
-            bars, intervals = {}, {}
-            for name, r in body["dimensions"].items():
-                official = r.get("vbench2", {})
-                vb = (
-                    f"{official['baseline']:.4f} -> {official['finetuned']:.4f}"
-                    if "finetuned" in official
-                    else official.get("error", "not run")[:60]
-                )
-                paper = papers.get(name, {})
-                pp = f"{paper['wan2_1']:.2f} -> {paper['gigavideo_1']:.2f}" if paper else "-"
-                if "difference" in r:
-                    lines.append(
-                        f"| {name} | {r['n']} | {r['baseline']:.4f} | {r['finetuned']:.4f} | "
-                        f"{r['difference']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {vb} | {pp} |"
-                    )
-                    for label in (*LABELS, "difference"):
-                        writer.add_scalar(f"eval/{suite}/{name}/{label}", r[label], 0)
-                else:
-                    lines.append(f"| {name} | 0 | - | - | - | - | {vb} | {pp} |")
-                if "drift" in r:
-                    drift_lines.append(
-                        f"| {name} | "
-                        + " | ".join(
-                            f"{100 * d['relative_change']:+.1f}%" if d["relative_change"] is not None else "-"
-                            for d in (r["drift"][k] for k in DRIFT_KEYS)
-                        )
-                        + " |"
-                    )
-                    for key in DRIFT_KEYS:
-                        writer.add_scalar(f"eval/{suite}/{name}/drift_{key}", r["drift"][key]["finetuned"], 0)
-                bars[name], intervals[name] = chart_series(name, r, paper)
-            if body.get("realism", {}).get("videos"):  # none: no video has statistics on both sides
-                r = body["realism"]
-                lines += [
-                    "",
-                    f"Realism distance to {body['realism_reference']} real clips, over the {r['videos']} videos "
-                    "both models made (Frechet distance of the "
-                    f"drift statistics, lower is closer): baseline {r['baseline']:.3f}, fine-tuned "
-                    f"{r['finetuned']:.3f} ({100 * r.get('relative_change', 0):+.1f}%"
-                    + (
-                        f", 95% interval [{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]"
-                        if "ci_low" in r
-                        else ""
-                    )
-                    + ").",
-                ]
-                writer.add_scalar(f"eval/{suite}/realism_distance/baseline", r["baseline"], 0)
-                writer.add_scalar(f"eval/{suite}/realism_distance/finetuned", r["finetuned"], 0)
-            chart = bar_chart_png(
-                bars,
-                out_dir / f"chart-{suite}.png",
-                f"{suite}: baseline vs fine-tuned (error bar: 95% interval of the difference)",
-                intervals,
-            )
-            body["chart"] = chart
-            lines += [
-                "",
-                "Drift of the fine-tuned videos from the baseline's (relative change of the mean):",
-                "",
-                *drift_lines,
-                "",
-                f"![{suite}]({chart})",
-                "",
-            ]
+            lines += suite_section(suite, body, out_dir, papers, writer)
     lines += ["## Protocol", "", "```", *(f"{k}: {v}" for k, v in report["protocol"].items()), "```", ""]
     (out_dir / "report.md").write_text("\n".join(lines))

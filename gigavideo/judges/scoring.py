@@ -14,6 +14,7 @@ import numpy as np
 
 from gigavideo.judges import camera_motion, instances
 from gigavideo.judges.judge import JudgeAnswerError, normalized_reward
+from gigavideo.rundir.fields import SampleError, decode_video, is_name
 
 AGGREGATES = ("specialist_first", "mean", "min")
 
@@ -79,3 +80,54 @@ def score_videos(videos: list[tuple[np.ndarray, dict, str]], judge, sc, detector
             }
         )
     return results
+
+
+MIN_FRAMES = 2
+
+
+def score_chunk(chunk, judge, dims, sc, detector) -> list[dict]:
+    """Records for a list of stage-2 samples; the judge sees all their questions in one batch."""
+    records, decoded = {}, []
+    for sample in chunk:
+        key, meta = sample["__key__"], sample["json"]
+        records[key] = {
+            "dimension": meta["dimension"],
+            "question": meta["question"],
+            "questions": questions_of(meta),
+            "judge": judge.name,
+            "status": "failed",
+            "reason": None,
+            "scores": {},
+            "reward": None,
+        }
+        try:
+            frames = decode_video(sample)
+        except SampleError as err:
+            records[key]["reason"] = f"video: {err}"
+            continue
+        if len(frames) < MIN_FRAMES:
+            records[key]["reason"] = f"video: {key}: only {len(frames)} frames (need {MIN_FRAMES})"
+            continue
+        decoded.append((key, (frames, meta, dims[meta["dimension"]].scorer)))
+    results = score_videos([video for _, video in decoded], judge, sc, detector)
+    for (key, _), result in zip(decoded, results, strict=False):
+        if isinstance(result, str):
+            records[key]["reason"] = result
+        else:
+            records[key].update(status="ok", **result)
+    return [records[s["__key__"]] for s in chunk]
+
+
+def unreadable_record(err: SampleError, judge) -> dict:
+    """The record of a stage-2 sample that cannot be read (a member missing, its json broken): failed, with why."""
+    meta = err.meta or {}
+    dimension = meta.get("dimension")
+    return {
+        "dimension": dimension if is_name(dimension) else "unreadable",
+        "question": meta.get("question"),
+        "judge": judge.name,
+        "status": "failed",
+        "reason": f"sample: {err.member} {err.reason}",
+        "scores": {},
+        "reward": None,
+    }

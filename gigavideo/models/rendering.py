@@ -174,3 +174,23 @@ class Renderer:
             "prompt_embeds": trim_padding(prompt_embeds[0]),
             "frames": clip,
         }
+
+
+def fixed_batches(keys: list[str], size: int) -> list[list[str]]:
+    """Batches cut from the rank's whole slice, so a resumed run batches every key as before
+    (and so renders it bit-identically)."""
+    return [keys[i : i + size] for i in range(0, len(keys), size)]
+
+
+def render_batch(renderer, keys, prompts, seeds, failures) -> list[dict | None]:
+    """A batch; if it fails, each sample alone, so one bad sample fails only itself."""
+    try:
+        return renderer.render(keys, prompts, seeds)
+    except (RuntimeError, ValueError) as err:
+        if len(keys) == 1:
+            log.error("render failed for %s: %s", keys[0], err)
+            failures.append({"key": keys[0], "reason": f"render: {err}"})
+            return [None]
+        log.warning("batch %s failed (%s); rendering its samples one by one", keys, err)
+        one_by_one = zip(keys, prompts, seeds, strict=True)
+        return [render_batch(renderer, [k], [p], [s], failures)[0] for k, p, s in one_by_one]

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gigavideo.errors import ConfigError
+from gigavideo.models.pipeline import torch_dtype
+from gigavideo.prompts.dimensions import load_style
 
 log = logging.getLogger("gigavideo.prompts.llm")
 
@@ -187,3 +189,27 @@ def build_tiny_chat_model(words: list[str], seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )
     return Qwen2ForCausalLM(config), tokenizer
+
+
+ENGINES = ("template", "transformers", "openai")
+
+
+def make_backend(pc, device):
+    if pc.engine == "template":
+        return TemplateBackend(*load_style(pc.dimensions_dir))
+    if pc.engine == "transformers":
+        return TransformersBackend(
+            pc.llm_path, device, torch_dtype(pc.llm_dtype), pc.llm_batch_size, pc.llm_max_new_tokens, pc.llm_temperature
+        )
+    if pc.engine == "openai":
+        return OpenAIBackend(
+            pc.llm_base_url,
+            pc.llm_model,
+            pc.llm_api_key_env,
+            pc.llm_concurrency,
+            pc.llm_http_retries,
+            pc.llm_timeout,
+            pc.llm_temperature,
+            backoff=pc.llm_backoff,
+        )
+    raise ConfigError(f"prompt engine {pc.engine!r} not in {ENGINES}")

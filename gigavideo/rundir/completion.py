@@ -112,25 +112,32 @@ def finish_rank(
     info: dict,
     tally: Callable[[list[dict]], tuple[list[dict], int]] | None = None,
     max_failed_fraction: float = 0.5,
-) -> bool:
-    """Record this rank as done; the rank that finds all ranks done writes the manifest, unless `tally(failures)`
-    (-> the stage's failed samples and its total) finds too many failed (`check_failed`: StageFailed).
+    finalize: Callable[[list[dict]], dict] | None = None,
+    parts_dir: Path | None = None,
+    what: str = "samples",
+) -> dict | None:
+    """The one way a stage (and the eval) completes. Record this rank as done (in `parts_dir`, default the stage's
+    folder); the one rank that finds all ranks done checks the failures (`tally(failures)` -> the stage's failed
+    samples and its total; too many: StageFailed, see `check_failed`), runs `finalize(parts)` (the work only one
+    rank does: a selection, a report, an export; it returns more manifest fields) and writes the manifest.
 
-    Returns True when the manifest was written (the stage is complete).
+    Returns the manifest on the rank that wrote it (the stage is complete), else None.
     """
-    parts = rank_parts(stage_dir, rank, world_size, info)
+    parts = rank_parts(parts_dir or stage_dir, rank, world_size, info)
     if parts is None:
-        return False
+        return None
     failures = [f for part in parts for f in part.get("failures", [])]
     counted = {}
     if tally is not None:
         failed, total = tally(failures)
-        check_failed(stage, failed, total, max_failed_fraction)
+        check_failed(stage, failed, total, max_failed_fraction, what)
         counted = {"samples_failed": len(failed), "samples_total": total}
+    extra = finalize(parts) if finalize is not None else {}
+    failures += extra.pop("failures", [])  # what the finalizing rank found (e.g. stage 1's real captions)
     seconds = {r: s for part in parts for r, s in part.get("device_seconds", {}).items()}
     discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
     set_aside = set_aside_duplicates(stage_dir)
-    write_manifest(
+    return write_manifest(
         stage_dir,
         stage,
         {
@@ -141,9 +148,9 @@ def finish_rank(
             **counted,
             **({"device_seconds": seconds} if seconds else {}),
             **({"set_aside": set_aside} if set_aside else {}),
+            **extra,
         },
     )
-    return True
 
 
 def write_manifest(stage_dir: Path, stage: str, info: dict) -> dict:

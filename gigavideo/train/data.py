@@ -7,13 +7,16 @@ weight is the realism weight. Synthetic samples without a score are excluded and
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 
+from gigavideo.errors import ConfigError, StageFailed
 from gigavideo.models.pipeline import pad_prompt_embeds
 from gigavideo.rundir.fields import SampleError, SchemaError, array_spec, decode_sample
 from gigavideo.rundir.layout import RunDir, read_manifest
@@ -163,3 +166,25 @@ class DataPosition:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches}
+
+
+def check_latents(run, base: Path) -> None:
+    """The stage-2 latents must live in the base VAE's latent space (same channels and statistics)."""
+    stored = read_manifest(run, "stage2").get("latents")
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    if stored and (stored["latents_mean"], stored["latents_std"]) != (vae["latents_mean"], vae["latents_std"]):
+        raise ConfigError(
+            f"{run.stage('stage2')} holds latents of a {stored['channels']}-channel VAE with other statistics than "
+            f"the base model's VAE ({base / 'vae'}, {len(vae['latents_mean'])} channels): stage 2 was rendered "
+            "with another model. Render again with this preset (stage 2 --overwrite) or train with that model's."
+        )
+
+
+def check_scored(stage3: dict, run) -> None:
+    """Rewards are the method: a stage 3 that scored nothing (its judge server was down, say) trains nothing."""
+    failed = stage3.get("samples_failed", len(stage3.get("failures", [])))
+    if stage3["num_samples"] - failed <= 0:
+        raise StageFailed(
+            f"{run.manifest('stage3')}: stage 3 scored none of its {stage3['num_samples']} samples, so there is no "
+            "reward to train on; fix the judge and run stage 3 again (--overwrite)"
+        )
