@@ -90,7 +90,7 @@ def test_sbatch_stage4_trains_on_two_processes_and_exports(scored_copy, tmp_path
 
 
 def test_sbatch_stage1_splits_llm_calls_over_two_ranks_disjointly_and_completely(tmp_path):
-    from gigavideo.prompts.llm import build_tiny_chat_model
+    from gigavideo.tiny.chat import build_tiny_chat_model
 
     model, tokenizer = build_tiny_chat_model(["a", "fox", "{", "}"])
     model.save_pretrained(tmp_path / "lm")

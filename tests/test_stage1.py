@@ -12,10 +12,11 @@ from chat_server import ChatServer
 from conftest import REPO, run_stage
 
 from gigavideo.prompts.engine import Similarity, parse_answer
-from gigavideo.prompts.llm import OpenAIBackend, Request, build_tiny_chat_model
+from gigavideo.prompts.llm import OpenAIBackend, Request
 from gigavideo.rundir.layout import RunDir, read_manifest
 from gigavideo.rundir.shards import index_json
 from gigavideo.rundir.video import encode_mp4
+from gigavideo.tiny.chat import build_tiny_chat_model
 from gigavideo.toy.clips import make_clip
 
 FAST = ["--real_captions=", "--dimensions=mechanics,camera_motion"]

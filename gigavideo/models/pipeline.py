@@ -22,57 +22,11 @@ WAN_DOWNLOAD_HINT = (
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Words the tiny tokenizer knows whole; anything else falls back to characters, so every prompt encodes.
-_TINY_WORDS = (
-    "a an the of in on at to and with from by is are his her their its into over under through "
-    "man woman child person people dog cat horse bird car ball cup glass water fire ice metal wood "
-    "red blue green yellow white black gray orange purple small large square circle shape shapes "
-    "walks runs jumps falls rolls moves turns slides spins holds throws pours melts burns breaks "
-    "left right up down forward slowly quickly camera pans tilts zooms static shot close wide "
-    "light sunlight night day room street kitchen park field sky background video frames"
-).split()
-_TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%+="
-
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"dtype {name!r} not in {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def build_tiny_tokenizer():
-    """A T5 (unigram) tokenizer built offline: whole words for a small vocabulary, characters otherwise."""
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -5.0) for w in _TINY_WORDS] + [(c, -10.0) for c in _TINY_CHARS]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-# The language model of every tiny chat model and judge: a 2-layer Qwen2 of width 32.
-TINY_QWEN2 = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-}
-
-
-def build_word_tokenizer(words: list[str], special_tokens: list[str], eos: str | None = None):
-    """A word-level fast tokenizer built offline (for tiny judges and chat models)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", *special_tokens]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + list(words)))}
-    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level, pad_token="<pad>", unk_token="<unk>", eos_token=eos
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
-    return tokenizer
 
 
 def check_model_dir(path: str | Path, what: str, required: tuple[str, ...], hint: str) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gigavideo.models.pipeline import TINY_QWEN2, build_word_tokenizer
+from gigavideo.tiny.tokenizers import TINY_QWEN2, build_word_tokenizer
 
 
 def write_settings(directory: Path, files: dict) -> None:

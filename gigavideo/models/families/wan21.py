@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from gigavideo.errors import ConfigError
-from gigavideo.models.pipeline import build_tiny_tokenizer, check_architecture, check_vae, torch_dtype
+from gigavideo.models.pipeline import check_architecture, check_vae, torch_dtype
 from gigavideo.rundir.files import read_json_file
+from gigavideo.tiny.tokenizers import build_tiny_tokenizer
 
 
 @dataclass(frozen=True)
