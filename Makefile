@@ -1,7 +1,7 @@
-# `make demo`: set up .venv, then the toy world (README: Toy world) into runs/demo: the base model's pre-training
+# `make demo`: set up .venv, then the toy world (docs/toy-and-rounds.md) into runs/demo: the base model's pre-training
 # (~4 min, cached), every stage and the eval, whose report shows the weak dimension before and after (~8 min).
 # `make demo PRESET=tiny RUN_DIR=runs/tiny`: the same stages on random-initialised models (plumbing only, ~30 s).
-# `make demo-rounds`: the closed loop on the toy world (README: Closed loop) into runs/demo-rounds: two rounds,
+# `make demo-rounds`: the closed loop on the toy world (docs/toy-and-rounds.md) into runs/demo-rounds: two rounds,
 # each diagnosing its base and training on its two weakest dimensions; RUN_DIR/rounds.md compares them.
 # `make test`: set up .venv and run every test (what CI runs); `make test-fast`: all but the slow and SLURM ones (~3 min).
 # `make lint`: ruff's lint and format check (pyproject.toml); `make format` applies the formatter.

@@ -3,7 +3,7 @@
 # Prints one table: stage 4's step time, tokens/s, MFU and peak memory beside the memory planner's prediction
 # (full fine-tuning and LoRA, gradient checkpointing), and stage 2's seconds per video at 50 steps without and
 # with --cache=first_block, with how far caching moved the latents; then each attention backend that can run
-# there (stage-4 LoRA step, stage-2 sampling, speed-up over native, latents moved). Put the tables in the README.
+# there (stage-4 LoRA step, stage-2 sampling, speed-up over native, latents moved). Put the tables in docs/attention.md and docs/memory.md (docs/benchmarks.md says where each figure lives).
 #   bash bench/gpu_check.sh              (from the repository root, on a machine with a GPU)
 #   bash bench/gpu_check.sh --dry_run    (CPU, tiny preset and size: the same code path in under a minute)
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Two offline rounds against one round with the same compute, on the toy world (README: Closed loop).
+"""Two offline rounds against one round with the same compute, on the toy world (docs/toy-and-rounds.md).
 
 - `rounds`: `ROUNDS=2 PRESET=toy-rounds bash slurm/pipeline.sh` (what `make demo-rounds` runs);
 - `double`: one round of the same preset with twice the stage-1/2 videos and twice the training steps.

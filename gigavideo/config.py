@@ -16,6 +16,8 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,20 @@ from gigavideo.errors import ConfigError
 from gigavideo.registry import resolve
 from gigavideo.rundir.files import read_toml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def checkout_root() -> Path:
+    """The checkout whose configs/ and ds_configs/ the stages read: $GIGAVIDEO_ROOT; else the one this package is
+    in (an editable install); else the one of the script being run (the package installed from a wheel, the
+    scripts run from their checkout); else the working directory's."""
+    candidates = [os.environ.get("GIGAVIDEO_ROOT"), Path(__file__).resolve().parent.parent]
+    candidates += [Path(sys.argv[0]).resolve().parent.parent if sys.argv and sys.argv[0] else None, Path.cwd()]
+    for candidate in filter(None, candidates):
+        if (Path(candidate) / "configs").is_dir() and (Path(candidate) / "ds_configs").is_dir():
+            return Path(candidate)
+    return Path(__file__).resolve().parent.parent
+
+
+REPO_ROOT = checkout_root()
 PRESETS_DIR = REPO_ROOT / "configs"
 
 
@@ -89,6 +104,9 @@ class Entries:
                 return f"its {name} = {value[name]!r} {problem}"
         return None
 
+    def __str__(self) -> str:
+        return "; ".join(f"{name}: {check}" for name, check in self.entries.items())
+
 
 POSITIVE = Range(0, low_open=True)  # > 0
 AT_LEAST_0 = Range(0)
@@ -109,8 +127,44 @@ WAN21_NEGATIVE_PROMPT = (
 )
 
 
+class Table:
+    """A config section: a dataclass whose typed fields are read as attributes (`cfg.render.steps`, an int, checked
+    once in `load_config`), and also as a mapping (`dict(cfg.train)` for a manifest, `cfg.render["fps"]`)."""
+
+    def __getitem__(self, key: str):
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value) -> None:
+        if key not in self:
+            raise KeyError(key)
+        setattr(self, key, value)
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def values(self) -> list:
+        return [getattr(self, k) for k in self.keys()]
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in self else default
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Table):
     """[model]: the base model, shared by every stage."""
 
     kind: str = key(
@@ -139,7 +193,7 @@ class ModelConfig:
     max_sequence_length: int = key(512, "text tokens", check=AT_LEAST_1)
     gpu_mem_gib: float = key(
         0.0,
-        "memory plan (stages 2 and 4): GiB per GPU to plan for; 0 = the GPU seen (on a CPU: no plan)",
+        "memory plan (stages 2, 3 and 4): GiB per GPU to plan for; 0 = the GPU seen (on a CPU: no plan)",
         check=AT_LEAST_0,
     )
     force: bool = key(False, "run even when the memory plan says the setting cannot fit")
@@ -188,7 +242,7 @@ class ModelConfig:
 
 
 @dataclass
-class PromptsConfig:
+class PromptsConfig(Table):
     """[prompts]: stage 1, the prompt data engine."""
 
     engine: str = key(
@@ -261,7 +315,7 @@ class PromptsConfig:
 
 
 @dataclass
-class RenderConfig:
+class RenderConfig(Table):
     """[render]: stage 2 (and the eval's videos), the frozen base model renders every prompt."""
 
     height: int = key(480, "frame height", check=AT_LEAST_1)
@@ -302,7 +356,7 @@ class RenderConfig:
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(Table):
     """[score]: stage 3 (and the eval's scores), a frozen judge answers each video's question."""
 
     judge: str = key(
@@ -363,7 +417,7 @@ class ScoreConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Table):
     """[train]: stage 4, reward-weighted flow-matching fine-tuning with DeepSpeed."""
 
     ds_config: str = key("ds_configs/zero2.json", "DeepSpeed config; its auto fields are filled from these flags")
@@ -430,7 +484,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Table):
     """[eval]: baseline vs fine-tuned, per dimension."""
 
     suites: list = key(
@@ -473,7 +527,7 @@ PLUGIN_SECTIONS = {"toy": "gigavideo.toy.config:ToyConfig"}
 
 
 class Section(dict):
-    """A config table whose keys read as attributes (`cfg.render.steps`)."""
+    """The config: its sections (Table) by name, read as attributes (`cfg.render`), and `preset`."""
 
     def __getattr__(self, name):
         try:
@@ -488,8 +542,8 @@ def section_class(name: str):
     return resolve(PLUGIN_SECTIONS, name, "config section")
 
 
-def defaults(name: str) -> Section:
-    return Section(dataclasses.asdict(section_class(name)()))
+def defaults(name: str) -> Table:
+    return section_class(name)()
 
 
 def docs(name: str) -> dict[str, str]:
@@ -548,11 +602,21 @@ def check_values(cfg: Section) -> None:
     """Every key of every section against its type and its range or choices, before a stage builds a model or
     --overwrite removes anything: a ConfigError naming the key, the value and what it may be."""
     for name, table in cfg.items():
-        if not isinstance(table, Section):
+        if not isinstance(table, Table):
             continue
         for f in dataclasses.fields(section_class(name)):
             value, check = table[f.name], f.metadata.get("check")
-            problem = _type_problem(value, f.default_factory()) or (check.problem(value) if check else None)
+            default = f.default_factory()
+            problem = _type_problem(value, default) or (check.problem(value) if check else None)
+            if not problem and isinstance(check, Entries):  # each entry of the type of its default
+                problem = next(
+                    (
+                        f"its {k} = {v!r} {p}"
+                        for k, v in value.items()
+                        if k in default and (p := _type_problem(v, default[k]))
+                    ),
+                    None,
+                )
             if problem and isinstance(check, OneOf) and not isinstance(value, list):  # as the flag was given
                 raise ConfigError(f"--{f.name}={problem} ({name}.{f.name}; preset {cfg.preset}, then flags)")
             if problem:
@@ -574,12 +638,20 @@ def _type_problem(value, default) -> str | None:
     return None
 
 
+def _entries_type_problem(value: dict, default: dict) -> str | None:
+    """A table key's entries, each of the type of its default's (a preset's `steps = 3.5` is refused)."""
+    for name, entry in value.items():
+        if name in default and (problem := _type_problem(entry, default[name])):
+            return f"its {name} = {entry!r} {problem}"
+    return None
+
+
 def _names_section(overrides: dict | None, name: str) -> bool:
     return any(k.startswith((f"{name}.", f"{name}_")) for k in overrides or {})
 
 
 def _apply_override(cfg: Section, section: str, key: str, value) -> None:
-    tables = [t for t in cfg if isinstance(cfg[t], Section)]
+    tables = [t for t in cfg if isinstance(cfg[t], Table)]
     if "." in key:
         table, _, name = key.partition(".")
         if table not in tables or name not in cfg[table]:
@@ -621,4 +693,5 @@ def _coerce(current, value, key):
 
 
 def to_json(cfg: Section) -> str:
-    return json.dumps(cfg, indent=2, sort_keys=True, default=str)
+    tables = {name: dict(table) if isinstance(table, Table) else table for name, table in cfg.items()}
+    return json.dumps(tables, indent=2, sort_keys=True, default=str)

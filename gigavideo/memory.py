@@ -209,7 +209,7 @@ def plan_training(cfg, setting: TrainSetting, nodes: int, per_node: int, zero_cf
         shipped = DS_CONFIGS.get((setting.zero, setting.offload))
         zero_cfg = ds_file(shipped) if shipped else {"stage": setting.zero}
     targets = list(tc.lora_targets or family.lora_targets)
-    trained, frozen = parameter_sizes(arch, setting.mode, targets, int(tc.lora_rank))
+    trained, frozen = parameter_sizes(arch, setting.mode, targets, tc.lora_rank)
     params, trainable = sum(trained) + sum(frozen), sum(trained)
     parts = model_state_bytes(trained, frozen, setting, zero_cfg, nodes, per_node, bf16, arch)
     parts["activations"] = activation_bytes(cfg, setting.micro_batch, setting.checkpointing, 2 if bf16 else 4)
@@ -256,10 +256,10 @@ def asked_setting(cfg, ds_config: dict) -> TrainSetting:
     return TrainSetting(
         zero,
         offload,
-        bool(tc.gradient_checkpointing),
+        tc.gradient_checkpointing,
         tc.mode,
-        int(tc.micro_batch_size),
-        int(tc.grad_accum),
+        tc.micro_batch_size,
+        tc.grad_accum,
         tc.sample_every > 0,
     )
 
@@ -308,7 +308,7 @@ def render_plan(cfg, nodes: int, per_node: int, gpu_mem_gib: float) -> dict:
         "stage": "stage2",
         "bytes": parts,
         "models": models,
-        "peaks": {"sampling": sampling, "vae_decode": decode, "vae_tiling": bool(r.vae_tiling)},
+        "peaks": {"sampling": sampling, "vae_decode": decode, "vae_tiling": r.vae_tiling},
         "total": total,
         "gpu_bytes": limit,
         "gpus": nodes * per_node,
@@ -385,8 +385,8 @@ class MemoryPlanError(UserError):
 
 def planned_gpu_memory_gib(model_cfg) -> float | None:
     """model.gpu_mem_gib, else the memory of the GPU this process sees; None on a CPU (nothing to plan)."""
-    if float(model_cfg.gpu_mem_gib) > 0:
-        return float(model_cfg.gpu_mem_gib)
+    if model_cfg.gpu_mem_gib > 0:
+        return model_cfg.gpu_mem_gib
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
     return None

@@ -1,6 +1,6 @@
 # Sourced by slurm/*.sh. Settings (environment variables):
-#   PRESET          config preset name or TOML path (default: tiny)
-#   RUN_DIR         run directory (default: runs/demo)
+#   PRESET          config preset name or TOML path (REQUIRED under sbatch; without SLURM: tiny)
+#   RUN_DIR         run directory, on a filesystem every node sees (REQUIRED under sbatch; without SLURM: runs/demo)
 #   PYTHON          interpreter (default: .venv/bin/python if present, else python3)
 #   NPROC_PER_NODE  processes per node (default: GPUs on the node, or 1 without GPUs)
 #   MASTER_PORT     rendezvous port (default: derived from the job id)
@@ -12,6 +12,12 @@
 # c10d rendezvous on the first host of the allocation. Run with plain bash, everything runs here.
 set -euo pipefail
 cd "$REPO"
+# On a cluster the defaults would train random tiny models into the submit folder: refuse them there.
+if [ -n "${SLURM_JOB_ID:-}" ] && { [ -z "${PRESET:-}" ] || [ -z "${RUN_DIR:-}" ]; }; then
+  echo "error: under sbatch, set PRESET and RUN_DIR (e.g. export PRESET=configs/my-wan.toml" \
+    "RUN_DIR=/shared/runs/run1, then sbatch); the defaults (tiny, runs/demo) are for trying it without SLURM" >&2
+  exit 2
+fi
 PRESET=${PRESET:-tiny}
 RUN_DIR=${RUN_DIR:-runs/demo}
 if [ -z "${PYTHON:-}" ]; then

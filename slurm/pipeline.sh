@@ -11,13 +11,18 @@
 #                                            model; each round first diagnoses its base where the preset has
 #                                            prompts.dimensions = ["auto"]; a rerun skips completed rounds;
 #                                            RUN_DIR/rounds.md compares every round with the base at the end)
-# Per-stage flags belong in the preset file (e.g. model.path, score.judge_path); see README.md.
+# Per-stage flags belong in the preset file (e.g. model.path, score.judge_path); see README.md and docs/config.md.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
+if [ -z "${LOCAL:-}" ] && command -v sbatch >/dev/null; then submit=1; else submit=""; fi
+if [ -n "$submit" ] && { [ -z "${PRESET:-}" ] || [ -z "${RUN_DIR:-}" ]; }; then
+  echo "error: to submit the pipeline, set PRESET and RUN_DIR (e.g. PRESET=configs/my-wan.toml" \
+    "RUN_DIR=/shared/runs/run1 bash slurm/pipeline.sh); LOCAL=1 runs it here with the defaults (tiny, runs/demo)" >&2
+  exit 2
+fi
 export PRESET=${PRESET:-tiny} RUN_DIR=${RUN_DIR:-runs/demo}
 source "$REPO/slurm/_common.sh"  # PYTHON
-if [ -z "${LOCAL:-}" ] && command -v sbatch >/dev/null; then submit=1; else submit=""; fi
 dependency=()
 
 # step NAME: one step on RUN_DIR with PRESET (both exported): a job chained after the previous one, or run here.

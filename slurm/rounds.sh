@@ -4,7 +4,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=4
 #SBATCH --time=00:30:00
-# The report across the rounds of `ROUNDS=N bash slurm/pipeline.sh`: RUN_DIR/rounds.{json,md} (README: Rounds).
+# The report across the rounds of `ROUNDS=N bash slurm/pipeline.sh`: RUN_DIR/rounds.{json,md} (docs/toy-and-rounds.md).
 # Settings: RUN_DIR, ROUNDS, PRESET, PYTHON (see slurm/_common.sh). Extra arguments go to eval/rounds.py.
 if [ -n "${SLURM_JOB_ID:-}" ]; then REPO=${GIGAVIDEO_REPO:-$SLURM_SUBMIT_DIR}; else REPO=$(cd "$(dirname "$0")/.." && pwd); fi
 source "$REPO/slurm/_common.sh"

@@ -13,7 +13,7 @@
 #   PRESET=tiny bash slurm/stage4.sh                      (no SLURM: runs on this machine)
 # Preemption: SLURM sends USR1 180 s before the time limit (or scancel --batch --signal=USR1 JOBID), and
 # SIGTERM on preemption, scancel --signal=TERM or a node drain (then SIGKILL after KillWait / GraceTime:
-# see the README). Either way the trainer checkpoints at the end of its step, exits and leaves the stop
+# see docs/slurm.md). Either way the trainer checkpoints at the end of its step, exits and leaves the stop
 # file; the job then requeues itself and resumes.
 # Multi-node on GPUs: NCCL picks the fastest transport; set NCCL_SOCKET_IFNAME (e.g. ib0 or eth0) and
 # NCCL_IB_HCA where nodes have several interfaces, NCCL_DEBUG=WARN to see what it chose.

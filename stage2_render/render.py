@@ -114,7 +114,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     out, rc = run.stage("stage2"), cfg.render
     done, prompts = resume_rank(out, rank), index_json(run, "stage1")
     mine = my_share(list(prompts), rank, world)
-    synthetic = fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"], int(rc.batch_size))
+    synthetic = fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"], rc.batch_size)
     batches = [b for b in synthetic if set(b) - done]
     real_todo = {k for k in mine if prompts[k]["source"] == "real" and k not in done}
     todo = sum(len(set(b) - done) for b in batches) + len(real_todo)
@@ -135,14 +135,13 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         "latents": space,
         "arrays": stage2_arrays(space, rc, pipe.transformer.config.text_dim),
         "failures": samples.failures,
+        "counts": {"truncated_prompts": renderer.truncation()["truncated_prompts"]},
         "device_seconds": {str(rank): round(samples.seconds, 2)},
     }
     if finish_rank(out, "stage2", rank, world, info, tally(out), rc.max_failed_fraction):
         log.info("stage2 complete: %s", run.manifest("stage2"))
     if samples.failures:
-        log.warning(
-            "stage2: %d samples failed on this rank (see the manifest); a rerun retries them", len(samples.failures)
-        )
+        log.warning("stage2: %d samples failed on this rank (see the manifest); a rerun retries", len(samples.failures))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
         for err in (err for err in unreadable if err.key in mine):
             write(writer, err.key, unreadable_record(err, judge))
             progress.update(1)
-        while chunk := list(islice(todo, int(cfg.score.batch_size))):
+        while chunk := list(islice(todo, cfg.score.batch_size)):
             for sample, record in zip(chunk, score_chunk(chunk, judge, dims, cfg.score, detector), strict=True):
                 write(writer, sample["__key__"], record)
             progress.update(len(chunk))

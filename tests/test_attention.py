@@ -27,6 +27,7 @@ def test_auto_is_native_on_a_cpu_and_a_backend_that_cannot_run_here_names_what_p
         attention.resolve("fast", "cpu", "float32")
 
 
+@pytest.mark.slow
 def test_auto_resolves_to_native_and_every_output_records_it(trained_run):
     run = RunDir(trained_run)
     assert read_manifest(run, "stage2")["render"]["attention_backend"] == "native"

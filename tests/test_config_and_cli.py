@@ -77,3 +77,25 @@ def test_a_preset_extends_another_and_its_own_keys_win(tmp_path):
     (tmp_path / "b.toml").write_text(f'extends = "{tmp_path / "a.toml"}"\n')
     with pytest.raises(ConfigError, match="cycle"):
         load_config(str(tmp_path / "a.toml"), "render")
+
+
+def test_the_configuration_reference_is_generated_from_the_typed_config_and_up_to_date():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "config_reference.py"), "--check"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    reference = (REPO / "docs" / "config.md").read_text()
+    for name in ("model", "prompts", "render", "score", "train", "eval", "toy"):
+        assert f"## [{name}]" in reference
+    assert "| `max_steps` | `2500` | >= 1 |" in reference  # a key, its default and its range
+
+
+def test_the_readme_example_preset_loads(tmp_path):
+    """The cluster preset the README shows a newcomer is a valid preset (docs that cannot go stale)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    preset = tmp_path / "my-run.toml"
+    preset.write_text("\n".join(line.strip() for line in block.splitlines()))
+    cfg = load_config(str(preset), "score")
+    assert cfg.model.path.startswith("/models/") and cfg.score.judge_path.startswith("/models/")
+    assert cfg.render.height == 480 and cfg.render.num_frames == 81  # the paper's setting, from `extends`

@@ -117,6 +117,7 @@ def test_a_bad_value_with_overwrite_removes_nothing_and_is_one_line(trained_copy
 # ---------------------------------------------------------------- 2: all failed is a failure
 
 
+@pytest.mark.slow
 def test_a_dead_judge_server_fails_stage3_a_rerun_retries_and_stage4_refuses_what_scored_nothing(scored_copy):
     run = RunDir(scored_copy)
     total = read_manifest(run, "stage3")["num_samples"]
@@ -150,6 +151,7 @@ def test_a_dead_llm_server_fails_stage1_and_a_rerun_makes_the_prompts(tmp_path):
     assert read_manifest(RunDir(tmp_path / "run"), "stage1")["summary"]["mechanics"]["kept"] == 3
 
 
+@pytest.mark.slow
 def test_stage2_past_its_failure_bound_writes_no_manifest_and_below_it_lists_the_failures(scored_copy):
     run = RunDir(scored_copy)
     shard = next(

@@ -61,6 +61,7 @@ def test_a_second_process_on_the_same_stage_refuses_at_once_naming_the_holder(sc
     assert len(every_key_once(scored_copy, "stage2")) == 12
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over(scored_copy):
     lock = scored_copy / ".locks" / "stage2-rank00000.lock"
     first = start("stage2", scored_copy, "--overwrite")
@@ -97,6 +98,7 @@ def test_sigterm_checkpoints_exits_3_and_the_resumed_loss_curve_is_an_uninterrup
     assert not (stopped / "stage4" / "stop-request").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_stage2_resumable_with_every_key_once(scored_copy):
     lock = scored_copy / ".locks" / "stage2-rank00000.lock"
     shutil.rmtree(scored_copy / "stage2")
@@ -125,6 +127,7 @@ def small_stage2_disk(scored_copy):
     subprocess.run(["umount", "-l", str(stage2)])
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_stage2_with_one_line_and_a_rerun_after_freeing_space_completes(
     scored_copy, small_stage2_disk
 ):
@@ -143,6 +146,7 @@ def test_a_full_disk_stops_stage2_with_one_line_and_a_rerun_after_freeing_space_
     assert kept <= {p.name for p in small_stage2_disk.glob("*.tar")}
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_stage4_checkpoint_is_one_line_and_latest_stays_loadable(scored_copy):
     """Room for one checkpoint (~0.4 MB) of the tiny model, not two: the second save fails."""
     checkpoints = RunDir(scored_copy).checkpoints
@@ -168,6 +172,7 @@ def test_a_disk_that_fills_during_a_stage4_checkpoint_is_one_line_and_latest_sta
         subprocess.run(["umount", "-l", str(checkpoints)])
 
 
+@pytest.mark.slow
 def test_reruns_heal_duplicate_keys_stray_tmp_shards_and_a_truncated_manifest(scored_copy):
     run = RunDir(scored_copy)
     for stage in ("stage2", "stage3"):

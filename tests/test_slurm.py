@@ -22,7 +22,7 @@ if shutil.which("sbatch") is None:
 
 def sbatch(script, *options, args=(), env=None, timeout=900):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    full_env.update({"PYTHON": sys.executable, **(env or {})})
+    full_env.update({"PYTHON": sys.executable, "PRESET": "tiny", **(env or {})})
     submit = ["sbatch", "--parsable", "--gpus-per-node=0", *options, script, *args]
     return submit_and_wait(submit, full_env, timeout)
 
@@ -192,7 +192,7 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
     from test_stage4 import loss_curve
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update({"PYTHON": sys.executable, "RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"})
+    env.update({"PYTHON": sys.executable, "PRESET": "tiny", "RUN_DIR": str(scored_copy), "NPROC_PER_NODE": "1"})
     log = tmp_path / "stage4.out"
     job_id = (
         subprocess.run(
@@ -252,7 +252,7 @@ def test_a_job_array_renders_stage2_and_a_failed_task_reruns_alone(scored_copy, 
 
     shutil.rmtree(scored_copy / "stage2")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update({"PYTHON": sys.executable, "RUN_DIR": str(scored_copy)})
+    env.update({"PYTHON": sys.executable, "PRESET": "tiny", "RUN_DIR": str(scored_copy)})
     submit = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"]
     slow = ["--steps=100"]  # long enough to cancel a task mid-run
     array = subprocess.run(
@@ -279,3 +279,19 @@ def test_a_job_array_renders_stage2_and_a_failed_task_reruns_alone(scored_copy, 
     keys = [k for s in manifest["shards"] for k in shard_keys(scored_copy / "stage2" / s["name"])]
     assert len(keys) == len(set(keys)) == 12
     assert {s["name"][:6] for s in manifest["shards"]} == {"r00000", "r00001", "r00002"}
+
+
+def test_under_sbatch_a_stage_and_the_pipeline_refuse_to_run_without_preset_and_run_dir(tmp_path):
+    """Forgetting them on a cluster would train random tiny models into the submit folder: one line says what to set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PRESET", "RUN_DIR") and not k.startswith("SLURM_")}
+    job_id, proc = submit_and_wait(
+        ["sbatch", "--parsable", "--gpus-per-node=0", f"--output={tmp_path}/%j.out", "slurm/stage1.sh"],
+        env | {"RUN_DIR": str(tmp_path / "run")},  # PRESET forgotten
+        timeout=120,
+    )
+    output = (tmp_path / f"{job_id}.out").read_text()
+    assert proc.returncode != 0 and "error: under sbatch, set PRESET and RUN_DIR" in output, output
+    assert not (tmp_path / "run").exists() and not (REPO / "runs" / "demo" / "stage1" / "manifest.json").exists()
+    pipeline = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert pipeline.returncode == 2 and "error: to submit the pipeline, set PRESET and RUN_DIR" in pipeline.stderr
+    assert ": job " not in pipeline.stdout  # nothing submitted

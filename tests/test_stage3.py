@@ -251,6 +251,7 @@ def test_the_hand_built_video_inputs_are_what_transformers_video_processor_gives
     assert torch.allclose(ours["pixel_values_videos"], theirs["pixel_values_videos"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_judge_server_is_started_waited_for_pointed_at_and_stopped_around_stage3(scored_copy):
     """slurm/stage3.sh with JUDGE_SERVER (here the test server, standing in for `vllm serve`), without SLURM."""
     import os

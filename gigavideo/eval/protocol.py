@@ -118,7 +118,7 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, out: Path, device,
         with open(records_file, "ab") as record_file:
             record_file.write(b"\n")  # end the line a kill cut short, so the next record starts on its own line
     with tqdm(total=len(todo), desc=f"eval {label}", unit="video") as progress, open(records_file, "a") as record_file:
-        while chunk := list(islice(batches, int(cfg.render.batch_size))):
+        while chunk := list(islice(batches, cfg.render.batch_size)):
             missing = [v for v in chunk if not (root / v["path"]).exists()]
             if missing:
                 rendered = renderer.render(
@@ -144,6 +144,7 @@ def render_and_score(label, pipe, todo, cfg, judge, detector, out: Path, device,
                 record_file.flush()
                 os.fsync(record_file.fileno())
             progress.update(len(chunk))
+    renderer.truncation()
 
 
 def official_scores(cfg, videos, run) -> dict:

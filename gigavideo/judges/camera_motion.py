@@ -48,7 +48,7 @@ def gray_frames(frames: np.ndarray, size: int) -> np.ndarray:
 def dis_flow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Dense flow (h, w, 2) with a(x, y) ~ b(x + u, y + v): OpenCV's DIS (its MEDIUM preset, 4-px patches).
 
-    Chosen over Farneback and over our former numpy Lucas-Kanade by `bench/camera_motion.py` (README: Stage 3).
+    Chosen over Farneback and over our former numpy Lucas-Kanade by `bench/camera_motion.py` (docs/stages.md: Stage 3).
     Small patches give a deeper pyramid on small frames, which is what lets it follow large motions.
     """
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)

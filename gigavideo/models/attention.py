@@ -6,7 +6,7 @@ module checks a name against the device, the dtype and what is installed before 
 registered (which is what the manifests record: kernels can change the bits of the output).
 
 `auto` takes the first of AUTO_ORDER that can run here. The order is the kernels' published speed on
-Hopper and Ampere, fastest first; `bash bench/gpu_check.sh` times each on the GPU it runs on (README:
+Hopper and Ampere, fastest first; `bash bench/gpu_check.sh` times each on the GPU it runs on (docs/attention.md:
 Attention backends). SageAttention is never chosen by `auto`: it quantizes Q and K to int8, so it changes
 the outputs more than a rounding; name it to use it.
 """

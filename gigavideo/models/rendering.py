@@ -72,11 +72,11 @@ def configure_pipeline(pipe, render_cfg: dict, flow_shift: float, device) -> Non
     if cache == "first_block":
         from diffusers import FirstBlockCacheConfig
 
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(render_cfg["cache_threshold"])))
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=render_cfg["cache_threshold"]))
     elif cache == "taylorseer":
         from diffusers import TaylorSeerCacheConfig
 
-        pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=int(render_cfg["cache_interval"])))
+        pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=render_cfg["cache_interval"]))
 
 
 class Renderer:
@@ -90,6 +90,7 @@ class Renderer:
         self.pipe, self.cfg, self.device = pipe, render_cfg, device
         self.sampler_kwargs = family.sampler_kwargs(render_cfg)
         self.max_sequence_length = int(max_sequence_length)
+        self.truncated: list[str] = []  # keys of the prompts longer than max_sequence_length
 
     def settings(self) -> dict:
         keys = (
@@ -110,11 +111,30 @@ class Renderer:
             "attention_backend": attention.registered_in(attention.pipeline_transformers(self.pipe)),
         }
 
-    def warn_if_truncated(self, keys: list[str], prompts: list[str]) -> None:
-        for key, prompt in zip(keys, prompts, strict=False):
+    def note_truncated(self, keys: list[str], prompts: list[str]) -> None:
+        """The first prompt longer than max_sequence_length is logged; the others are counted (`truncation`)."""
+        for key, prompt in zip(keys, prompts, strict=True):
             n = len(self.pipe.tokenizer(prompt, add_special_tokens=True).input_ids)
             if n > self.max_sequence_length:
-                log.warning("%s: prompt has %d tokens, truncated to %d", key, n, self.max_sequence_length)
+                if not self.truncated:
+                    log.warning(
+                        "%s: prompt has %d tokens, truncated to %d (the next ones are counted, not logged)",
+                        key,
+                        n,
+                        self.max_sequence_length,
+                    )
+                self.truncated.append(key)
+
+    def truncation(self) -> dict:
+        """How many prompts were truncated (for the log and the manifest), with the first few keys."""
+        if self.truncated:
+            log.info(
+                "%d prompts were longer than %d tokens and truncated (first: %s)",
+                len(self.truncated),
+                self.max_sequence_length,
+                ", ".join(self.truncated[:3]),
+            )
+        return {"truncated_prompts": len(self.truncated), "truncated_first": self.truncated[:3]}
 
     @torch.no_grad()
     def embed(self, prompts: list[str]):
@@ -130,7 +150,7 @@ class Renderer:
     @torch.no_grad()
     def render(self, keys: list[str], prompts: list[str], seeds: list[int]) -> list[dict]:
         """One batch: returns per sample {latents, prompt_embeds, frames, seconds}."""
-        self.warn_if_truncated(keys, prompts)
+        self.note_truncated(keys, prompts)
         start = time.time()
         prompt_embeds, negative_embeds = self.embed(prompts)
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]

@@ -116,10 +116,12 @@ def finish_rank(
     parts_dir: Path | None = None,
     what: str = "samples",
 ) -> dict | None:
-    """The one way a stage (and the eval) completes. Record this rank as done (in `parts_dir`, default the stage's
-    folder); the one rank that finds all ranks done checks the failures (`tally(failures)` -> the stage's failed
-    samples and its total; too many: StageFailed, see `check_failed`), runs `finalize(parts)` (the work only one
-    rank does: a selection, a report, an export; it returns more manifest fields) and writes the manifest.
+    """The one way a stage (and the eval) completes. Record this rank as done, with its `info`, in `parts_dir`
+    (default the stage's folder). The one rank that finds all ranks done checks the failures (`tally(failures)`
+    -> the stage's failed samples and its total; too many: StageFailed, see `check_failed`), runs
+    `finalize(parts)` (the work only one rank does: a selection, a report, an export; it returns more manifest
+    fields) and writes the manifest: the ranks' `failures` and `counts` summed, the other fields of `info` the
+    finalizing rank's.
 
     Returns the manifest on the rank that wrote it (the stage is complete), else None.
     """
@@ -135,6 +137,7 @@ def finish_rank(
     extra = finalize(parts) if finalize is not None else {}
     failures += extra.pop("failures", [])  # what the finalizing rank found (e.g. stage 1's real captions)
     seconds = {r: s for part in parts for r, s in part.get("device_seconds", {}).items()}
+    counts = sum((Counter(part.get("counts", {})) for part in parts), Counter())  # e.g. truncated prompts
     discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
     set_aside = set_aside_duplicates(stage_dir)
     return write_manifest(
@@ -147,6 +150,7 @@ def finish_rank(
             "process_seconds": process_seconds(parts),
             **counted,
             **({"device_seconds": seconds} if seconds else {}),
+            **({"counts": dict(counts)} if counts else {}),
             **({"set_aside": set_aside} if set_aside else {}),
             **extra,
         },

@@ -1,5 +1,5 @@
 """The toy world: a synthetic world small enough to run the whole method on one CPU, with a judge
-whose answers are known to be right (README: Toy world).
+whose answers are known to be right (docs/toy-and-rounds.md).
 
 It is a plug-in: no module outside this package imports it. It is registered by name where a
 config value picks it: `model.kind = "toy"` (gigavideo.models.pipeline.BASE_MODELS), `score.judge = "toy"`

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gigavideo.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Entries, key
+from gigavideo.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Entries, Table, key
 from gigavideo.toy.clips import CAPTIONED, SIZE_RANGE
 
 
@@ -16,7 +16,7 @@ def toy_settings(cfg):
 
 
 @dataclass
-class ToyConfig:
+class ToyConfig(Table):
     """[toy]: the toy world's clips (the real videos of real_captions = "procedural:N") and its base model."""
 
     captions: dict = key(

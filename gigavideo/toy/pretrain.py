@@ -56,11 +56,11 @@ def toy_base(cfg, run: RunDir) -> Path:
 
 def training_set(pipe, pretrain: dict, max_sequence_length: int):
     """The world's clips as normalised latents and their caption embeddings (some dropped to no text)."""
-    torch.manual_seed(int(pretrain["seed"]))
+    torch.manual_seed(pretrain["seed"])
     size = (pretrain["height"], pretrain["width"], pretrain["num_frames"])
     clips = [
-        make_clip(i, *size, int(pretrain["seed"]), pretrain["caption_rates"], pretrain["size_range"])
-        for i in range(int(pretrain["clips"]))
+        make_clip(i, *size, pretrain["seed"], pretrain["caption_rates"], pretrain["size_range"])
+        for i in range(pretrain["clips"])
     ]
     with torch.no_grad():
         pixels = torch.from_numpy(np.stack([frames for frames, _ in clips])).permute(0, 4, 1, 2, 3) / 127.5 - 1
@@ -76,7 +76,7 @@ def training_set(pipe, pretrain: dict, max_sequence_length: int):
         )[0]
         embeds = table[[texts.index(text) for _, text in clips]]
         empty = table[texts.index("")]
-    drop = torch.rand(len(clips)) < float(pretrain["caption_dropout"])  # so classifier-free guidance has a "no text"
+    drop = torch.rand(len(clips)) < pretrain["caption_dropout"]  # so classifier-free guidance has a "no text"
     embeds[drop] = empty
     return latents, embeds
 
@@ -87,8 +87,8 @@ def pretrain_base(
     """Flow-matching pre-training of pipe.transformer; checkpoints in `partial`, resumed from there."""
     latents, embeds = training_set(pipe, pretrain, max_sequence_length)
     model = pipe.transformer.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(pretrain["lr"]), weight_decay=0.0)
-    steps, batch = int(pretrain["steps"]), int(pretrain["batch_size"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pretrain["lr"], weight_decay=0.0)
+    steps, batch = pretrain["steps"], pretrain["batch_size"]
     start, losses, seconds = 0, [], 0.0
     state_file = partial / STATE_FILE
     if state_file.is_file():  # only tensors and numbers: nothing is unpickled
@@ -110,7 +110,7 @@ def pretrain_base(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in optimizer.param_groups:  # cosine decay to a tenth
-            group["lr"] = float(float(pretrain["lr"]) * (0.55 + 0.45 * np.cos(np.pi * step / steps)))
+            group["lr"] = float(pretrain["lr"] * (0.55 + 0.45 * np.cos(np.pi * step / steps)))
         optimizer.step()
         losses.append(loss.item())
         progress.update(1)
@@ -150,8 +150,8 @@ def pretrain(cfg, run: RunDir) -> Path:
     summary = pretrain_base(
         pipe,
         settings,
-        int(cfg.model.max_sequence_length),
-        float(cfg.model.flow_shift),
+        cfg.model.max_sequence_length,
+        cfg.model.flow_shift,
         partial,
         int(toy_settings(cfg).checkpoint_every),
     )

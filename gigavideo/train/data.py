@@ -43,7 +43,7 @@ def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], di
     )
     real = [k for k, m in renders.items() if m["source"] == "real"]
     if train_cfg["realism_weight"] > 0:
-        weights.update(dict.fromkeys(real, float(train_cfg["realism_weight"])))
+        weights.update(dict.fromkeys(real, train_cfg["realism_weight"]))
     synthetic = [k for k, m in renders.items() if m["source"] == "synthetic"]
     stats = {
         "synthetic": len(synthetic),
@@ -109,7 +109,7 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
     are seeded per epoch, so a resumed run can replay an epoch up to where it stopped.
     """
     shards = shard_paths(run, "stage2")
-    workers = int(train_cfg["num_workers"])
+    workers = train_cfg["num_workers"]
     needed = world_size * max(1, workers)
     if len(shards) < needed:
         raise SchemaError(
@@ -129,9 +129,9 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
             empty_check=False,
         )
         .select(lambda s: s["__key__"] in weights)
-        .shuffle(int(train_cfg["shuffle_buffer"]), seed=seed)
+        .shuffle(train_cfg["shuffle_buffer"], seed=seed)
         .map(partial(_decode, weights=weights, max_sequence_length=max_sequence_length, arrays=arrays))
-        .compose(partial(decodable_batches, size=int(train_cfg["micro_batch_size"])))
+        .compose(partial(decodable_batches, size=train_cfg["micro_batch_size"]))
     )
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 

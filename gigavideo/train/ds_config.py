@@ -21,7 +21,7 @@ def build_ds_config(train_cfg: dict, world_size: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found (see ds_configs/)")
     ds = read_json_file(path)
-    micro, accum = int(train_cfg["micro_batch_size"]), int(train_cfg["grad_accum"])
+    micro, accum = train_cfg["micro_batch_size"], train_cfg["grad_accum"]
     wanted = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,

@@ -38,11 +38,11 @@ def prepare_for_training(transformer, train_cfg, family, expert):
 
         transformer.requires_grad_(False)
         # The adapters' random init: the same seed, the same run (and each expert its own).
-        torch.manual_seed(derive_seed(tc.seed, *expert.seed_parts) if expert.seed_parts else int(tc.seed))
+        torch.manual_seed(derive_seed(tc.seed, *expert.seed_parts) if expert.seed_parts else tc.seed)
         transformer.add_adapter(
             LoraConfig(
-                r=int(tc.lora_rank),
-                lora_alpha=float(tc.lora_alpha),
+                r=tc.lora_rank,
+                lora_alpha=tc.lora_alpha,
                 init_lora_weights="gaussian",
                 target_modules=list(tc.lora_targets or family.lora_targets),
             )

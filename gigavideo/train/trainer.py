@@ -57,7 +57,7 @@ def build_engine(cfg, base: Path, family, expert: Expert, ds_config: dict):
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
-    warmup = max(1, int(tc.warmup_steps))
+    warmup = max(1, tc.warmup_steps)
     engine, _, _, scheduler = import_deepspeed().initialize(
         model=transformer,
         optimizer=optimizer,

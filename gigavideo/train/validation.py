@@ -36,8 +36,8 @@ class Validation:
         chosen = set(synthetic[: cfg.train.sample_count])
         samples = iter_samples(run, "stage2", keys=chosen, on_error=lambda err: log.warning("validation: %s", err))
         self.samples = sorted(samples, key=lambda s: s["__key__"])
-        self.steps, self.fps, self.device, self.rank = int(cfg.train.sample_steps), int(cfg.render.fps), device, rank
-        self.max_sequence_length = int(cfg.model.max_sequence_length)
+        self.steps, self.fps, self.device, self.rank = cfg.train.sample_steps, cfg.render.fps, device, rank
+        self.max_sequence_length = cfg.model.max_sequence_length
         self.family, self.component = family, component
         self.frozen = family.frozen_transformers(base_path, component, cfg.model.dtype, device)
         if self.frozen:  # the trained transformer already runs the backend stage 4 set; the frozen expert joins it
