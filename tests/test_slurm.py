@@ -285,7 +285,14 @@ def test_under_sbatch_a_stage_and_the_pipeline_refuse_to_run_without_preset_and_
     """Forgetting them on a cluster would train random tiny models into the submit folder: one line says what to set."""
     env = {k: v for k, v in os.environ.items() if k not in ("PRESET", "RUN_DIR") and not k.startswith("SLURM_")}
     job_id, proc = submit_and_wait(
-        ["sbatch", "--parsable", "--gpus-per-node=0", f"--output={tmp_path}/%j.out", "slurm/stage1.sh"],
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/%j.out",
+            "slurm/stage1.sh",
+        ],
         env | {"RUN_DIR": str(tmp_path / "run")},  # PRESET forgotten
         timeout=120,
     )
