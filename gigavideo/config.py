@@ -608,15 +608,8 @@ def check_values(cfg: Section) -> None:
             value, check = table[f.name], f.metadata.get("check")
             default = f.default_factory()
             problem = _type_problem(value, default) or (check.problem(value) if check else None)
-            if not problem and isinstance(check, Entries):  # each entry of the type of its default
-                problem = next(
-                    (
-                        f"its {k} = {v!r} {p}"
-                        for k, v in value.items()
-                        if k in default and (p := _type_problem(v, default[k]))
-                    ),
-                    None,
-                )
+            if not problem and isinstance(check, Entries):
+                problem = _entries_type_problem(value, default)
             if problem and isinstance(check, OneOf) and not isinstance(value, list):  # as the flag was given
                 raise ConfigError(f"--{f.name}={problem} ({name}.{f.name}; preset {cfg.preset}, then flags)")
             if problem:
