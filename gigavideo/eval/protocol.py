@@ -33,8 +33,6 @@ from gigavideo.seeding import derive_seed
 
 log = logging.getLogger("gigavideo.eval")
 SUITES = ("heldout", "vbench2")
-
-
 OFFICIAL = ("auto", "on", "off")
 
 

@@ -12,8 +12,6 @@ from gigavideo.eval.stats import paired_bootstrap
 from gigavideo.rundir.layout import RunDir, read_manifest
 
 log = logging.getLogger("gigavideo.rounds")
-
-
 COST_STEPS = (DIAGNOSIS, "stage1", "stage2", "stage3", "stage4", "eval")
 
 
