@@ -34,7 +34,7 @@ from gigavideo.distributed import single_process_defaults
 from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import encode_video
 from gigavideo.train.ds_config import build_ds_config
-from gigavideo.train.loss import batch_loss
+from gigavideo.train.step import PlainEngine, flow_matching_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,9 +105,7 @@ def memory_probe(zero: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     z0 = torch.randn(1, 16, 3, 8, 8)
-    loss, _ = batch_loss(engine, z0, torch.randn(1, 16, 32), torch.ones(1), torch.tensor([0.5]), torch.randn_like(z0))
-    engine.backward(loss)
-    engine.step()
+    flow_matching_step(engine, z0, torch.randn(1, 16, 32), torch.ones(1), torch.tensor([0.5]), torch.randn_like(z0))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
     if dist.get_rank() == 0:
@@ -161,9 +159,7 @@ def main(
                 max_sequence_length=128,
                 device=dev,
             )
-        loss, _ = batch_loss(engine, z0, e, weights, t, noise)
-        engine.backward(loss)
-        engine.step()
+        flow_matching_step(engine, z0, e, weights, t, noise)
 
     bare, stage4 = medians["bare"], medians["stage4"]
     fly = timed(on_the_fly_step, 2, dev)  # tens of times slower: a couple of steps tell
@@ -209,35 +205,28 @@ def main(
 
 
 def step_functions(cfg, pipe, latents, embeds, weights, t, noise, dev):
-    """(bare step, stage-4 step, engine) on the same tiny weights and batch. The bare step is the same update
-    by hand: forward, backward, the recipe's gradient clipping, AdamW (DDP with more than one process)."""
+    """(bare step, stage-4 step, engine) on the same tiny weights and batch: the one training step
+    (gigavideo/train/step.py) through DeepSpeed's engine, and through a PlainEngine (forward, backward, the
+    recipe's gradient clipping, AdamW; DDP with more than one process)."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
     bare_model = pipe.transformer.__class__.from_config(pipe.transformer.config).to(dev).train()
     bare_model.load_state_dict(pipe.transformer.state_dict())
-    bare_params = list(bare_model.parameters())
+    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-5)
     if world > 1:
         bare_model = torch.nn.parallel.DistributedDataParallel(bare_model)
-    bare_opt = torch.optim.AdamW(bare_params, lr=1e-5)
     clip = float(build_ds_config(cfg.train, world).get("gradient_clipping", 0.0))
-
-    def bare_step():
-        loss, _ = batch_loss(bare_model, latents, embeds, weights, t, noise)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(bare_params, clip)
-        bare_opt.step()
-        bare_opt.zero_grad()
-
+    bare = PlainEngine(bare_model, bare_opt, clip)
     model = pipe.transformer.__class__.from_config(pipe.transformer.config).to(dev).train()
     model.load_state_dict(pipe.transformer.state_dict())
     engine = engine_for(model, cfg.train, world)
 
+    def bare_step():
+        flow_matching_step(bare, latents, embeds, weights, t, noise)
+
     def stage4_step():
-        loss, _ = batch_loss(engine, latents, embeds, weights, t, noise)
-        engine.backward(loss)
-        engine.step()
+        flow_matching_step(engine, latents, embeds, weights, t, noise)
 
     return bare_step, stage4_step, engine
 

@@ -153,3 +153,53 @@ def test_non_finite_inputs_get_no_weight_and_a_diverging_run_stops_with_a_messag
     )
     assert proc.returncode == 2 and "5 micro-batches in a row had a non-finite loss" in proc.stderr
     assert "the micro-batch is skipped" in proc.stderr
+
+
+def test_validation_videos_come_from_the_stage2_sampler_with_each_prompts_own_seed(scored_run, tmp_path):
+    """At step 0 (the base transformer) a validation video is what stage 2's Renderer renders for that prompt and
+    seed at guidance 1 with --sample_steps; rank 0 logs it as a GIF with the drift monitors."""
+    from diffusers import WanPipeline
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gigavideo.models.base import base_model_path
+    from gigavideo.models.rendering import Renderer
+    from gigavideo.train.validation import Validation
+
+    cfg, run = load_config("tiny", "train", {"sample_count": 2, "sample_steps": 3}), RunDir(scored_run)
+    base, family = base_model_path(cfg, run), family_for(cfg.model)
+    validation = Validation(run, base, family, "transformer", cfg, torch.device("cpu"), rank=0)
+    pipe = WanPipeline.from_pretrained(base)
+    settings = {**cfg.render, "guidance_scale": 1.0, "steps": 3}
+    stage2 = Renderer(pipe, family, settings, cfg.model.max_sequence_length, "cpu", cfg.model.flow_shift)
+    assert len(validation.samples) == 2
+    for sample, latents in zip(validation.samples, validation.latents(pipe.transformer), strict=True):
+        meta = sample["json"]
+        expected = stage2.render([sample["__key__"]], [meta["prompt"]], [meta["seed"]])[0]["latents"]
+        assert torch.allclose(latents[0], torch.from_numpy(expected), atol=1e-5)
+    validation.run(pipe.transformer, SummaryWriter(str(tmp_path)), step=6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert len(events.Tags()["images"]) == 2 and all(t.startswith("samples/syn-") for t in events.Tags()["images"])
+    assert {"drift/brightness", "drift/motion"} <= set(events.Tags()["scalars"])
+
+
+def test_the_one_training_step_updates_only_an_accepted_batch_and_follows_the_plain_engines_schedule():
+    from gigavideo.train.step import PlainEngine, flow_matching_step
+
+    model = tiny_transformer().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), clip=1.0, lr_factor=lambda s: 0.5**s)
+    gen = torch.Generator().manual_seed(0)
+    z0, embeds = torch.randn(2, 16, 3, 8, 8, generator=gen), torch.randn(2, 10, 32, generator=gen)
+    batch = (z0, embeds, torch.ones(2), torch.tensor([0.3, 0.7]), torch.randn(z0.shape, generator=gen))
+    assert flow_matching_step(engine, *batch, accept=lambda per_sample: False) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and engine.global_steps == 0
+    for step in range(2):
+        loss, per_sample = flow_matching_step(
+            engine, *batch, accept=lambda per_sample: bool(per_sample.isfinite().all())
+        )
+        assert engine.optimizer.param_groups[0]["lr"] == 1e-3 * 0.5**step and per_sample.shape == (2,)
+    assert engine.global_steps == 2 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

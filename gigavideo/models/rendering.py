@@ -148,13 +148,11 @@ class Renderer:
         )
 
     @torch.no_grad()
-    def render(self, keys: list[str], prompts: list[str], seeds: list[int]) -> list[dict]:
-        """One batch: returns per sample {latents, prompt_embeds, frames, seconds}."""
-        self.note_truncated(keys, prompts)
-        start = time.time()
-        prompt_embeds, negative_embeds = self.embed(prompts)
+    def sample(self, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, seeds: list[int]):
+        """Latents for text embeddings (padded to max_sequence_length), one noise generator per seed: the one
+        sampler of stage 2, the eval and stage 4's validation videos."""
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        latents = self.pipe(
+        return self.pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             height=self.cfg["height"],
@@ -166,6 +164,14 @@ class Renderer:
             output_type="latent",
             **self.sampler_kwargs,
         ).frames
+
+    @torch.no_grad()
+    def render(self, keys: list[str], prompts: list[str], seeds: list[int]) -> list[dict]:
+        """One batch: returns per sample {latents, prompt_embeds, frames, seconds}."""
+        self.note_truncated(keys, prompts)
+        start = time.time()
+        prompt_embeds, negative_embeds = self.embed(prompts)
+        latents = self.sample(prompt_embeds, negative_embeds, seeds)
         frames = decode_latents(self.pipe.vae, latents)
         seconds = (time.time() - start) / len(prompts)
         return [

@@ -33,7 +33,8 @@ from gigavideo.rundir.layout import RunDir
 from gigavideo.toy.clips import make_clip
 from gigavideo.toy.config import toy_settings
 from gigavideo.toy.vae import pixel_vae
-from gigavideo.train.loss import noisy_latents_and_target, sample_timesteps
+from gigavideo.train.loss import sample_timesteps
+from gigavideo.train.step import PlainEngine, flow_matching_step
 
 log = logging.getLogger("gigavideo.toy")
 STATE_FILE = "pretrain-state.pt"
@@ -89,29 +90,23 @@ def pretrain_base(
     model = pipe.transformer.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=pretrain["lr"], weight_decay=0.0)
     steps, batch = pretrain["steps"], pretrain["batch_size"]
-    start, losses, seconds = 0, [], 0.0
+    engine = PlainEngine(model, optimizer, clip=1.0, lr_factor=lambda step: 0.55 + 0.45 * np.cos(np.pi * step / steps))
+    losses, seconds = [], 0.0
     state_file = partial / STATE_FILE
     if state_file.is_file():  # only tensors and numbers: nothing is unpickled
         state = torch.load(state_file, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
-        log.info("toy pre-training resumes at step %d/%d from %s", start, steps, state_file)
+        engine.global_steps, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
+        log.info("toy pre-training resumes at step %d/%d from %s", engine.global_steps, steps, state_file)
     began = time.time() - seconds
-    progress = tqdm(total=steps, initial=start, desc="toy pre-training", unit="step", mininterval=5)
-    for step in range(start, steps):
+    ones = torch.ones(batch)
+    progress = tqdm(total=steps, initial=engine.global_steps, desc="toy pre-training", unit="step", mininterval=5)
+    for step in range(engine.global_steps, steps):  # the stage-4 step, every sample of weight 1, cosine decay to 0.1
         idx = torch.randint(0, len(latents), (batch,))
         t = sample_timesteps(batch, "logit_normal", flow_shift)
-        noisy, target = noisy_latents_and_target(latents[idx], torch.randn_like(latents[idx]), t)
-        pred = model(noisy, timestep=t * 1000, encoder_hidden_states=embeds[idx], return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, target)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for group in optimizer.param_groups:  # cosine decay to a tenth
-            group["lr"] = float(pretrain["lr"] * (0.55 + 0.45 * np.cos(np.pi * step / steps)))
-        optimizer.step()
+        loss, _ = flow_matching_step(engine, latents[idx], embeds[idx], ones, t, torch.randn_like(latents[idx]))
         losses.append(loss.item())
         progress.update(1)
         if step % 100 == 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from gigavideo.seeding import derive_seed
 from gigavideo.train import checkpoint
 from gigavideo.train.data import DataPosition, training_loader
 from gigavideo.train.loop import BadSamples, StepMetrics, compute_dtype, prepare_for_training
-from gigavideo.train.loss import batch_loss, sample_timesteps
+from gigavideo.train.loss import sample_timesteps
+from gigavideo.train.step import flow_matching_step
 
 log = logging.getLogger("gigavideo.stage4")
 
@@ -87,15 +89,20 @@ def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: in
             noise = torch.randn(z0.shape, generator=gen)
             weights = batch["weights"].to(device)
             timestep = family.transformer_timestep(t, z0)
-            loss, per_sample = batch_loss(
-                engine, z0, batch["prompt_embeds"], weights, t, noise, compute_dtype(tc), timestep=timestep
+            stepped = flow_matching_step(
+                engine,
+                z0,
+                batch["prompt_embeds"],
+                weights,
+                t,
+                noise,
+                compute_dtype(tc),
+                timestep=timestep,
+                accept=partial(bad.loss_is_finite_on_every_rank, keys=batch["keys"], step=step + 1),
             )
-            if bad.loss_is_finite_on_every_rank(per_sample, batch["keys"], step + 1):
+            if stepped is not None:
                 break
-            del loss, per_sample
-        engine.backward(loss)
-        metrics.add(loss, per_sample, batch, t)
-        engine.step()
+        metrics.add(*stepped, batch, t)
     return metrics
 
 
