@@ -3,7 +3,7 @@
 # `make demo PRESET=tiny RUN_DIR=runs/tiny`: the same stages on random-initialised models (plumbing only, ~30 s).
 # `make demo-rounds`: the closed loop on the toy world (docs/toy-and-rounds.md) into runs/demo-rounds: two rounds,
 # each diagnosing its base and training on its two weakest dimensions; RUN_DIR/rounds.md compares them.
-# `make test`: set up .venv and run every test (what CI runs); `make test-fast`: all but the slow and SLURM ones (~3 min).
+# `make test`: set up .venv and run every test (what CI runs); `make test-fast`: all but the slow and SLURM ones (< 2 min).
 # `make lint`: ruff's lint and format check (pyproject.toml); `make format` applies the formatter.
 VENV ?= .venv
 PYTHON ?= python3

@@ -45,28 +45,28 @@ def vbench2_class(monkeypatch, tmp_path):
     return package.VBench2
 
 
-def test_vbench2_folders_pass_vbench2s_own_name_matching(trained_run, vbench2_class, tmp_path):
+def test_vbench2_folders_pass_vbench2s_own_name_matching(vbench2_class, tmp_path):
+    """The paths the eval renders its vbench2 suite to (eval_videos), as files, found by VBench-2.0's own matcher:
+    every video of the chosen prompt and nothing else. The eval writing them there: the slow report test."""
+    from gigavideo.eval.protocol import eval_videos
     from gigavideo.eval.vbench2 import suite_file, vbench_name
 
-    run = RunDir(trained_run)
-    report = json.loads((run.eval / "report.json").read_text())
-    chosen = {p["prompt"] for p in report["suites"]["vbench2"]["prompts"]}
-    assert len(chosen) == 3  # --vbench2_prompts_per_dimension=1, three dimensions
-    for label in ("baseline", "finetuned"):
-        for name in DIMS:
-            matcher = vbench2_class("cpu", str(suite_file()), str(tmp_path / label))
-            info = json.loads(
-                open(
-                    matcher.build_full_info_json(
-                        str(run.eval / "videos" / label / "vbench2" / vbench_name(name)), name, [vbench_name(name)]
-                    )
-                ).read()
-            )
-            found = {e["prompt_en"]: e["video_list"] for e in info if e["video_list"]}
-            assert set(found) <= chosen and len(found) == 1  # the prompt we rendered, with all its videos
-            assert [len(v) for v in found.values()] == [3]
+    cfg = load_config("tiny", "eval", {"suites": ["vbench2"], "vbench2_prompts_per_dimension": 1})
+    videos, _ = eval_videos(cfg, resolve_dimensions(sorted(DIMS), cfg.prompts.dimensions_dir), [])
+    assert len({v["prompt"] for v in videos}) == 3  # one prompt per dimension
+    for v in videos:
+        (tmp_path / "videos" / v["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "videos" / v["path"]).write_bytes(b"")
+    for name in DIMS:
+        chosen = {v["prompt"] for v in videos if v["dimension"] == name}
+        matcher = vbench2_class("cpu", str(suite_file()), str(tmp_path / "info"))
+        folder = tmp_path / "videos" / "vbench2" / vbench_name(name)
+        info = json.loads(open(matcher.build_full_info_json(str(folder), name, [vbench_name(name)])).read())
+        found = {e["prompt_en"]: e["video_list"] for e in info if e["video_list"]}
+        assert set(found) == chosen and [len(v) for v in found.values()] == [3]  # the prompt, with all its videos
 
 
+@pytest.mark.slow
 def test_report_compares_both_suites_per_dimension_with_drift_protocol_and_chart(trained_run):
     run = RunDir(trained_run)
     report = json.loads((run.eval / "report.json").read_text())
@@ -127,6 +127,7 @@ class GalleryPairs(HTMLParser):
             self.pairs[-1]["text"] += data
 
 
+@pytest.mark.slow
 def test_the_gallery_plays_every_pair_side_by_side_gains_then_losses(trained_run):
     from gigavideo.eval.report import load_records
 
@@ -154,6 +155,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here (apt-get install chromium)")
+@pytest.mark.slow
 def test_a_browser_plays_the_first_pair_of_the_gallery(trained_run, tmp_path):
     assert CHROMIUM, "CI must run the browser test: .ci/run installs Debian's chromium"
     page = (RunDir(trained_run).eval / "gallery.html").resolve()
@@ -191,6 +193,7 @@ def test_a_browser_plays_the_first_pair_of_the_gallery(trained_run, tmp_path):
     assert first.count('data-state="loaded"') == 2, first[:2000]
 
 
+@pytest.mark.slow
 def test_the_eval_chart_is_matplotlibs_and_draws_the_interval_of_each_difference(trained_run, tmp_path):
     from PIL import Image
 

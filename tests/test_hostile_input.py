@@ -140,6 +140,7 @@ def test_a_dead_judge_server_fails_stage3_a_rerun_retries_and_stage4_refuses_wha
     assert not (scored_copy / "stage4" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_dead_llm_server_fails_stage1_and_a_rerun_makes_the_prompts(tmp_path):
     dead = ["--engine=openai", f"--llm_base_url={dead_url()}", "--llm_model=m", "--llm_http_retries=0"]
     proc = run_stage("stage1", tmp_path / "run", *dead, check=False)
@@ -265,6 +266,7 @@ def test_bad_lines_in_input_files_are_named_by_file_and_line_before_any_work(tmp
         assert not (tmp_path / "run" / "stage1" / "candidates").exists()  # refused before any generation
 
 
+@pytest.mark.slow
 def test_an_overlong_real_caption_is_dropped_and_counted(tmp_path):
     frames = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
     (tmp_path / "clip.mp4").write_bytes(encode_mp4(frames, 8))

@@ -46,6 +46,7 @@ def every_key_once(run_dir, stage: str) -> Counter:
     return counts
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_stage_refuses_at_once_naming_the_holder(scored_copy):
     lock = scored_copy / ".locks" / "stage2-rank00000.lock"
     first = start("stage2", scored_copy, "--overwrite")

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -52,6 +53,7 @@ def test_a_completed_stage_is_skipped_on_rerun(scored_copy):
     assert "already complete" in proc.stderr and manifest.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_stage2_killed_midway_finishes_with_every_sample_exactly_once(scored_copy):
     run = RunDir(scored_copy)
     original = {s["__key__"]: s["latents.npy"] for s in iter_samples(run, "stage2")}
@@ -74,8 +76,8 @@ def test_stage2_killed_midway_finishes_with_every_sample_exactly_once(scored_cop
         np.testing.assert_allclose(resumed[key], original[key], atol=1e-4)
 
 
-def test_missing_model_path_is_a_clear_error_before_any_work(tmp_path):
-    run_stage("stage1", tmp_path)
+def test_missing_model_path_is_a_clear_error_before_any_work(scored_run, tmp_path):
+    shutil.copytree(scored_run / "stage1", tmp_path / "stage1")  # stage 2's input
     proc = run_stage("stage2", tmp_path, "--model_path=/nonexistent/wan", check=False)
     assert proc.returncode == 2
     assert "Wan base model not found at /nonexistent/wan" in proc.stderr

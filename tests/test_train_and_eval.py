@@ -13,6 +13,7 @@ from gigavideo.rundir.shards import index_json
 from gigavideo.train.ds_config import build_ds_config
 
 
+@pytest.mark.slow
 def test_training_exports_a_pipeline_that_stock_diffusers_loads(trained_run):
     from diffusers import WanPipeline, WanTransformer3DModel
 
@@ -31,6 +32,7 @@ def test_training_exports_a_pipeline_that_stock_diffusers_loads(trained_run):
     assert manifest["steps"] == 4 and manifest["data"]["scored"] == 9 and manifest["data"]["real"] == 3
 
 
+@pytest.mark.slow
 def test_training_logs_tensorboard_scalars_and_keeps_the_last_checkpoints(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -59,6 +61,7 @@ def test_training_logs_tensorboard_scalars_and_keeps_the_last_checkpoints(traine
     assert (run.checkpoints / "latest").read_text().strip() == "step0000004"
 
 
+@pytest.mark.slow
 def test_checkpoints_convert_with_zero_to_fp32(trained_run, tmp_path):
     run = RunDir(trained_run)
     out = tmp_path / "fp32"
