@@ -7,7 +7,8 @@ Prompt suites (--suites):
 - `vbench2`: VBench-2.0's standard prompts, read from the installed `vbench2` package, 3 videos
   per prompt; its camera-motion and instance expectations go to our specialist scorers.
 
---diagnose renders and scores the base model alone, before stage 1, into RUN_DIR/diagnosis/ and writes
+--diagnose renders and scores the base model alone, before stage 1, on prompts and seeds of its own (not the
+eval's, so that the eval's noise does not choose the dimensions it reports on) into RUN_DIR/diagnosis/ and writes
 RUN_DIR/diagnosis.json: per dimension the mean reward with its interval and a weakness rank, which stage 1
 reads with --dimensions=auto --num_weak=K (gigavideo/eval/diagnosis.py).
 
@@ -89,7 +90,7 @@ def main(
     cfg, run, (dims, base) = started
     device = pick_device(cfg.model.device)
     training_prompts = [] if diagnose else sorted({m["prompt"] for m in index_json(run, "stage1").values()})
-    videos, notes = eval_videos(cfg, dims, training_prompts)
+    videos, notes = eval_videos(cfg, dims, training_prompts, diagnosis=diagnose)
     judge = load_judge(cfg.score, run, device)
     detector = detector_for(dims, cfg.score)
     labels = ("baseline",) if diagnose else LABELS
@@ -114,7 +115,7 @@ def main(
     def finalize(parts: list[dict]) -> dict:  # one rank, once every rank's videos are scored
         records = checked_records(stage, videos, labels, records_dir, cfg.eval.max_failed_fraction)
         if diagnose:
-            return write_diagnosis(cfg, run, videos, records, dims, base, judge)
+            return write_diagnosis(cfg, run, videos, records, notes, dims, base, judge)
         return write_report(cfg, run, videos, records, notes, dims, base, judge)
 
     finish_rank(run.stage(stage), stage, rank, world, {"videos": len(videos)}, finalize=finalize)

@@ -281,3 +281,30 @@ def test_eval_killed_midway_and_rerun_renders_and_scores_each_video_once(trained
     assert len(list((run.eval / "videos").rglob("*.mp4"))) == 36
     report = json.loads((run.eval / "report.json").read_text())
     assert all(r["n"] == 6 for r in report["suites"]["heldout"]["dimensions"].values())
+
+
+@pytest.mark.parametrize(
+    "preset,suites,vbench2_prompts,shared",
+    [("tiny", ["heldout", "vbench2"], 1, 0), ("tiny", ["vbench2"], 0, "all"), ("toy", ["heldout"], 0, "some")],
+)
+def test_the_diagnosis_renders_its_own_prompts_and_seeds_not_the_evals(preset, suites, vbench2_prompts, shared):
+    """So that the dimensions it chooses are not chosen by the eval's own noise. Where a suite has no other prompts
+    (VBench-2.0's when the eval takes them all), it shares them, says so, and still has its own seeds."""
+    from gigavideo.eval.protocol import eval_videos
+
+    overrides = {"suites": suites, "vbench2_prompts_per_dimension": vbench2_prompts, "prompts_per_dimension": 2}
+    cfg = load_config(preset, "eval", overrides)
+    dims = resolve_dimensions(
+        ["object_shade"] if preset == "toy" else ["mechanics", "camera_motion"], cfg.prompts.dimensions_dir
+    )
+    evaluated, _ = eval_videos(cfg, dims, [])
+    diagnosed, notes = eval_videos(cfg, dims, [], diagnosis=True)
+    assert len(diagnosed) == len(evaluated)
+    assert {v["seed"] for v in diagnosed}.isdisjoint({v["seed"] for v in evaluated})
+    both = {v["prompt"] for v in diagnosed} & {v["prompt"] for v in evaluated}
+    declared = {v["prompt"] for v in diagnosed if v.get("shared_with_eval")}  # the eval's candidates, said so
+    assert both <= declared
+    if shared == "all":
+        assert both == {v["prompt"] for v in evaluated} and all(" 0 of " not in n for n in notes["vbench2"])
+    elif shared == 0:
+        assert not declared and all(" 0 of " in note for suite in notes.values() for note in suite)

@@ -57,6 +57,8 @@ def test_diagnosis_ranks_what_the_base_cannot_do_weakest_and_stage1_targets_it(t
     others = [diagnosis["dimensions"][n]["suites"]["heldout"] for n in ("human_anatomy", "mechanics")]
     assert weakest["n"] == 2 and all(weakest["ci_high"] < other["ci_low"] for other in others), scores
     assert diagnosis["dimensions"]["camera_motion"]["weakness_rank"] == 1
+    own = diagnosis["videos"]  # its own prompts and seeds, not the eval's (tests/test_eval.py checks them)
+    assert own["seed"] != own["eval_seed"] == 1000 and own["prompts_shared_with_eval"] == []
 
     run_stage("stage1", run_dir, "--dimensions=[auto]", "--num_weak=1")
     manifest = read_manifest(RunDir(run_dir), "stage1")

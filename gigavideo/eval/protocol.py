@@ -42,38 +42,65 @@ def near_duplicates(similarity: Similarity, prompts: list[str], training, thresh
     return list(similarity.matrix(similarity.embed(prompts), training).max(axis=1) >= threshold)
 
 
-def eval_videos(cfg, dims, training_prompts: list[str]) -> tuple[list[dict], dict]:
-    """Every (suite, dimension, prompt, index) to render, in a fixed order, and notes for the report."""
+def videos_seed(cfg, diagnosis: bool = False) -> int:
+    """The seed of the eval's prompts and videos; the diagnosis has its own, derived from it, so the eval stays an
+    unbiased measurement of the dimensions the diagnosis chose (its noise did not choose them)."""
+    return derive_seed(cfg.eval.seed, DIAGNOSIS) if diagnosis else cfg.eval.seed
+
+
+def heldout_items(cfg, dim, similarity, training, threshold: float, diagnosis: bool) -> tuple[list[dict], str]:
+    """The template engine's prompts for one dimension, without near-duplicates of training prompts. The diagnosis
+    draws its own and leaves out every candidate the eval could use, unless the dimension has no others."""
+    backend, count = TemplateBackend(*load_style(cfg.prompts.dimensions_dir)), cfg.eval.prompts_per_dimension
+    evals = engine_prompts(backend, dim, count * 3, cfg.eval.seed)
+    if diagnosis:
+        taken = {c["prompt"] for c in evals}
+        count = min(count, len(evals))  # as many as the eval renders
+        own = engine_prompts(backend, dim, count * 3 + len(taken), videos_seed(cfg, True))
+        fresh = [c for c in own if c["prompt"] not in taken]
+        shared = [c | {"shared_with_eval": True} for c in own if c["prompt"] in taken]
+        items = (fresh + shared)[:count]
+        both = len(items) - len(fresh[:count])
+        return items, f"{dim.name}: {both} of {len(items)} prompts are also the eval's (the dimension has no others)"
+    close = near_duplicates(similarity, [c["prompt"] for c in evals], training, threshold)
+    kept = [c for c, near in zip(evals, close, strict=True) if not near]
+    return kept[:count], (
+        f"{dim.name}: {sum(close)} of {len(evals)} candidate prompts left out as "
+        f"near-duplicates of training prompts ({similarity.kind} >= {threshold})"
+    )
+
+
+def vbench2_items(cfg, dim, similarity, training, threshold: float, diagnosis: bool) -> tuple[list[dict], str]:
+    """VBench-2.0's first prompts of one dimension; the diagnosis takes the next ones where the suite has them."""
+    count = cfg.eval.vbench2_prompts_per_dimension
+    if diagnosis:
+        suite = vbench2.suite_prompts(dim.name)
+        count = count or len(suite)  # 0: every prompt, all of them the eval's
+        fresh = suite[count : 2 * count]
+        items = fresh + [i | {"shared_with_eval": True} for i in suite[: count - len(fresh)]]
+        return items, f"{dim.name}: {len(items) - len(fresh)} of {len(items)} prompts are also the eval's"
+    items = vbench2.suite_prompts(dim.name, count)
+    close = sum(near_duplicates(similarity, [i["prompt"] for i in items], training, threshold))
+    leak = f"{close} VBench-2.0 prompts are near-duplicates of training prompts: the benchmark has leaked into training"
+    return items, f"{dim.name}: {leak}" if close else ""
+
+
+def eval_videos(cfg, dims, training_prompts: list[str], diagnosis: bool = False) -> tuple[list[dict], dict]:
+    """Every (suite, dimension, prompt, index) to render, in a fixed order, and notes for the report.
+    diagnosis: the diagnosis's videos, with their own seed and, where the suite has more, their own prompts."""
     similarity = Similarity(cfg.prompts.embedder_path)
     threshold = cfg.prompts.heldout_threshold if similarity.model is not None else cfg.prompts.lexical_heldout_threshold
-    training = similarity.embed(training_prompts)
+    training, seed = similarity.embed(training_prompts), videos_seed(cfg, diagnosis)
     videos, notes = [], {suite: [] for suite in cfg.eval.suites}
     for suite in cfg.eval.suites:
         for dim in dims:
             if suite == "heldout":
-                candidates = engine_prompts(
-                    TemplateBackend(*load_style(cfg.prompts.dimensions_dir)),
-                    dim,
-                    cfg.eval.prompts_per_dimension * 3,
-                    cfg.eval.seed,
-                )
-                close = near_duplicates(similarity, [c["prompt"] for c in candidates], training, threshold)
-                kept = [c for c, near in zip(candidates, close, strict=True) if not near]
-                items = kept[: cfg.eval.prompts_per_dimension]
-                notes[suite].append(
-                    f"{dim.name}: {sum(close)} of {len(candidates)} candidate prompts left out as "
-                    f"near-duplicates of training prompts ({similarity.kind} >= {threshold})"
-                )
+                items, note = heldout_items(cfg, dim, similarity, training, threshold, diagnosis)
                 samples, folder = cfg.eval.samples_per_prompt, dim.name
             else:
-                items = vbench2.suite_prompts(dim.name, cfg.eval.vbench2_prompts_per_dimension)
-                close = sum(near_duplicates(similarity, [i["prompt"] for i in items], training, threshold))
-                if close:
-                    notes[suite].append(
-                        f"{dim.name}: {close} VBench-2.0 prompts are near-duplicates of training "
-                        "prompts: the benchmark has leaked into training"
-                    )
+                items, note = vbench2_items(cfg, dim, similarity, training, threshold, diagnosis)
                 samples, folder = vbench2.samples_per_prompt(dim.name), vbench2.vbench_name(dim.name)
+            notes[suite] += [note] if note else []
             for item in items:
                 for index in range(samples):
                     key = f"{suite}/{dim.name}/{index}/{item['prompt']}"
@@ -85,7 +112,7 @@ def eval_videos(cfg, dims, training_prompts: list[str]) -> tuple[list[dict], dic
                             "dimension": dim.name,
                             "index": index,
                             "scorer": dim.scorer,
-                            "seed": derive_seed(cfg.eval.seed, key),
+                            "seed": derive_seed(seed, key),
                             "path": f"{suite}/{folder}/{vbench2.video_name(item['prompt'], index)}",
                         }
                     )
@@ -272,7 +299,7 @@ def write_report(cfg, run, videos, records, notes, dims, base: Path, judge) -> d
     return {"report": str(run.eval / "report.json")}
 
 
-def write_diagnosis(cfg, run, videos, records, dims, base, judge) -> dict:
+def write_diagnosis(cfg, run, videos, records, notes, dims, base, judge) -> dict:
     """RUN_DIR/diagnosis.json; returns the manifest's fields."""
     result = diagnose(dims, videos, records, cfg.eval.bootstrap_samples, cfg.eval.seed)
     result |= {
@@ -280,6 +307,14 @@ def write_diagnosis(cfg, run, videos, records, dims, base, judge) -> dict:
         "judge": judge.name,
         "judge_input": getattr(judge, "input", None),
         "suites": list(cfg.eval.suites),
+        "videos": {  # its own prompts and seeds, so that the eval's are not the ones that chose the dimensions
+            "seed": videos_seed(cfg, diagnosis=True),
+            "video_seed": f"gigavideo.seeding.derive_seed({videos_seed(cfg, True)}, '{{suite}}/{{dimension}}/"
+            "{index}/{prompt}')",
+            "eval_seed": cfg.eval.seed,
+            "prompts_shared_with_eval": sorted({v["prompt"] for v in videos if v.get("shared_with_eval")}),
+            "notes": notes,
+        },
         "render": json.loads((run.stage(DIAGNOSIS) / "settings-baseline.json").read_text()),
     }
     write_json_atomic(run.path / DIAGNOSIS_FILE, result)
