@@ -9,6 +9,7 @@ Prints, as medians of interleaved rounds (one thread per process on CPU): (1) th
 engine, the reward-weighted objective) divided by a bare PyTorch step of the same model on the same batch
 (forward, backward, the recipe's gradient clipping, AdamW; with two processes the bare model is wrapped
 in DistributedDataParallel), with one process and with two (target <= 1.10 for both);
+the step with the reference-model anchor (train.anchor_weight) against the plain stage-4 step;
 (2) a step on precomputed latents and embeddings vs encoding the video and the prompt on the fly
 (target >= 3x); (3) per-rank optimizer-state memory under ZeRO-0/2/3 with two ranks (the
 `--memory_probe` subprocesses, launched with torchrun).
@@ -34,6 +35,7 @@ from gigavideo.distributed import single_process_defaults
 from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import encode_video
 from gigavideo.train.ds_config import build_ds_config
+from gigavideo.train.loss import Anchor
 from gigavideo.train.step import PlainEngine, flow_matching_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,7 +148,14 @@ def main(
     pixels, latents, embeds, noise = make_batch(pipe, batch, frames, size, dev)
     t, weights = torch.full((batch,), 0.5), torch.ones(batch, device=dev)
     bare_step, stage4_step, engine = step_functions(cfg, pipe, latents, embeds, weights, t, noise, dev)
-    medians = interleaved({"bare": bare_step, "stage4": stage4_step}, rounds, max(1, steps // rounds), dev)
+    anchor = Anchor(pipe.transformer.__class__.from_config(pipe.transformer.config).to(dev), weight=1.0)
+    generated = torch.ones(batch, dtype=torch.bool)
+
+    def anchored_step():  # --anchor_weight > 0: one more forward, of the frozen anchor, without backward
+        flow_matching_step(engine, latents, embeds, weights, t, noise, anchor=anchor, generated=generated)
+
+    variants = {"bare": bare_step, "stage4": stage4_step, "anchored": anchored_step}
+    medians = interleaved(variants, rounds, max(1, steps // rounds), dev)
     if ranks_probe:
         return report_ranks(medians | {"zero": engine.zero_optimization_stage()})
 
@@ -172,6 +181,11 @@ def main(
     print(
         f"1 process, stage-4 step:     {stage4 * 1000:8.1f} ms/step   ratio {stage4 / bare:.2f} (target <= 1.10; "
         f"ZeRO-{zero})"
+    )
+    anchored = medians["anchored"]
+    print(
+        f"1 process, with the anchor:  {anchored * 1000:8.1f} ms/step   ratio {anchored / stage4:.2f} to the stage-4 "
+        "step (train.anchor_weight > 0)"
     )
     two = torchrun_json(
         [

@@ -460,6 +460,13 @@ class TrainConfig(Table):
     realism_weight: float = key(
         1.0, "weight of the unweighted flow-matching loss on real videos; 0 disables it", check=AT_LEAST_0
     )
+    anchor_weight: float = key(
+        0.0,
+        "reference-model anchor: + weight * ||v_theta - v_anchor||^2 on generated samples, which keeps the fine-tuned "
+        "velocity near a frozen model's (as a KL term does in RL fine-tuning); 0 = off, no extra model or forward",
+        check=AT_LEAST_0,
+    )
+    anchor_path: str = key("", "the anchor's diffusers folder; empty = the base model (rounds set round 1's base)")
     timestep_sampling: str = key("logit_normal", "logit_normal | uniform", check=OneOf(("logit_normal", "uniform")))
     logit_mean: float = key(0.0, "logit_normal: mean", check=ANY)
     logit_std: float = key(1.0, "logit_normal: standard deviation", check=POSITIVE)

@@ -216,6 +216,8 @@ def plan_training(cfg, setting: TrainSetting, nodes: int, per_node: int, zero_cf
     if setting.validation:  # validation: the VAE (rank 0) and the family's other transformers, frozen
         others = len(family.components) - 1
         parts["validation_models"] = others * params * 2 + component_parameters(cfg)["vae"] * 4
+    if tc.anchor_weight > 0:  # the frozen anchor transformer, whole on every rank, in the compute dtype
+        parts["anchor_model"] = params * (2 if bf16 else 4)
     parts["reserved"] = RESERVED
     return {
         "setting": asdict(setting),

@@ -4,7 +4,9 @@ preset file, RUN_DIR/round{R}/preset.toml, that extends the pipeline's preset an
 round 1 starts from the base model (prepared here, as scripts/prepare_base.py does), round R > 1 from round
 R-1's export, which every round writes as a complete diffusers folder (train.merge_lora = true). Each round
 draws new prompts, videos and training noise (the preset's stage-1, stage-2 and training seeds + R - 1); the
-eval keeps its prompts and seeds, so that every round is measured on the same videos' seeds.
+eval keeps its prompts and seeds, so that every round is measured on the same videos' seeds. Every round's
+train.anchor_path is round 1's base (unless the preset sets one): with train.anchor_weight > 0 the reference-model
+anchor holds each round near the original model.
 
 Prints the steps the round still needs, one line: "complete" when its eval has finished, else
 "diagnosis stage1 stage2 stage3 stage4 eval" (diagnosis only where the preset targets dimensions=auto).
@@ -35,10 +37,9 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
         raise ConfigError(f"--round={round}: rounds count from 1")
     cfg, this = load_config(config, "model"), RunDir(run_dir).round(round)
     preset = this.path / "preset.toml"
-    if round == 1:
-        base = prepare_base(cfg, RunDir(run_dir)).resolve()
-    else:
-        base = RunDir(run_dir).round(round - 1).export.resolve()  # exists once round R-1's stage 4 has run
+    original = prepare_base(cfg, RunDir(run_dir)).resolve()  # round 1's base (prepared once, then found)
+    base = original if round == 1 else RunDir(run_dir).round(round - 1).export.resolve()  # once R-1's stage 4 ran
+    anchor = cfg.train.anchor_path or str(original)  # --anchor_weight > 0 keeps every round near the original
     text = "\n".join(
         [
             f"# Round {round} of slurm/pipeline.sh (scripts/prepare_round.py): the preset below, starting from",
@@ -56,6 +57,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
             "",
             "[train]",
             "merge_lora = true  # the next round starts from a complete diffusers folder",
+            f"anchor_path = {json.dumps(anchor)}",
             f"seed = {cfg.train.seed + round - 1}",
             "",
         ]

@@ -48,9 +48,7 @@ from gigavideo.rundir.layout import read_manifest
 from gigavideo.train.data import check_latents, check_scored, training_weights
 from gigavideo.train.ds_config import build_ds_config
 from gigavideo.train.loop import StopRequest, compute_dtype
-from gigavideo.train.trainer import (
-    train_expert,
-)
+from gigavideo.train.trainer import anchor_folder, train_expert
 
 log = logging.getLogger("gigavideo.stage4")
 PREEMPTED_EXIT_CODE = 3
@@ -66,6 +64,9 @@ def preflight(cfg, run):
     experts = family.select_experts(cfg.train.expert)
     base = base_model_path(cfg, run)
     check_latents(run, base)
+    if cfg.train.anchor_weight > 0:
+        for expert in experts:
+            anchor_folder(cfg, base, expert)
     attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), compute_dtype(cfg.train))
     ds_config = build_ds_config(cfg.train, dist.get_world_size())
     check_training_memory(cfg, ds_config, dist.get_world_size(), log)

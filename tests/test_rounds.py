@@ -137,3 +137,17 @@ def test_two_rounds_chain_by_dependency_under_sbatch_and_a_rerun_skips_them(tmp_
     assert "round 1: complete" in rerun.stdout and "round 2: complete" in rerun.stdout
     assert "=== stage" not in rerun.stdout and "=== rounds" in rerun.stdout
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("manifest.json")} == before
+
+
+def test_every_round_is_anchored_to_round_ones_base_for_the_anchor_variant(tmp_path):
+    """train.anchor_weight > 0 keeps each round near the original base, not near the round before's model."""
+    from gigavideo.config import load_config
+
+    run_dir = tmp_path / "run"
+    for round in (1, 2):
+        cmd = [sys.executable, str(REPO / "scripts/prepare_round.py"), f"--run_dir={run_dir}", f"--round={round}"]
+        subprocess.run([*cmd, "--config=tiny"], cwd=REPO, check=True, capture_output=True, timeout=300)
+        cfg = load_config(str(run_dir / f"round{round}" / "preset.toml"), "train", {"anchor_weight": 0.1})
+        assert cfg.train.anchor_path == str((run_dir / "models" / "base").resolve())
+        previous = str((run_dir / "round1/stage4/export").resolve())
+        assert cfg.model.path == (cfg.train.anchor_path if round == 1 else previous)

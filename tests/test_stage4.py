@@ -203,3 +203,45 @@ def test_the_one_training_step_updates_only_an_accepted_batch_and_follows_the_pl
         assert engine.optimizer.param_groups[0]["lr"] == 1e-3 * 0.5**step and per_sample.shape == (2,)
     assert engine.global_steps == 2 and all(p.grad is None or not p.grad.any() for p in model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_anchor_term_is_zero_at_the_anchor_counts_only_generated_samples_and_pulls_toward_it():
+    from gigavideo.train.loss import Anchor
+
+    model = tiny_transformer().train()
+    anchor = Anchor(tiny_transformer(), weight=2.0)  # the same random init (the preset's tiny seed)
+    gen = torch.Generator().manual_seed(0)
+    z0, noise, embeds = (torch.randn(*shape, generator=gen) for shape in ((2, 16, 3, 8, 8),) * 2 + ((2, 10, 32),))
+    t, weights, generated = torch.tensor([0.3, 0.7]), torch.zeros(2), torch.tensor([True, False])
+    loss, _ = batch_loss(model, z0, embeds, weights, t, noise, anchor=anchor, generated=generated)
+    assert loss.item() == 0 and anchor.distances.tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    loss, _ = batch_loss(model, z0, embeds, weights, t, noise, anchor=anchor, generated=generated)
+    first, second = anchor.distances.tolist()
+    assert first > 0 and second == 0 and loss.item() == pytest.approx(2.0 * first / 2)  # weight x batch mean
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss.backward()
+    optimizer.step()
+    again, _ = batch_loss(model, z0, embeds, weights, t, noise, anchor=anchor, generated=generated)
+    assert again.item() < loss.item()  # weights at zero: the step follows the anchor term alone
+
+
+def test_stage4_with_an_anchor_trains_logs_the_distance_records_it_and_the_plan_counts_the_model(scored_copy):
+    from gigavideo.memory import TrainSetting, plan_training
+
+    run_stage("stage4", scored_copy, "--anchor_weight=0.5", "--max_steps=4", "--sample_every=0")
+    manifest = read_manifest(RunDir(scored_copy), "stage4")
+    assert manifest["config"]["anchor_weight"] == 0.5 and manifest["config"]["anchor_path"] == ""
+    distances = scalars(RunDir(scored_copy).tensorboard, "train/anchor_distance")
+    assert distances[0] == (1, 0.0) and max(d for _, d in distances) > 0  # it starts at the anchor, the base
+    missing = run_stage(
+        "stage4", scored_copy, "--overwrite", "--anchor_weight=1", "--anchor_path=/nowhere", check=False
+    )
+    assert missing.returncode == 2 and "--anchor_path: no transformer at /nowhere/transformer" in missing.stderr
+    assert read_manifest(RunDir(scored_copy), "stage4") == manifest  # refused before --overwrite removed anything
+    setting = TrainSetting(2, False, True, "full", 1, 4, False)
+    for weight in (0.0, 1.0):
+        plan = plan_training(load_config("wan2.1-t2v-1.3b", "train", {"anchor_weight": weight}), setting, 1, 8)
+        assert ("anchor_model" in plan["bytes"]) == (weight > 0)

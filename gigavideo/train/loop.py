@@ -98,7 +98,7 @@ class StopRequest:
 class StepMetrics:
     """One optimizer step's sums over its micro-batches, reduced over ranks and written to TensorBoard."""
 
-    SUMS = ("loss", "synthetic", "real", "n_synthetic", "n_real", "w_sum", "w_sq", "tokens")
+    SUMS = ("loss", "synthetic", "real", "n_synthetic", "n_real", "w_sum", "w_sq", "tokens", "anchor")
 
     def __init__(self, grad_accum: int, world: int):
         self.grad_accum, self.world = grad_accum, world
@@ -106,8 +106,10 @@ class StepMetrics:
         self.w_min, self.w_max = math.inf, -math.inf
         self.t_min, self.t_max = math.inf, -math.inf
 
-    def add(self, loss: torch.Tensor, per_sample: torch.Tensor, batch: dict, t: torch.Tensor) -> None:
+    def add(self, loss, per_sample: torch.Tensor, batch: dict, t: torch.Tensor, anchor_distances=None) -> None:
         real, w, z0 = batch["is_real"], batch["weights"], batch["latents"]
+        if anchor_distances is not None:  # per sample, 0 for real clips
+            self.sums["anchor"] += anchor_distances.sum().item()
         on_device = real.to(per_sample.device)
         self.sums["loss"] += loss.item() / self.grad_accum
         self.sums["synthetic"] += per_sample[~on_device].sum().item()

@@ -105,6 +105,23 @@ def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return (weights.to(per_sample) * per_sample).mean()
 
 
+class Anchor:
+    """A frozen reference model's velocity: the objective adds weight * the mean over the batch of
+    ||v_theta - v_anchor||^2 on its generated samples (real clips have the realism loss), so that later rounds stay
+    near the model they started from. `distances` keeps the last batch's per-sample distances (0 for real clips)."""
+
+    def __init__(self, model, weight: float):
+        self.model, self.weight = model.eval().requires_grad_(False), float(weight)
+        self.distances: torch.Tensor | None = None
+
+    def term(self, prediction: torch.Tensor, inputs: dict, generated: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            reference = self.model(**inputs, return_dict=False)[0]
+        distances = per_sample_flow_matching_loss(prediction, reference) * generated.to(prediction.device)
+        self.distances = distances.detach()
+        return self.weight * distances.mean()
+
+
 def batch_loss(
     model,
     z0: torch.Tensor,
@@ -114,19 +131,24 @@ def batch_loss(
     noise: torch.Tensor,
     dtype=torch.float32,
     timestep: torch.Tensor | None = None,
+    anchor: Anchor | None = None,
+    generated: torch.Tensor | None = None,
 ):
     """The objective on one batch: (weighted loss, per-sample flow-matching losses).
 
     The transformer sees z_t and `timestep`, the family's form of t (Wan: t * 1000, the default), and
-    predicts eps - z_0.
+    predicts eps - z_0. With an anchor, its term on the `generated` samples (a boolean mask) is added.
     """
     device = weights.device
     z_t, target = noisy_latents_and_target(z0, noise, t)
-    prediction = model(
-        hidden_states=z_t.to(device, dtype),
-        timestep=(t * 1000 if timestep is None else timestep).to(device),
-        encoder_hidden_states=prompt_embeds.to(device, dtype),
-        return_dict=False,
-    )[0]
+    inputs = {
+        "hidden_states": z_t.to(device, dtype),
+        "timestep": (t * 1000 if timestep is None else timestep).to(device),
+        "encoder_hidden_states": prompt_embeds.to(device, dtype),
+    }
+    prediction = model(**inputs, return_dict=False)[0]
     per_sample = per_sample_flow_matching_loss(prediction, target.to(device))
-    return weighted_loss(per_sample, weights), per_sample
+    loss = weighted_loss(per_sample, weights)
+    if anchor is not None:
+        loss = loss + anchor.term(prediction, inputs, generated)
+    return loss, per_sample

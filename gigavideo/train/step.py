@@ -52,11 +52,12 @@ def flow_matching_step(
     dtype=torch.float32,
     timestep: torch.Tensor | None = None,
     accept: Callable[[torch.Tensor], bool] | None = None,
+    **objective,
 ):
     """One micro-batch: the weighted loss, backward, step. accept(per_sample losses) may refuse the batch before
     backward (stage 4 refuses a non-finite loss); then nothing is updated and None is returned, else
-    (loss, per-sample losses)."""
-    loss, per_sample = batch_loss(engine, z0, prompt_embeds, weights, t, noise, dtype, timestep=timestep)
+    (loss, per-sample losses). objective: batch_loss's further terms (anchor, generated)."""
+    loss, per_sample = batch_loss(engine, z0, prompt_embeds, weights, t, noise, dtype, timestep, **objective)
     if accept is not None and not accept(per_sample):
         return None
     engine.backward(loss)

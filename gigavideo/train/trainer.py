@@ -20,11 +20,12 @@ from gigavideo.memory import PeakMemory, training_memory_record
 from gigavideo.models import attention
 from gigavideo.models.export import save_trained
 from gigavideo.models.families.wan21 import Expert
+from gigavideo.models.pipeline import check_architecture
 from gigavideo.seeding import derive_seed
 from gigavideo.train import checkpoint
 from gigavideo.train.data import DataPosition, training_loader
 from gigavideo.train.loop import BadSamples, StepMetrics, compute_dtype, prepare_for_training
-from gigavideo.train.loss import sample_timesteps
+from gigavideo.train.loss import Anchor, sample_timesteps
 from gigavideo.train.step import flow_matching_step
 
 log = logging.getLogger("gigavideo.stage4")
@@ -50,6 +51,30 @@ def build_model(cfg, base: Path, family, expert: Expert):
     return prepare_for_training(transformer, tc, family, expert)
 
 
+def anchor_folder(cfg, base: Path, expert: Expert) -> Path:
+    """The anchor's transformer folder for one expert, checked to be the preset's architecture (stage 4's preflight
+    calls this before anything is removed)."""
+    folder = Path(cfg.train.anchor_path or base) / expert.component
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--anchor_path: no transformer at {folder} (a diffusers folder of the same family)")
+    check_architecture(folder, cfg.model.arch_transformer, cfg.preset)
+    return folder
+
+
+def load_anchor(cfg, base: Path, expert: Expert, device) -> Anchor | None:
+    """--anchor_weight > 0: the frozen anchor transformer (--anchor_path, else the base), in the compute dtype."""
+    from diffusers import WanTransformer3DModel
+
+    tc = cfg.train
+    if tc.anchor_weight == 0:
+        return None
+    folder = anchor_folder(cfg, base, expert)
+    model = WanTransformer3DModel.from_pretrained(folder, dtype=compute_dtype(tc)).to(device)
+    attention.use([model], cfg.model.attention_backend, device, compute_dtype(tc))
+    log.info("anchoring %s to %s (weight %g)", expert.label, folder, tc.anchor_weight)
+    return Anchor(model, tc.anchor_weight)
+
+
 def build_engine(cfg, base: Path, family, expert: Expert, ds_config: dict):
     """The DeepSpeed engine around one expert's transformer, with AdamW and a linear warm-up."""
     tc = cfg.train
@@ -70,7 +95,7 @@ def build_engine(cfg, base: Path, family, expert: Expert, ds_config: dict):
     return engine, scheduler
 
 
-def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, bad):
+def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, bad, anchor=None):
     """One optimizer step over --grad_accum micro-batches; returns their metrics (not yet reduced)."""
     tc = cfg.train
     metrics = StepMetrics(tc.grad_accum, dist.get_world_size())
@@ -99,10 +124,12 @@ def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: in
                 compute_dtype(tc),
                 timestep=timestep,
                 accept=partial(bad.loss_is_finite_on_every_rank, keys=batch["keys"], step=step + 1),
+                anchor=anchor,
+                generated=~batch["is_real"],
             )
             if stepped is not None:
                 break
-        metrics.add(*stepped, batch, t)
+        metrics.add(*stepped, batch, t, anchor.distances if anchor else None)
     return metrics
 
 
@@ -182,6 +209,8 @@ class Monitor:
             "train/undecodable_samples": bad.totals["undecodable_samples"],
             "train/non_finite_losses": bad.losses,
         }
+        if self.tc.anchor_weight > 0 and totals["n_synthetic"]:  # mean ||v_theta - v_anchor||^2 on generated samples
+            scalars["train/anchor_distance"] = totals["anchor"] / totals["n_synthetic"]
         StepMetrics.write(self.writer, step, totals, elapsed, scalars)
         self.progress.set_postfix(loss=f"{totals['loss']:.4f}")
 
@@ -216,6 +245,7 @@ def train_expert(
     if rank == 0:  # every rank found them in the index; one counts them
         bad.left_out(unreadable, step)
     monitor = Monitor(run.tensorboard / expert.name, tc, step, rank, expert.label)
+    anchor = load_anchor(cfg, base, expert, device)
     validation = None
     if tc.sample_every > 0:
         from gigavideo.train.validation import Validation
@@ -223,7 +253,7 @@ def train_expert(
         validation = Validation(run, base, family, expert.component, cfg, device, rank)
     totals = {"loss": loss}
     while step < tc.max_steps:
-        totals = train_step(engine, data, cfg, family, expert, step, rank, device, bad).reduce()
+        totals = train_step(engine, data, cfg, family, expert, step, rank, device, bad, anchor).reduce()
         step += 1
         bad.check_samples(run.path)
         monitor.step(step, totals, engine, scheduler, data, bad)
