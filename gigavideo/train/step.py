@@ -42,22 +42,11 @@ class PlainEngine:
         self.global_steps += 1
 
 
-def flow_matching_step(
-    engine,
-    z0: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    weights: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    dtype=torch.float32,
-    timestep: torch.Tensor | None = None,
-    accept: Callable[[torch.Tensor], bool] | None = None,
-    **objective,
-):
-    """One micro-batch: the weighted loss, backward, step. accept(per_sample losses) may refuse the batch before
-    backward (stage 4 refuses a non-finite loss); then nothing is updated and None is returned, else
-    (loss, per-sample losses). objective: batch_loss's further terms (anchor, generated)."""
-    loss, per_sample = batch_loss(engine, z0, prompt_embeds, weights, t, noise, dtype, timestep, **objective)
+def flow_matching_step(engine, *batch, accept: Callable[[torch.Tensor], bool] | None = None, **objective):
+    """One micro-batch: `batch_loss(engine, *batch, **objective)` (z0, prompt embeddings, weights, t, noise, ...),
+    backward, step. accept(per_sample losses) may refuse the batch before backward (stage 4 refuses a non-finite
+    loss); then nothing is updated and None is returned, else (loss, per-sample losses)."""
+    loss, per_sample = batch_loss(engine, *batch, **objective)
     if accept is not None and not accept(per_sample):
         return None
     engine.backward(loss)
