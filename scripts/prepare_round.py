@@ -23,7 +23,7 @@ from gigavideo.cli import run_cli, setup_logging
 from gigavideo.config import load_config, resolve_preset
 from gigavideo.errors import ConfigError
 from gigavideo.eval.diagnosis import pipeline_steps
-from gigavideo.models.base import prepare_base
+from gigavideo.models.base import base_model_path, prepare_base
 from gigavideo.rundir.files import write_atomic
 from gigavideo.rundir.layout import RunDir
 
@@ -37,7 +37,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
         raise ConfigError(f"--round={round}: rounds count from 1")
     cfg, this = load_config(config, "model"), RunDir(run_dir).round(round)
     preset = this.path / "preset.toml"
-    original = prepare_base(cfg, RunDir(run_dir)).resolve()  # round 1's base (prepared once, then found)
+    find_or_prepare = prepare_base if round == 1 else base_model_path  # a later round only finds round 1's base
+    original = find_or_prepare(cfg, RunDir(run_dir)).resolve()
     base = original if round == 1 else RunDir(run_dir).round(round - 1).export.resolve()  # once R-1's stage 4 ran
     anchor = cfg.train.anchor_path or str(original)  # --anchor_weight > 0 keeps every round near the original
     text = "\n".join(
