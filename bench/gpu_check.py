@@ -14,6 +14,7 @@ Text embeddings are random: the 5.7B text encoder is not what is timed.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -25,14 +26,20 @@ if not torch.cuda.is_available():
 
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
-from gigavideo.memory import GIB, asked_setting, plan_training, tokens_per_sample
+from gigavideo.memory import GIB, asked_setting, plan_training, render_plan, tokens_per_sample
 from gigavideo.models import attention
 from gigavideo.models.families import family_for
-from gigavideo.models.pipeline import latent_shape
+from gigavideo.models.pipeline import latent_shape, torch_dtype
 from gigavideo.models.rendering import configure_pipeline
 from gigavideo.train.ds_config import build_ds_config
 from gigavideo.train.loop import prepare_for_training
 from gigavideo.train.loss import batch_loss
+
+
+def progress(what: str, row: dict) -> None:
+    """One line per measurement as it is made, so a run cut short by its time limit still reports."""
+    shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items() if k != "latents"}
+    print(f"[gpu_check] {what}: {shown}", flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -42,6 +49,7 @@ def sync(device: torch.device) -> None:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        gc.collect()  # the previous row's engine and models, so that this row's peak is its own
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -121,35 +129,58 @@ def train_row(cfg, device, steps: int, peak_tflops: float, backend: str = "nativ
         "peak_gib": peak_gib(device),
         "planned_gib": planned / GIB,
     }
+    progress(f"stage 4, {backend} attention", row)
     return row
 
 
-def render_rows(cfg, device, steps: int, caches=("none", "first_block"), backend="native", decode=True) -> list[dict]:
-    """Seconds per video (sampling + VAE decode) without and with first-block caching, the same seed."""
+RENDER_VARIANTS = ({"cache": "none"}, {"cache": "first_block"}, {"cache": "none", "vae_tiling": True})
+
+
+def render_label(variant: dict) -> str:
+    return ", ".join([f"cache={variant['cache']}"] + ["vae_tiling"] * bool(variant.get("vae_tiling")))
+
+
+def planned_render_gib(cfg) -> float:
+    """The memory plan's stage 2 for what is loaded here: transformer and VAE (no text encoder), and the larger
+    of the sampler's peak and the VAE decode's."""
+    plan = render_plan(cfg, 1, 1, 1)
+    return (
+        plan["models"]["transformers"]
+        + plan["models"]["vae"]
+        + max(plan["peaks"]["sampling"], plan["peaks"]["vae_decode"])
+    ) / GIB
+
+
+def render_rows(cfg, device, steps: int, variants=RENDER_VARIANTS, backend="native", decode=True) -> list[dict]:
+    """Seconds per video (sampling + VAE decode) for each variant of the render settings (step caching, tiled
+    decode), the same seed; the VAE in the model's dtype, as stage 2 loads it."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
-    r = cfg.render
     transformer = random_transformer(cfg, device, torch.bfloat16, keep_fp32=True)
     attention.use([transformer], backend, device, torch.bfloat16)
-    vae = AutoencoderKLWan(**cfg.model.arch_vae).to(device)
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=1.0
-    )
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, cfg.model.max_sequence_length, cfg.model.arch_transformer["text_dim"], generator=gen)
-    kwargs = dict(
-        prompt_embeds=embeds.to(device, torch.bfloat16),
-        negative_prompt_embeds=torch.zeros_like(embeds).to(device, torch.bfloat16),
-        height=r.height,
-        width=r.width,
-        num_frames=r.num_frames,
-        guidance_scale=r.guidance_scale,
-    )
     rows, reference = [], None
-    for cache in caches:
+    for variant in variants:
+        variant_cfg = load_config(cfg.preset, "render", variant)
+        r = variant_cfg.render
+        if transformer.is_cache_enabled:  # the previous variant's step caching
+            transformer.disable_cache()
+        vae = AutoencoderKLWan(**cfg.model.arch_vae).to(device, torch_dtype(cfg.model.dtype))
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=1.0
+        )
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        configure_pipeline(pipe, dict(r) | {"cache": cache}, cfg.model.flow_shift, device)
+        configure_pipeline(pipe, r, cfg.model.flow_shift, device)
+        kwargs = dict(
+            prompt_embeds=embeds.to(device, torch.bfloat16),
+            negative_prompt_embeds=torch.zeros_like(embeds).to(device, torch.bfloat16),
+            height=r.height,
+            width=r.width,
+            num_frames=r.num_frames,
+            guidance_scale=r.guidance_scale,
+        )
         pipe(**kwargs, num_inference_steps=2, output_type="latent")  # warm-up
         reset_peak(device)
         sync(device)
@@ -162,15 +193,18 @@ def render_rows(cfg, device, steps: int, caches=("none", "first_block"), backend
         start = time.perf_counter()
         if decode:
             with torch.no_grad():
-                vae.decode(latents.float(), return_dict=False)
+                vae.decode(latents.to(vae.dtype), return_dict=False)
         sync(device)
-        row = {"cache": cache, "sampling_s": sampling, "decode_s": time.perf_counter() - start}
-        row["peak_gib"], row["latents"] = peak_gib(device), latents.float().cpu()
+        row = {"variant": render_label(variant), "sampling_s": sampling, "decode_s": time.perf_counter() - start}
+        row["peak_gib"], row["planned_gib"] = peak_gib(device), planned_render_gib(variant_cfg)
+        row["latents"] = latents.float().cpu()
         if reference is None:
-            reference, row["moved"] = latents.float(), 0.0
+            reference, row["moved"] = row["latents"], 0.0
         else:
-            row["moved"] = float((latents.float() - reference).abs().mean() / reference.abs().mean())
+            row["moved"] = float((row["latents"] - reference).abs().mean() / reference.abs().mean())
+        progress(f"stage 2, {backend} attention", row)
         rows.append(row)
+        del pipe, vae
     return rows
 
 
@@ -191,7 +225,7 @@ def backend_rows(cfg, lora_cfg, device, train_steps: int, render_steps: int, pea
     rows, reference = [], None
     for name in usable:
         row = {"backend": name, "step_s": train_row(lora_cfg, device, train_steps, peak_tflops, name)["step_s"]}
-        render = render_rows(cfg, device, render_steps, caches=("none",), backend=name, decode=False)[0]
+        render = render_rows(cfg, device, render_steps, RENDER_VARIANTS[:1], backend=name, decode=False)[0]
         row["sampling_s"], latents = render["sampling_s"], render["latents"]
         reference = latents if reference is None else reference
         row["moved"] = float((latents - reference).abs().mean() / reference.abs().mean())
@@ -215,11 +249,12 @@ def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: i
     ]
     rendering = [
         [
-            f"cache={row['cache']}",
+            row["variant"],
             f"{row['sampling_s']:.1f}",
             f"{row['decode_s']:.1f}",
             f"{row['sampling_s'] + row['decode_s']:.1f}",
             gib(row["peak_gib"]),
+            gib(row["planned_gib"]),
             f"{row['moved']:.2%}",
         ]
         for row in render
@@ -228,7 +263,8 @@ def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: i
         f"{device_name}: {Path(cfg.preset).stem} architecture (random weights, bf16), "
         f"{r.width}x{r.height}x{r.num_frames}, {tokens_per_sample(cfg)} tokens per video",
         "",
-        *markdown(["stage 4", "ZeRO", "step (s)", "tokens/s", "MFU", "peak memory (GiB)", "planned (GiB)"], training),
+        *markdown(["stage 4", "ZeRO", "step (s)", "tokens/s", "MFU", "peak memory (GiB)", "planned (GiB)"], training)
+        * bool(train),
         "",
         *markdown(
             [
@@ -237,10 +273,12 @@ def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: i
                 "VAE decode (s)",
                 "s/video",
                 "peak memory (GiB)",
+                "planned (GiB)",
                 "latents moved",
             ],
             rendering,
-        ),
+        )
+        * bool(render),
         "",
         *markdown(
             [
@@ -262,7 +300,8 @@ def table(device_name: str, cfg, train: list[dict], render: list[dict], steps: i
                 ]
                 for row in backends
             ],
-        ),
+        )
+        * bool(backends),
     ]
     return "\n".join(lines)
 
@@ -271,10 +310,14 @@ def main(
     dry_run: bool = False,
     train_steps: int = 3,
     render_steps: int = 50,
+    backend_train_steps: int = 2,
     backend_render_steps: int = 10,
     peak_tflops: float = 989.0,
+    parts: str = "train,render,backends",
 ):
-    """The tables (module docstring). --dry_run: CPU, tiny preset at its own size, 2 sampler steps."""
+    """The tables (module docstring). --dry_run: CPU, tiny preset at its own size, 2 sampler steps. Each
+    measurement is also printed as it is made (`[gpu_check] ...`), most telling first: the training steps
+    against the memory plan, then sampling, then the attention backends. --parts: which of those to run."""
     import deepspeed
 
     if dry_run:
@@ -283,14 +326,19 @@ def main(
         device, preset = torch.device("cuda"), "wan2.1-t2v-1.3b"
     else:
         raise SystemExit("bench/gpu_check.py: no GPU here; --dry_run runs it on CPU at tiny size")
+    parts_run = parts.split(",") if isinstance(parts, str) else list(parts)  # fire reads a,b as a tuple
+    if unknown := set(parts_run) - {"train", "render", "backends"}:
+        raise SystemExit(f"bench/gpu_check.py: --parts={parts}: {sorted(unknown)} not among train,render,backends")
     single_process_defaults()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     settings = {"precision": "bf16", "gradient_checkpointing": True, "sample_every": 0}
     configs = [load_config(preset, "train", settings | {"mode": mode}) for mode in ("full", "lora")]
-    train = [train_row(cfg, device, train_steps, peak_tflops) for cfg in configs]
     cfg = configs[0]
-    render = render_rows(cfg, device, render_steps)
-    backends = backend_rows(cfg, configs[1], device, train_steps, backend_render_steps, peak_tflops)
+    train = [train_row(c, device, train_steps, peak_tflops) for c in configs] if "train" in parts_run else []
+    render = render_rows(cfg, device, render_steps) if "render" in parts_run else []
+    backends = []
+    if "backends" in parts_run:
+        backends = backend_rows(cfg, configs[1], device, backend_train_steps, backend_render_steps, peak_tflops)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(table(name, cfg, train, render, render_steps, backends, backend_render_steps))
 

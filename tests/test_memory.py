@@ -218,6 +218,7 @@ def test_the_gpu_check_runs_its_whole_table_as_a_dry_run_on_cpu():
         "| lora, checkpointing",
         "| cache=none",
         "| cache=first_block",
+        "| cache=none, vae_tiling",
         "| native",  # the attention backends that run on a CPU, native first
         "| _native_math",
     ], proc.stdout
