@@ -1,16 +1,22 @@
 #!/usr/bin/env python
-"""Two offline rounds against one round with the same compute, on the toy world (docs/toy-and-rounds.md).
+"""Does a second round add? Variants of round 2 against round 1 and against one longer round, over training
+seeds, in the toy world (docs/toy-and-rounds.md).
 
-- `rounds`: `ROUNDS=2 PRESET=toy-rounds bash slurm/pipeline.sh` (what `make demo-rounds` runs);
-- `double`: one round of the same preset with twice the stage-1/2 videos and twice the training steps.
+Per seed (the stage-1, stage-2 and training seeds; the pre-trained base and the eval's prompts and seeds are
+the same for every seed):
+- `plain`: `ROUNDS=2 PRESET=toy-rounds bash slurm/pipeline.sh` (what `make demo-rounds` runs) with that seed;
+- each other variant: the same round 1 (copied), then round 2 with the variant's config keys, which apply
+  from round 2 on (round 1 is shared, so every variant's round 2 - round 1 is paired on the same model);
+- `one round, 2x`: one round with twice the stage-1/2 videos and twice the training steps (the same compute
+  as two rounds).
 
-Both start from the same pre-trained base (pre-trained once, then copied) and their evals use the same
-prompts and seeds, so the double round's model and round 2's are compared pairwise too. Prints one table,
-also written to OUT/toy_rounds.md and .json: per weak dimension and the control, each model's score, the
-differences with their 95% intervals, the realism distance, the share of blank videos (no square drawn,
-by the toy judge's segmentation) and the process-seconds of each run.
+One table, also written to OUT/toy_rounds.md and .json: per variant, the weakest dimension's round 2 - round 1
+(paired over every seed's held-out prompts and seeds, with its 95% interval), the realism distance against
+the base's, the control dimension's round 2 - round 1, and round 2 - the one longer round on the weakest
+dimension; then per seed. Finished runs are reused, so adding a seed or a variant only runs what is new.
 
-    python bench/toy_rounds.py --out=runs/toy-rounds
+    python bench/toy_rounds.py --out=runs/toy-rounds --seeds=0,1,2
+    python bench/toy_rounds.py --variants=plain,anchor   # a subset
 """
 
 from __future__ import annotations
@@ -27,29 +33,78 @@ import fire
 from gigavideo.eval.report import load_records
 from gigavideo.eval.stats import paired_bootstrap
 from gigavideo.rundir.files import write_json_atomic
-from gigavideo.rundir.video import decode_mp4
-from gigavideo.toy.judge import track
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "toy-rounds"
+CONTROL = "object_identity"
+# Config keys each variant sets from round 2 on ("plain" sets none). docs/toy-and-rounds.md says why each.
+VARIANTS = {
+    "plain": "",
+    "anchor": "[train]\nanchor_weight = 1.0\n",
+    "realism by round": "[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
+    "per-dimension advantage": '[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n',
+}
+DOUBLE = "[prompts]\nnum_per_dimension = 1536\n[train]\nmax_steps = 2000\nsave_every = 200\nsample_every = 200\n"
 
 
-def pipeline(run_dir: Path, preset: str, rounds: int) -> None:
-    env = {**os.environ, "LOCAL": "1", "ROUNDS": str(rounds), "PRESET": preset, "RUN_DIR": str(run_dir)}
+def pipeline(run_dir: Path, preset: Path, rounds: int) -> None:
+    env = {**os.environ, "LOCAL": "1", "ROUNDS": str(rounds), "PRESET": str(preset), "RUN_DIR": str(run_dir)}
     env["PYTHON"] = sys.executable
     done = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"pipeline in {run_dir} failed:\n{done.stderr[-4000:]}")
 
 
-def blank_share(videos: Path) -> float:
-    """The share of a folder's mp4s in which the toy judge's segmentation finds no square in most frames."""
-    paths = sorted(videos.rglob("*.mp4"))
-    blank = [track(decode_mp4(p.read_bytes(), str(p))[0])["visible"] < 0.5 for p in paths]
-    return sum(blank) / len(blank)
+def write_preset(path: Path, seed: int, extra: str) -> Path:
+    seeds = "".join(f"[{s}]\nseed = {1000 * seed}\n" for s in ("prompts", "render", "train"))
+    text = f'extends = "{PRESET}"\n' + merge_sections(seeds + extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
-def rewards(records: dict, label: str, dim: str) -> dict[str, float]:
+def merge_sections(text: str) -> str:
+    """TOML with each [section] once: the lines of repeated sections gathered under the first."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line, [])
+        elif line:
+            current.append(line)
+    return "".join(f"{name}\n" + "".join(f"{line}\n" for line in lines) for name, lines in sections.items())
+
+
+def copy_missing(source: Path, target: Path) -> None:
+    if not target.exists():
+        shutil.copytree(source, target, symlinks=True)
+
+
+def run_seed(out: Path, seed: int, variants: list[str]) -> dict[str, Path]:
+    """Every run of one seed (reused when finished); returns name -> run directory."""
+    top = out / f"seed{seed}"
+    runs = {"plain": top / "plain"}
+    base = out / "base"  # pre-trained once, for every seed
+    if base.is_dir():
+        copy_missing(base, runs["plain"] / "models" / "base")
+    pipeline(runs["plain"], write_preset(top / "presets" / "plain.toml", seed, ""), 2)
+    copy_missing(runs["plain"] / "models" / "base", base)
+    for name in variants:
+        if name == "plain":
+            continue
+        runs[name] = top / name.replace(" ", "-")
+        copy_missing(runs["plain"] / "models", runs[name] / "models")
+        copy_missing(runs["plain"] / "round1", runs[name] / "round1")
+        pipeline(runs[name], write_preset(top / "presets" / f"{runs[name].name}.toml", seed, VARIANTS[name]), 2)
+    runs["one round, 2x"] = top / "double"
+    copy_missing(runs["plain"] / "models", runs["one round, 2x"] / "models")
+    pipeline(runs["one round, 2x"], write_preset(top / "presets" / "double.toml", seed, DOUBLE), 1)
+    return runs
+
+
+def rewards(run: Path, label: str, dim: str) -> dict[str, float]:
+    records = load_records(run / "eval" / "records")
     return {
         key: r["reward"]
         for (lab, key), r in records.items()
@@ -57,69 +112,85 @@ def rewards(records: dict, label: str, dim: str) -> dict[str, float]:
     }
 
 
-def seconds(run: Path) -> float:
-    total = 0.0
-    for manifest in run.rglob("manifest.json"):
-        if manifest.parent.name in ("diagnosis", "stage1", "stage2", "stage3", "stage4", "eval"):
-            total += json.loads(manifest.read_text()).get("process_seconds") or 0.0
-    return total
+def realism(run: Path, label: str) -> float:
+    return json.loads((run / "eval" / "report.json").read_text())["suites"]["heldout"]["realism"][label]
 
 
-def main(out: str = "runs/toy-rounds", bootstrap_samples: int = 2000):
-    out_dir = Path(out)
-    rounds_dir, double_dir = out_dir / "rounds", out_dir / "double"
-    pipeline(rounds_dir, PRESET, 2)
-    double_preset = out_dir / "double.toml"
-    double_preset.write_text(
-        f'extends = "{PRESET}"\n[prompts]\nnum_per_dimension = 1536\n[train]\nmax_steps = 2000\n'
-        "save_every = 200\nsample_every = 200\n"
+def pairs(before: dict[str, float], after: dict[str, float]) -> list[tuple[float, float]]:
+    """(before, after) for every eval sample both have: the same prompt and seed."""
+    return [(before[k], after[k]) for k in sorted(set(before) & set(after))]
+
+
+def paired(both: list[tuple[float, float]], samples: int) -> dict:
+    return paired_bootstrap([a for a, _ in both], [b for _, b in both], samples)
+
+
+def measure(all_runs: dict[int, dict[str, Path]], variants: list[str], samples: int) -> dict:
+    """Per variant, pooled over seeds (every seed's pairs together), and per seed."""
+    result = {"variants": {}, "seeds": {}}
+    for name in variants:
+        pooled = {"weakest": [], "control": [], "vs_double": [], "realism": []}
+        for seed, runs in all_runs.items():
+            round1, round2, double = runs["plain"] / "round1", runs[name] / "round2", runs["one round, 2x"] / "round1"
+            weakest = json.loads((round1 / "diagnosis.json").read_text())["ranking"][0]
+            compared = {
+                "weakest": pairs(rewards(round1, "finetuned", weakest), rewards(round2, "finetuned", weakest)),
+                "control": pairs(rewards(round1, "finetuned", CONTROL), rewards(round2, "finetuned", CONTROL)),
+                "vs_double": pairs(rewards(double, "finetuned", weakest), rewards(round2, "finetuned", weakest)),
+            }
+            row = {"weakest_dimension": weakest} | {part: paired(p, samples) for part, p in compared.items()}
+            base = realism(round1, "baseline")
+            row["realism_vs_base"] = realism(round2, "finetuned") / base - 1
+            row["double_realism_vs_base"] = realism(double, "finetuned") / base - 1
+            for part, p in compared.items():
+                pooled[part] += p
+            pooled["realism"].append(row["realism_vs_base"])
+            result["seeds"].setdefault(str(seed), {})[name] = row
+        summary = {part: paired(pooled[part], samples) for part in ("weakest", "control", "vs_double")}
+        summary["realism_vs_base"] = sum(pooled["realism"]) / len(pooled["realism"])
+        result["variants"][name] = summary | {"seeds": len(all_runs)}
+    return result
+
+
+def interval(d: dict) -> str:
+    return f"{100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+
+
+def table(result: dict) -> str:
+    header = (
+        "| round 2 variant | weakest: round 2 - round 1 | realism distance vs base | control: round 2 - round 1 "
+        "| weakest: round 2 - one round of 2x |"
     )
-    if not (double_dir / "models" / "base").is_dir():
-        shutil.copytree(rounds_dir / "models" / "base", double_dir / "models" / "base")
-    pipeline(double_dir, str(double_preset), 1)
-
-    evals = {
-        "base": (rounds_dir / "round1", "baseline"),
-        "round 1": (rounds_dir / "round1", "finetuned"),
-        "round 2": (rounds_dir / "round2", "finetuned"),
-        "one round, 2x data and steps": (double_dir / "round1", "finetuned"),
-    }
-    records = {name: load_records(run / "eval" / "records") for name, (run, _) in evals.items()}
-    dims = json.loads((rounds_dir / "round1" / "eval" / "report.json").read_text())["protocol"]["dimensions"]
-    result = {"dimensions": {}, "blank": {}, "realism": {}, "seconds": {}}
-    for dim in dims:
-        scores = {name: rewards(records[name], label, dim) for name, (_, label) in evals.items()}
-        row = {name: sum(s.values()) / len(s) for name, s in scores.items()}
-        for a, b in (
-            ("base", "round 1"),
-            ("round 1", "round 2"),
-            ("base", "round 2"),
-            ("base", "one round, 2x data and steps"),
-            ("one round, 2x data and steps", "round 2"),
-        ):
-            keys = sorted(set(scores[a]) & set(scores[b]))
-            row[f"{b} - {a}"] = paired_bootstrap(
-                [scores[a][k] for k in keys], [scores[b][k] for k in keys], bootstrap_samples
-            )
-        result["dimensions"][dim] = row
-    for name, (run, label) in evals.items():
-        result["blank"][name] = blank_share(run / "eval" / "videos" / label / "heldout")
-        realism = json.loads((run / "eval" / "report.json").read_text())["suites"]["heldout"]["realism"]
-        result["realism"][name] = realism[label]
-    result["seconds"] = {"two rounds": seconds(rounds_dir), "one round, 2x data and steps": seconds(double_dir)}
-
-    lines = ["| dimension | " + " | ".join(evals) + " | difference [95% interval] |", "|---" * (len(evals) + 2) + "|"]
-    for dim, row in result["dimensions"].items():
-        diffs = "; ".join(
-            f"{k}: {v['difference']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"
-            for k, v in row.items()
-            if isinstance(v, dict)
+    lines = [header, "|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        lines.append(
+            f"| {name} | {interval(v['weakest'])} | {100 * v['realism_vs_base']:+.1f}% | {interval(v['control'])} "
+            f"| {interval(v['vs_double'])} |"
         )
-        lines.append(f"| {dim} | " + " | ".join(f"{row[n]:.4f}" for n in evals) + f" | {diffs} |")
-    lines.append("| blank videos | " + " | ".join(f"{100 * result['blank'][n]:.1f}%" for n in evals) + " | |")
-    lines.append("| realism distance | " + " | ".join(f"{result['realism'][n]:.3f}" for n in evals) + " | |")
-    lines += ["", "process-seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())]
-    text = "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "| seed | variant | weakest | round 2 - round 1 | realism vs base | one round of 2x: realism vs base |",
+    ]
+    lines.append("|---|---|---|---|---|---|")
+    for seed, rows in result["seeds"].items():
+        for name, row in rows.items():
+            lines.append(
+                f"| {seed} | {name} | {row['weakest_dimension']} | {interval(row['weakest'])} | "
+                f"{100 * row['realism_vs_base']:+.1f}% | {100 * row['double_realism_vs_base']:+.1f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(out: str = "runs/toy-rounds", seeds=(0, 1, 2), variants: str = ",".join(VARIANTS), bootstrap_samples=2000):
+    """Run what is missing, then print the table (module docstring). Rewards x100 in the table."""
+    names = variants.split(",") if isinstance(variants, str) else list(variants)
+    if unknown := [n for n in names if n not in VARIANTS]:
+        raise SystemExit(f"--variants: {unknown} not among {list(VARIANTS)}")
+    seeds = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, str | int) else seeds)]
+    out_dir = Path(out)
+    all_runs = {seed: run_seed(out_dir, seed, names) for seed in seeds}
+    result = measure(all_runs, names, bootstrap_samples)
+    text = table(result)
     (out_dir / "toy_rounds.md").write_text(text)
     write_json_atomic(out_dir / "toy_rounds.json", result)
     print(text)

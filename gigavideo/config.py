@@ -108,13 +108,31 @@ class Entries:
         return "; ".join(f"{name}: {check}" for name, check in self.entries.items())
 
 
+@dataclass(frozen=True)
+class Each:
+    """A list key whose every item is a number that `item` allows."""
+
+    item: Range
+
+    def problem(self, value) -> str | None:
+        for i, entry in enumerate(value):
+            if isinstance(entry, float) and not math.isfinite(entry):
+                return f"its item {i} = {entry!r} must be a finite number"
+            if problem := self.item.problem(entry):
+                return f"its item {i} = {entry!r} {problem}"
+        return None
+
+    def __str__(self) -> str:
+        return f"a list, each {self.item}"
+
+
 POSITIVE = Range(0, low_open=True)  # > 0
 AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
 FRACTION = Range(0, 1)
 
 
-def key(default, doc: str, check: Range | OneOf | None = None):
+def key(default, doc: str, check: Range | OneOf | Entries | Each | None = None):
     """A config key: its default, its one-line doc and what values it may take (checked by `check_values`)."""
     return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc, "check": check})
 
@@ -452,13 +470,26 @@ class TrainConfig(Table):
     max_steps: int = key(2500, "optimizer steps (~1 epoch of ~10k samples at batch 4)", check=AT_LEAST_1)
     weight_mapping: str = key(
         "raw",
-        "reward -> weight: raw | normalized | exp | threshold | uniform",
-        check=OneOf(("raw", "normalized", "exp", "threshold", "uniform")),
+        "reward -> weight: raw | normalized | exp | threshold | uniform | advantage (max(0, r - mean) / its mean: only "
+        "the samples better than the model's own average)",
+        check=OneOf(("raw", "normalized", "exp", "threshold", "uniform", "advantage")),
+    )
+    weight_groups: str = key(
+        "all",
+        "whose statistics a mapping uses: all (every scored sample together) | dimension (each dimension's alone, so "
+        "every dimension's mean weight is the same, however well the model already does on it)",
+        check=OneOf(("all", "dimension")),
     )
     weight_temperature: float = key(1.0, "weight_mapping = exp: the temperature", check=POSITIVE)
     weight_threshold: float = key(0.5, "weight_mapping = threshold: the threshold", check=FRACTION)
     realism_weight: float = key(
         1.0, "weight of the unweighted flow-matching loss on real videos; 0 disables it", check=AT_LEAST_0
+    )
+    realism_weight_by_round: list = key(
+        [],
+        "ROUNDS=N: round R trains with item R as its realism_weight (the last item for later rounds); "
+        "empty = realism_weight in every round",
+        check=Each(AT_LEAST_0),
     )
     anchor_weight: float = key(
         0.0,

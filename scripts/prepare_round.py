@@ -6,7 +6,8 @@ R-1's export, which every round writes as a complete diffusers folder (train.mer
 draws new prompts, videos and training noise (the preset's stage-1, stage-2 and training seeds + R - 1); the
 eval keeps its prompts and seeds, so that every round is measured on the same videos' seeds. Every round's
 train.anchor_path is round 1's base (unless the preset sets one): with train.anchor_weight > 0 the reference-model
-anchor holds each round near the original model.
+anchor holds each round near the original model. With train.realism_weight_by_round, round R's realism_weight is
+its item R (the last one for later rounds).
 
 Prints the steps the round still needs, one line: "complete" when its eval has finished, else
 "diagnosis stage1 stage2 stage3 stage4 eval" (diagnosis only where the preset targets dimensions=auto).
@@ -41,6 +42,9 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
     original = find_or_prepare(cfg, RunDir(run_dir)).resolve()
     base = original if round == 1 else RunDir(run_dir).round(round - 1).export.resolve()  # once R-1's stage 4 ran
     anchor = cfg.train.anchor_path or str(original)  # --anchor_weight > 0 keeps every round near the original
+    schedule = cfg.train.realism_weight_by_round
+    realism = [f"realism_weight = {schedule[min(round, len(schedule)) - 1]}  # its realism_weight_by_round"]
+    realism = realism if schedule else []
     text = "\n".join(
         [
             f"# Round {round} of slurm/pipeline.sh (scripts/prepare_round.py): the preset below, starting from",
@@ -59,6 +63,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
             "[train]",
             "merge_lora = true  # the next round starts from a complete diffusers folder",
             f"anchor_path = {json.dumps(anchor)}",
+            *realism,
             f"seed = {cfg.train.seed + round - 1}",
             "",
         ]

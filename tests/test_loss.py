@@ -69,3 +69,10 @@ def test_an_experts_timesteps_are_the_distribution_conditioned_on_its_side_of_th
     kept = whole[(whole >= lo) & (whole < hi)]  # the same distribution by rejection
     quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
     torch.testing.assert_close(t.quantile(quantiles), kept.quantile(quantiles), atol=0.005, rtol=0)
+
+
+def test_the_advantage_mapping_trains_only_on_samples_better_than_the_average():
+    weights = reward_weights(REWARDS, "advantage")  # mean 0.6: gains 0, 0, 0.4; their mean 0.4 / 3
+    assert weights == pytest.approx({"a": 0.0, "b": 0.0, "c": 3.0})
+    assert sum(weights.values()) / len(weights) == pytest.approx(1.0)
+    assert reward_weights({"a": 0.5, "b": 0.5}, "advantage") == {"a": 0.0, "b": 0.0}  # nothing is better

@@ -245,3 +245,28 @@ def test_stage4_with_an_anchor_trains_logs_the_distance_records_it_and_the_plan_
     for weight in (0.0, 1.0):
         plan = plan_training(load_config("wan2.1-t2v-1.3b", "train", {"anchor_weight": weight}), setting, 1, 8)
         assert ("anchor_model" in plan["bytes"]) == (weight > 0)
+
+
+def test_weight_groups_dimension_maps_each_dimensions_rewards_on_their_own(scored_run):
+    """weight_groups = dimension: every dimension's mean weight is 1 under `normalized`, however high its rewards;
+    with `all`, a dimension the model does better on weighs more."""
+    from gigavideo.rundir.shards import index_json
+    from gigavideo.train.data import training_weights
+
+    run, train_cfg = RunDir(scored_run), dict(load_config("tiny", "train").train)
+    renders = {k: m["dimension"] for k, m in index_json(run, "stage2").items() if m["source"] == "synthetic"}
+    means = {}
+    for groups in ("all", "dimension"):
+        asked = train_cfg | {"weight_mapping": "normalized", "weight_groups": groups}
+        weights, stats, _ = training_weights(run, asked)
+        by_dimension = {}
+        for key, dim in renders.items():
+            if key in weights:
+                by_dimension.setdefault(dim, []).append(weights[key])
+        means[groups] = {d: sum(w) / len(w) for d, w in by_dimension.items()}
+        assert stats["mean_weight_per_group"].keys() == ({"all"} if groups == "all" else set(by_dimension))
+    # 1 for each dimension with any reward (0 for one whose rewards are all 0: the tiny camera_motion scorer's)
+    scored_dimensions = [d for d, m in means["dimension"].items() if m != 0]
+    assert len(scored_dimensions) >= 2
+    assert [means["dimension"][d] for d in scored_dimensions] == pytest.approx([1.0] * len(scored_dimensions))
+    assert max(means["all"].values()) - min(means["all"].values()) > 0.01  # the dimensions' rewards differ

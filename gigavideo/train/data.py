@@ -38,9 +38,14 @@ def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], di
         for k, m in renders.items()
         if m["source"] == "synthetic" and k in scores and scores[k]["status"] == "ok"
     }
-    weights = reward_weights(
-        rewards, train_cfg["weight_mapping"], train_cfg["weight_temperature"], train_cfg["weight_threshold"]
-    )
+    groups: dict[str, dict[str, float]] = {}
+    for k, r in rewards.items():
+        group = renders[k]["dimension"] if train_cfg["weight_groups"] == "dimension" else "all"
+        groups.setdefault(group, {})[k] = r
+    weights = {}
+    for group in groups.values():
+        mapping = train_cfg["weight_mapping"], train_cfg["weight_temperature"], train_cfg["weight_threshold"]
+        weights.update(reward_weights(group, *mapping))
     real = [k for k, m in renders.items() if m["source"] == "real"]
     if train_cfg["realism_weight"] > 0:
         weights.update(dict.fromkeys(real, train_cfg["realism_weight"]))
@@ -53,6 +58,7 @@ def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], di
         "excluded_real": len(real) if train_cfg["realism_weight"] <= 0 else 0,
         "excluded_undecodable": len(unreadable),
         "mean_synthetic_weight": float(np.mean([weights[k] for k in rewards])) if rewards else None,
+        "mean_weight_per_group": {g: float(np.mean([weights[k] for k in ks])) for g, ks in sorted(groups.items())},
     }
     if not weights:
         raise SchemaError(f"nothing to train on in {run.path}: {stats}")

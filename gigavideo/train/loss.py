@@ -15,7 +15,7 @@ import torch
 
 from gigavideo.errors import ConfigError
 
-WEIGHT_MAPPINGS = ("raw", "normalized", "exp", "threshold", "uniform")
+WEIGHT_MAPPINGS = ("raw", "normalized", "exp", "threshold", "uniform", "advantage")
 
 
 def reward_weights(
@@ -26,6 +26,8 @@ def reward_weights(
     raw: w = r (the paper's formula). normalized: w = r / mean(r), so the mean weight is 1 and the
     learning rate keeps its meaning. exp: w = exp(r / T) / mean(exp(r / T)) (reward-weighted
     regression). threshold: w = 1 if r >= threshold else 0. uniform: w = 1 (plain fine-tuning).
+    advantage: w = max(0, r - mean(r)) / mean(max(0, r - mean(r))): only the samples better than the model's
+    own average train, with a mean weight of 1 (all 0 when every reward is the same: nothing is better).
     """
     if mapping not in WEIGHT_MAPPINGS:
         raise ConfigError(f"weight mapping {mapping!r} not in {WEIGHT_MAPPINGS}")
@@ -41,6 +43,11 @@ def reward_weights(
     if mapping == "normalized":
         mean = sum(values) / len(values)
         return {k: (r / mean if mean > 0 else 0.0) for k, r in rewards.items()}
+    if mapping == "advantage":
+        mean = sum(values) / len(values)
+        gains = {k: max(0.0, r - mean) for k, r in rewards.items()}
+        scale = sum(gains.values()) / len(gains)
+        return {k: (g / scale if scale > 0 else 0.0) for k, g in gains.items()}
     if temperature <= 0:
         raise ConfigError(f"exp weight mapping needs a positive temperature, got {temperature}")
     top = max(values)  # subtract the max before exp for stability; the ratio is unchanged
