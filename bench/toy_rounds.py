@@ -43,6 +43,7 @@ VARIANTS = {
     "anchor": "[train]\nanchor_weight = 1.0\n",
     "realism by round": "[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
     "per-dimension advantage": '[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n',
+    "half from the base": "[render]\nbase_share = 0.5\n",
 }
 DOUBLE = "[prompts]\nnum_per_dimension = 1536\n[train]\nmax_steps = 2000\nsave_every = 200\nsample_every = 200\n"
 

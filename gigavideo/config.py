@@ -346,6 +346,13 @@ class RenderConfig(Table):
         check=OneOf(("yuv420p", "yuv444p")),
     )
     steps: int = key(50, "sampler steps", check=AT_LEAST_1)
+    base_share: float = key(
+        0.0,
+        "share of the synthetic prompts stage 2 renders with base_path's model instead of model.path's (later rounds: "
+        "part of each round's data from the original base, which has not drifted); the rest with model.path's",
+        check=FRACTION,
+    )
+    base_path: str = key("", "base_share > 0: that model's diffusers folder (rounds set round 1's base)")
     guidance_scale: float = key(
         5.0, "classifier-free guidance (1.0 = none); Wan2.2-A14B: the high-noise expert's", check=AT_LEAST_0
     )

@@ -5,9 +5,10 @@ round 1 starts from the base model (prepared here, as scripts/prepare_base.py do
 R-1's export, which every round writes as a complete diffusers folder (train.merge_lora = true). Each round
 draws new prompts, videos and training noise (the preset's stage-1, stage-2 and training seeds + R - 1); the
 eval keeps its prompts and seeds, so that every round is measured on the same videos' seeds. Every round's
-train.anchor_path is round 1's base (unless the preset sets one): with train.anchor_weight > 0 the reference-model
-anchor holds each round near the original model. With train.realism_weight_by_round, round R's realism_weight is
-its item R (the last one for later rounds).
+train.anchor_path and render.base_path are round 1's base (unless the preset sets them): with train.anchor_weight
+> 0 the reference-model anchor holds each round near the original model, and with render.base_share > 0 that
+share of each round's prompts is rendered by the original model. With train.realism_weight_by_round, round R's
+realism_weight is its item R (the last one for later rounds).
 
 Prints the steps the round still needs, one line: "complete" when its eval has finished, else
 "diagnosis stage1 stage2 stage3 stage4 eval" (diagnosis only where the preset targets dimensions=auto).
@@ -43,8 +44,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
     base = original if round == 1 else RunDir(run_dir).round(round - 1).export.resolve()  # once R-1's stage 4 ran
     anchor = cfg.train.anchor_path or str(original)  # --anchor_weight > 0 keeps every round near the original
     schedule = cfg.train.realism_weight_by_round
-    realism = [f"realism_weight = {schedule[min(round, len(schedule)) - 1]}  # its realism_weight_by_round"]
-    realism = realism if schedule else []
+    realism = [f"realism_weight = {schedule[min(round, len(schedule)) - 1]}  # by round"] if schedule else []
     text = "\n".join(
         [
             f"# Round {round} of slurm/pipeline.sh (scripts/prepare_round.py): the preset below, starting from",
@@ -59,6 +59,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
             "",
             "[render]",
             f"seed = {cfg.render.seed + round - 1}",
+            f"base_path = {json.dumps(cfg.render.base_path or str(original))}  # with base_share > 0",
             "",
             "[train]",
             "merge_lora = true  # the next round starts from a complete diffusers folder",

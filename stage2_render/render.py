@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -19,7 +20,7 @@ from gigavideo.distributed import my_share, rank_and_world
 from gigavideo.errors import ConfigError
 from gigavideo.memory import check_rendering_memory
 from gigavideo.models import attention
-from gigavideo.models.base import base_model_path
+from gigavideo.models.base import base_model_path, checked_pipeline_folder
 from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import latent_space, load_pipeline
 from gigavideo.models.rendering import CACHES, Renderer, check_frames, fixed_batches, render_batch
@@ -47,15 +48,25 @@ def preflight(cfg, run):
         raise ConfigError(f"--cache={cfg.render.cache!r} not in {CACHES}")
     check_rendering_memory(cfg, rank_and_world()[1], log)
     attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), cfg.model.dtype)
+    if cfg.render.base_share > 0 and not cfg.render.base_path:
+        raise ConfigError("--base_share > 0 renders part of the prompts with --base_path's model: set --base_path")
+    if cfg.render.base_share > 0:
+        checked_pipeline_folder(cfg, cfg.render.base_path)
     return base_model_path(cfg, run)
+
+
+def from_base(key: str, render_cfg) -> bool:
+    """Whether a synthetic prompt is one of the base_share that the original base renders (fixed per key)."""
+    return derive_seed(render_cfg.seed, "base_share", key) < render_cfg.base_share * 2**63
 
 
 class Samples:
     """Stage 2's samples as they are written: the mp4, the latents and the prompt embeddings with the stage-1
     metadata and how it was rendered; counts the rendering seconds and the failures."""
 
-    def __init__(self, writer: ShardWriter, prompts: dict, meta: dict, render_cfg):
-        self.writer, self.prompts, self.meta, self.rc = writer, prompts, meta, render_cfg
+    def __init__(self, writer: ShardWriter, prompts: dict, render_cfg):
+        self.writer, self.prompts, self.rc = writer, prompts, render_cfg
+        self.meta: dict = {}  # how the samples written next are rendered: set per model
         self.failures, self.seconds = [], 0.0
 
     def write(self, key: str, result: dict, seed: int | None, seconds: float) -> None:
@@ -114,28 +125,39 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     out, rc = run.stage("stage2"), cfg.render
     done, prompts = resume_rank(out, rank), index_json(run, "stage1")
     mine = my_share(list(prompts), rank, world)
-    synthetic = fixed_batches([k for k in mine if prompts[k]["source"] == "synthetic"], rc.batch_size)
-    batches = [b for b in synthetic if set(b) - done]
+    synthetic = [k for k in mine if prompts[k]["source"] == "synthetic"]
+    models = {"model": (model_path, [k for k in synthetic if not from_base(k, rc)])}  # the last one encodes the real
+    if rc.base_share > 0:
+        models = {"base": (Path(rc.base_path), [k for k in synthetic if from_base(k, rc)])} | models
+    batches = {n: [b for b in fixed_batches(keys, rc.batch_size) if set(b) - done] for n, (_, keys) in models.items()}
     real_todo = {k for k in mine if prompts[k]["source"] == "real" and k not in done}
-    todo = sum(len(set(b) - done) for b in batches) + len(real_todo)
+    todo = sum(len(set(b) - done) for bs in batches.values() for b in bs) + len(real_todo)
     log.info("stage2: %d samples in stage1, %d for this rank still to render", len(prompts), todo)
     device = pick_device(cfg.model.device)
-    pipe = load_pipeline(model_path, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend)
-    renderer = Renderer(pipe, family_for(cfg.model), rc, cfg.model.max_sequence_length, device, cfg.model.flow_shift)
-    meta = {"render": renderer.settings(), "model": {"path": str(model_path), "dtype": cfg.model.dtype}}
     with (
         ShardWriter(out, "stage2", rank_prefix(rank), rc.samples_per_shard) as writer,
         tqdm(total=todo, desc=f"render rank {rank}", unit="video", position=rank, dynamic_ncols=True) as progress,
     ):
-        samples = Samples(writer, prompts, meta, rc)
-        render_synthetic(renderer, batches, done, samples, progress, out, todo)
+        samples, truncated = Samples(writer, prompts, rc), 0
+        for name, (path, _) in models.items():  # one model loaded at a time
+            pipe = load_pipeline(path, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend)
+            family = family_for(cfg.model)
+            renderer = Renderer(pipe, family, rc, cfg.model.max_sequence_length, device, cfg.model.flow_shift)
+            model = {"path": str(path), "dtype": cfg.model.dtype}
+            samples.meta = {"render": renderer.settings(), "model": model, "rendered_by": name}
+            render_synthetic(renderer, batches[name], done, samples, progress, out, todo)
+            if name == "base":
+                truncated += renderer.truncation()["truncated_prompts"]
         encode_real(renderer, run, real_todo, samples, progress)
+    meta = {"render": renderer.settings(), "model": {"path": str(model_path), "dtype": cfg.model.dtype}}
+    if rc.base_share > 0:
+        meta["model"] |= {"base_path": rc.base_path, "base_share": rc.base_share}
     space = latent_space(pipe)
     info = meta | {
         "latents": space,
         "arrays": stage2_arrays(space, rc, pipe.transformer.config.text_dim),
         "failures": samples.failures,
-        "counts": {"truncated_prompts": renderer.truncation()["truncated_prompts"]},
+        "counts": {"truncated_prompts": truncated + renderer.truncation()["truncated_prompts"]},
         "device_seconds": {str(rank): round(samples.seconds, 2)},
     }
     if finish_rank(out, "stage2", rank, world, info, tally(out), rc.max_failed_fraction):

@@ -130,3 +130,39 @@ def test_step_caching_renders_and_bad_render_flags_fail_before_any_work(scored_c
         proc = run_stage("stage2", scored_copy, "--overwrite", flag, check=False)
         assert proc.returncode == 2 and message in proc.stderr
         assert RunDir(scored_copy).is_complete("stage2")  # the previous output is untouched
+
+
+@pytest.mark.slow
+def test_base_share_renders_that_share_of_the_prompts_with_the_other_model_and_the_rest_as_before(scored_copy):
+    """Later rounds: render.base_share of the synthetic prompts from render.base_path's model (fixed per key),
+    the others from model.path's, each with its own seed as before; a missing --base_path fails before any work."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = RunDir(scored_copy)
+    before = {s["__key__"]: s for s in iter_samples(run, "stage2", ("json", "latents.npy"))}
+    other = scored_copy / "models" / "other"
+    shutil.copytree(scored_copy / "models" / "base", other)
+    weights_file = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(weights_file).items()}, weights_file)  # another model
+
+    missing = run_stage("stage2", scored_copy, "--overwrite", "--base_share=0.5", check=False)
+    assert missing.returncode == 2 and "set --base_path" in missing.stderr
+    assert run.is_complete("stage2")  # the previous output is untouched
+
+    run_stage("stage2", scored_copy, "--overwrite", "--base_share=0.5", f"--base_path={other}")
+    after = {s["__key__"]: s for s in iter_samples(run, "stage2", ("json", "latents.npy"))}
+    assert after.keys() == before.keys()
+    by = {k: s["json"]["rendered_by"] for k, s in after.items() if s["json"]["source"] == "synthetic"}
+    assert 0 < sum(b == "base" for b in by.values()) < len(by)  # 12 prompts, about half each
+    for key, rendered_by in by.items():
+        assert after[key]["json"]["seed"] == before[key]["json"]["seed"]
+        # other batches than before: the same up to float rounding
+        same = np.allclose(after[key]["latents.npy"], before[key]["latents.npy"], atol=1e-4)
+        assert same == (rendered_by == "model"), key
+        assert after[key]["json"]["model"]["path"] == str(
+            other if rendered_by == "base" else run.path / "models" / "base"
+        )
+    manifest = read_manifest(run, "stage2")
+    assert manifest["model"]["base_share"] == 0.5 and manifest["model"]["base_path"] == str(other)

@@ -23,11 +23,13 @@ def local_base(cfg, run: RunDir) -> Path:
     """The diffusers folder in model.path, holding the model the preset describes (checked by model.kind)."""
     if not cfg.model.get("path"):
         raise FileNotFoundError(f"no base model: set --model_path. {WAN_DOWNLOAD_HINT}")
+    return checked_pipeline_folder(cfg, cfg.model["path"])
+
+
+def checked_pipeline_folder(cfg, folder: str) -> Path:
+    """A diffusers pipeline folder (model.path, render.base_path) holding the model the preset describes."""
     path = check_model_dir(
-        cfg.model["path"],
-        "Wan base model",
-        ("model_index.json", "transformer/config.json", "vae/config.json"),
-        WAN_DOWNLOAD_HINT,
+        folder, "Wan base model", ("model_index.json", "transformer/config.json", "vae/config.json"), WAN_DOWNLOAD_HINT
     )
     resolve(BASE_MODELS, cfg.model["kind"], "model.kind").check(cfg, path)
     return path
