@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -59,6 +60,33 @@ def import_deepspeed():
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        clear_stale_build_lock("deepspeed_shm_comm")
     import deepspeed
 
     return deepspeed
+
+
+def clear_stale_build_lock(extension: str, stale_after_s: float = 600.0) -> bool:
+    """Remove the lock a killed JIT build of a torch extension left behind (DeepSpeed builds its CPU
+    communication op on first use, in about a minute). torch waits on such a lock forever, with no message,
+    so every later stage 4 would hang. A lock older than `stale_after_s` belongs to no running build."""
+    import logging
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(extension, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < stale_after_s:
+        return False  # a build may be running now (another rank, another stage)
+    logging.getLogger("gigavideo.distributed").warning(
+        "removing %s: a build of %s killed %.0f minutes ago left it, and torch would wait on it forever",
+        lock,
+        extension,
+        age / 60,
+    )
+    lock.unlink(missing_ok=True)
+    return True

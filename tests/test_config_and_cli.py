@@ -116,3 +116,20 @@ def test_the_readme_example_preset_loads(tmp_path):
     cfg = load_config(str(preset), "score")
     assert cfg.model.path.startswith("/models/") and cfg.score.judge_path.startswith("/models/")
     assert cfg.render.height == 480 and cfg.render.num_frames == 81  # the paper's setting, from `extends`
+
+
+def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A stage killed while DeepSpeed JIT-builds its CPU op leaves a lock that torch waits on forever."""
+    import os
+    import time
+
+    from gigavideo.distributed import clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    assert not clear_stale_build_lock("deepspeed_shm_comm")  # no lock: nothing to do
+    lock.write_text("")
+    assert not clear_stale_build_lock("deepspeed_shm_comm") and lock.exists()  # a build may be running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock("deepspeed_shm_comm") and not lock.exists()
