@@ -44,6 +44,7 @@ VARIANTS = {
     "realism by round": "[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
     "per-dimension advantage": '[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n',
     "half from the base": "[render]\nbase_share = 0.5\n",
+    "all from the base": "[render]\nbase_share = 1.0\n",
 }
 DOUBLE = "[prompts]\nnum_per_dimension = 1536\n[train]\nmax_steps = 2000\nsave_every = 200\nsample_every = 200\n"
 
@@ -182,8 +183,15 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out: str = "runs/toy-rounds", seeds=(0, 1, 2), variants: str = ",".join(VARIANTS), bootstrap_samples=2000):
-    """Run what is missing, then print the table (module docstring). Rewards x100 in the table."""
+def main(
+    out: str = "runs/toy-rounds",
+    seeds=(0, 1, 2),
+    variants: str = ",".join(VARIANTS),
+    bootstrap_samples: int = 2000,
+    table_name: str = "toy_rounds",
+):
+    """Run what is missing, then print the table (module docstring), also written to OUT/TABLE_NAME.md and .json.
+    Rewards x100 in the table."""
     names = variants.split(",") if isinstance(variants, str) else list(variants)
     if unknown := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"--variants: {unknown} not among {list(VARIANTS)}")
@@ -192,8 +200,8 @@ def main(out: str = "runs/toy-rounds", seeds=(0, 1, 2), variants: str = ",".join
     all_runs = {seed: run_seed(out_dir, seed, names) for seed in seeds}
     result = measure(all_runs, names, bootstrap_samples)
     text = table(result)
-    (out_dir / "toy_rounds.md").write_text(text)
-    write_json_atomic(out_dir / "toy_rounds.json", result)
+    (out_dir / f"{table_name}.md").write_text(text)
+    write_json_atomic(out_dir / f"{table_name}.json", result)
     print(text)
 
 

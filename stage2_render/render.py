@@ -126,9 +126,10 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     done, prompts = resume_rank(out, rank), index_json(run, "stage1")
     mine = my_share(list(prompts), rank, world)
     synthetic = [k for k in mine if prompts[k]["source"] == "synthetic"]
-    models = {"model": (model_path, [k for k in synthetic if not from_base(k, rc)])}  # the last one encodes the real
-    if rc.base_share > 0:
-        models = {"base": (Path(rc.base_path), [k for k in synthetic if from_base(k, rc)])} | models
+    models = {"model": (model_path, synthetic)}  # the last one encodes the real clips too
+    if rc.base_share > 0 and Path(rc.base_path).resolve() != Path(model_path).resolve():  # round 1: the same model
+        base, own = [k for k in synthetic if from_base(k, rc)], [k for k in synthetic if not from_base(k, rc)]
+        models = {"base": (Path(rc.base_path), base), "model": (model_path, own)}
     batches = {n: [b for b in fixed_batches(keys, rc.batch_size) if set(b) - done] for n, (_, keys) in models.items()}
     real_todo = {k for k in mine if prompts[k]["source"] == "real" and k not in done}
     todo = sum(len(set(b) - done) for bs in batches.values() for b in bs) + len(real_todo)

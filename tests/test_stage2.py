@@ -135,7 +135,8 @@ def test_step_caching_renders_and_bad_render_flags_fail_before_any_work(scored_c
 @pytest.mark.slow
 def test_base_share_renders_that_share_of_the_prompts_with_the_other_model_and_the_rest_as_before(scored_copy):
     """Later rounds: render.base_share of the synthetic prompts from render.base_path's model (fixed per key),
-    the others from model.path's, each with its own seed as before; a missing --base_path fails before any work."""
+    the others from model.path's, each with its own seed as before; a missing --base_path fails before any work,
+    and a base_path that is the model itself renders as before."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -150,6 +151,12 @@ def test_base_share_renders_that_share_of_the_prompts_with_the_other_model_and_t
     missing = run_stage("stage2", scored_copy, "--overwrite", "--base_share=0.5", check=False)
     assert missing.returncode == 2 and "set --base_path" in missing.stderr
     assert run.is_complete("stage2")  # the previous output is untouched
+
+    own = scored_copy / "models" / "base"  # round 1: the base is the model itself, so nothing changes
+    run_stage("stage2", scored_copy, "--overwrite", "--base_share=0.5", f"--base_path={own}")
+    same = {s["__key__"]: s for s in iter_samples(run, "stage2", ("json", "latents.npy"))}
+    assert {s["json"].get("rendered_by") for s in same.values() if s["json"]["source"] == "synthetic"} == {"model"}
+    assert all(np.array_equal(same[k]["latents.npy"], before[k]["latents.npy"]) for k in before)
 
     run_stage("stage2", scored_copy, "--overwrite", "--base_share=0.5", f"--base_path={other}")
     after = {s["__key__"]: s for s in iter_samples(run, "stage2", ("json", "latents.npy"))}
