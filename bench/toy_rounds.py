@@ -37,9 +37,9 @@ from gigavideo.rundir.files import write_json_atomic
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "toy-rounds"
 CONTROL = "object_identity"
-# Config keys each variant sets from round 2 on ("plain" sets none). docs/toy-and-rounds.md says why each.
+# Config keys each variant sets from round 2 on ("plain": none of them). docs/toy-and-rounds.md says why each.
 VARIANTS = {
-    "plain": "",
+    "plain": "[render]\nbase_share = 0.0\n",  # the preset renders half of round 2 from the base
     "anchor": "[train]\nanchor_weight = 1.0\n",
     "realism by round": "[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
     "per-dimension advantage": '[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n',
