@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -23,13 +22,20 @@ from gigavideo.models import attention
 from gigavideo.models.base import base_model_path, checked_pipeline_folder
 from gigavideo.models.families import family_for
 from gigavideo.models.pipeline import latent_space, load_pipeline
-from gigavideo.models.rendering import CACHES, Renderer, check_frames, fixed_batches, render_batch
+from gigavideo.models.rendering import (
+    CACHES,
+    Renderer,
+    Samples,
+    check_frames,
+    fixed_batches,
+    models_for_prompts,
+    render_batch,
+)
 from gigavideo.rundir.completion import finish_rank
 from gigavideo.rundir.fields import SampleError, decode_video, stage2_arrays
 from gigavideo.rundir.files import check_space
 from gigavideo.rundir.layout import read_manifest
 from gigavideo.rundir.shards import ShardWriter, completed_keys, index_json, iter_samples, rank_prefix, resume_rank
-from gigavideo.rundir.video import encode_mp4
 from gigavideo.seeding import derive_seed
 
 log = logging.getLogger("gigavideo.stage2")
@@ -53,33 +59,6 @@ def preflight(cfg, run):
     if cfg.render.base_share > 0:
         checked_pipeline_folder(cfg, cfg.render.base_path)
     return base_model_path(cfg, run)
-
-
-def from_base(key: str, render_cfg) -> bool:
-    """Whether a synthetic prompt is one of the base_share that the original base renders (fixed per key)."""
-    return derive_seed(render_cfg.seed, "base_share", key) < render_cfg.base_share * 2**63
-
-
-class Samples:
-    """Stage 2's samples as they are written: the mp4, the latents and the prompt embeddings with the stage-1
-    metadata and how it was rendered; counts the rendering seconds and the failures."""
-
-    def __init__(self, writer: ShardWriter, prompts: dict, render_cfg):
-        self.writer, self.prompts, self.rc = writer, prompts, render_cfg
-        self.meta: dict = {}  # how the samples written next are rendered: set per model
-        self.failures, self.seconds = [], 0.0
-
-    def write(self, key: str, result: dict, seed: int | None, seconds: float) -> None:
-        self.seconds += seconds
-        self.writer.write(
-            {
-                "__key__": key,
-                "json": self.prompts[key] | {"seed": seed, **self.meta, "seconds": round(seconds, 3)},
-                "mp4": encode_mp4(result["frames"], self.rc.fps, self.rc.pix_fmt),
-                "latents.npy": result["latents"],
-                "prompt_embeds.npy": result["prompt_embeds"],
-            }
-        )
 
 
 def render_synthetic(renderer, batches: list[list[str]], done: set, samples: Samples, progress, out, todo: int):
@@ -126,10 +105,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     done, prompts = resume_rank(out, rank), index_json(run, "stage1")
     mine = my_share(list(prompts), rank, world)
     synthetic = [k for k in mine if prompts[k]["source"] == "synthetic"]
-    models = {"model": (model_path, synthetic)}  # the last one encodes the real clips too
-    if rc.base_share > 0 and Path(rc.base_path).resolve() != Path(model_path).resolve():  # round 1: the same model
-        base, own = [k for k in synthetic if from_base(k, rc)], [k for k in synthetic if not from_base(k, rc)]
-        models = {"base": (Path(rc.base_path), base), "model": (model_path, own)}
+    models = models_for_prompts(synthetic, model_path, rc)  # the last one encodes the real clips too
     batches = {n: [b for b in fixed_batches(keys, rc.batch_size) if set(b) - done] for n, (_, keys) in models.items()}
     real_todo = {k for k in mine if prompts[k]["source"] == "real" and k not in done}
     todo = sum(len(set(b) - done) for bs in batches.values() for b in bs) + len(real_todo)
@@ -141,6 +117,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     ):
         samples, truncated = Samples(writer, prompts, rc), 0
         for name, (path, _) in models.items():  # one model loaded at a time
+            pipe = renderer = None  # the previous model's, freed before the next one loads
             pipe = load_pipeline(path, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend)
             family = family_for(cfg.model)
             renderer = Renderer(pipe, family, rc, cfg.model.max_sequence_length, device, cfg.model.flow_shift)

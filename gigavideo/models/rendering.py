@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ import torch
 from gigavideo.errors import ConfigError
 from gigavideo.models import attention
 from gigavideo.models.pipeline import decode_latents, encode_video
-from gigavideo.rundir.video import resize_crop_sample
+from gigavideo.rundir.shards import ShardWriter
+from gigavideo.rundir.video import encode_mp4, resize_crop_sample
+from gigavideo.seeding import derive_seed
 
 log = logging.getLogger("gigavideo.render")
 
@@ -220,3 +223,42 @@ def render_batch(renderer, keys, prompts, seeds, failures) -> list[dict | None]:
         log.warning("batch %s failed (%s); rendering its samples one by one", keys, err)
         one_by_one = zip(keys, prompts, seeds, strict=True)
         return [render_batch(renderer, [k], [p], [s], failures)[0] for k, p, s in one_by_one]
+
+
+def from_base(key: str, render_cfg) -> bool:
+    """Whether a synthetic prompt is one of the render.base_share that the original base renders (fixed per key)."""
+    return derive_seed(render_cfg.seed, "base_share", key) < render_cfg.base_share * 2**63
+
+
+def models_for_prompts(keys: list[str], model_path: Path, render_cfg) -> dict[str, tuple[Path, list[str]]]:
+    """Which model renders which synthetic prompt, in the order to load them: {"model": (model.path, keys)}; with
+    render.base_share > 0 and a base_path other than the model (rounds after the first), {"base": (base_path, that
+    share of the keys), "model": (model.path, the rest)}."""
+    rc = render_cfg
+    if rc.base_share == 0 or Path(rc.base_path).resolve() == Path(model_path).resolve():
+        return {"model": (model_path, list(keys))}
+    chosen = {k: from_base(k, rc) for k in keys}
+    base, own = [k for k in keys if chosen[k]], [k for k in keys if not chosen[k]]
+    return {"base": (Path(rc.base_path), base), "model": (model_path, own)}
+
+
+class Samples:
+    """Stage 2's samples as they are written: the mp4, the latents and the prompt embeddings with the stage-1
+    metadata and how it was rendered; counts the rendering seconds and the failures."""
+
+    def __init__(self, writer: ShardWriter, prompts: dict, render_cfg):
+        self.writer, self.prompts, self.rc = writer, prompts, render_cfg
+        self.meta: dict = {}  # how the samples written next are rendered: set per model
+        self.failures, self.seconds = [], 0.0
+
+    def write(self, key: str, result: dict, seed: int | None, seconds: float) -> None:
+        self.seconds += seconds
+        self.writer.write(
+            {
+                "__key__": key,
+                "json": self.prompts[key] | {"seed": seed, **self.meta, "seconds": round(seconds, 3)},
+                "mp4": encode_mp4(result["frames"], self.rc.fps, self.rc.pix_fmt),
+                "latents.npy": result["latents"],
+                "prompt_embeds.npy": result["prompt_embeds"],
+            }
+        )

@@ -42,9 +42,9 @@ def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], di
     for k, r in rewards.items():
         group = renders[k]["dimension"] if train_cfg["weight_groups"] == "dimension" else "all"
         groups.setdefault(group, {})[k] = r
+    mapping = train_cfg["weight_mapping"], train_cfg["weight_temperature"], train_cfg["weight_threshold"]
     weights = {}
     for group in groups.values():
-        mapping = train_cfg["weight_mapping"], train_cfg["weight_temperature"], train_cfg["weight_threshold"]
         weights.update(reward_weights(group, *mapping))
     real = [k for k, m in renders.items() if m["source"] == "real"]
     if train_cfg["realism_weight"] > 0:
