@@ -158,6 +158,8 @@ def test_zero2_drops_per_step_costs_that_buy_nothing_here():
     )
     two = build_ds_config(train, world_size=2)["zero_optimization"]
     assert (two["stage"], two["overlap_comm"], two["contiguous_gradients"]) == (2,) + (torch.cuda.is_available(),) * 2
+    three = build_ds_config(train | {"ds_config": "ds_configs/zero3.json"}, world_size=2)["zero_optimization"]
+    assert (three["stage"], three["overlap_comm"]) == (3, torch.cuda.is_available())  # on CPU: the crash at exit
     offload = build_ds_config(
         train | {"ds_config": "ds_configs/zero3_offload.json", "lr": 1e-5, "weight_decay": 0.0}, world_size=1
     )

@@ -66,9 +66,12 @@ def fixed_cost_settings(ds: dict, world_size: int, on_cpu: bool) -> dict:
     - on CPU, contiguous gradients (a copy of every gradient into one buffer, against fragmentation of the
       GPU's caching allocator) only cost a copy, and overlapping communication needs the GPU's streams (on
       CPU it leaves asynchronous all-reduces in flight that have crashed a process at exit).
-    A config with offload keeps what it asks for."""
+    ZeRO-3 on CPU with several processes drops overlapping communication for the same crash at exit. A config
+    with offload keeps what it asks for."""
     zero = ds.get("zero_optimization", {})
     offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+    if zero.get("stage") == 3 and on_cpu and not offload and world_size > 1:
+        return ds | {"zero_optimization": zero | {"overlap_comm": False}}  # the same crash at exit, seen with ZeRO-3
     if zero.get("stage") != 2 or offload:
         return ds
     if world_size == 1:
