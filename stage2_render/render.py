@@ -117,6 +117,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     ):
         samples, truncated = Samples(writer, prompts, rc), 0
         for name, (path, _) in models.items():  # one model loaded at a time
+            if name == "base" and not batches[name]:  # resumed, with the base's share all written
+                continue
             pipe = renderer = None  # the previous model's, freed before the next one loads
             pipe = load_pipeline(path, cfg.model.dtype, device, attention_backend=cfg.model.attention_backend)
             family = family_for(cfg.model)
@@ -124,8 +126,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
             model = {"path": str(path), "dtype": cfg.model.dtype}
             samples.meta = {"render": renderer.settings(), "model": model, "rendered_by": name}
             render_synthetic(renderer, batches[name], done, samples, progress, out, todo)
-            if name == "base":
-                truncated += renderer.truncation()["truncated_prompts"]
+            truncated += renderer.truncation()["truncated_prompts"] if name == "base" else 0  # the model's: below
         encode_real(renderer, run, real_todo, samples, progress)
     meta = {"render": renderer.settings(), "model": {"path": str(model_path), "dtype": cfg.model.dtype}}
     if rc.base_share > 0:
