@@ -176,7 +176,9 @@ def test_validation_videos_come_from_the_stage2_sampler_with_each_prompts_own_se
         meta = sample["json"]
         expected = stage2.render([sample["__key__"]], [meta["prompt"]], [meta["seed"]])[0]["latents"]
         assert torch.allclose(latents[0], torch.from_numpy(expected), atol=1e-5)
-    validation.run(pipe.transformer, SummaryWriter(str(tmp_path)), step=6)
+    writer = SummaryWriter(str(tmp_path))
+    validation.run(pipe.transformer, writer, step=6)
+    writer.close()  # the writer queues events on a thread: read them only once it has flushed
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path))
