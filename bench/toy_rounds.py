@@ -37,14 +37,19 @@ from gigavideo.rundir.files import write_json_atomic
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "toy-rounds"
 CONTROL = "object_identity"
-# Config keys each variant sets from round 2 on ("plain": none of them). docs/toy-and-rounds.md says why each.
-VARIANTS = {
-    "plain": "[render]\nbase_share = 0.0\n",  # the preset renders half of round 2 from the base
-    "anchor": "[train]\nanchor_weight = 1.0\n",
-    "realism by round": "[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
-    "per-dimension advantage": '[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n',
+# Config keys each variant sets from round 2 on (round 1 is the same for all: its base is the model).
+# docs/toy-and-rounds.md says why each.
+VARIANTS = {  # each sets base_share, whose rounds-preset default is 0.5 ("half from the base")
+    "plain": "[render]\nbase_share = 0.0\n",
+    "anchor": "[render]\nbase_share = 0.0\n[train]\nanchor_weight = 1.0\n",
+    "realism by round": "[render]\nbase_share = 0.0\n[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
+    "per-dimension advantage": (
+        '[render]\nbase_share = 0.0\n[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n'
+    ),
     "half from the base": "[render]\nbase_share = 0.5\n",
+    "three quarters from the base": "[render]\nbase_share = 0.75\n",
     "all from the base": "[render]\nbase_share = 1.0\n",
+    "anchor 0.25 on half from the base": "[render]\nbase_share = 0.5\n[train]\nanchor_weight = 0.25\n",
 }
 DOUBLE = "[prompts]\nnum_per_dimension = 1536\n[train]\nmax_steps = 2000\nsave_every = 200\nsample_every = 200\n"
 
@@ -90,7 +95,7 @@ def run_seed(out: Path, seed: int, variants: list[str]) -> dict[str, Path]:
     base = out / "base"  # pre-trained once, for every seed
     if base.is_dir():
         copy_missing(base, runs["plain"] / "models" / "base")
-    pipeline(runs["plain"], write_preset(top / "presets" / "plain.toml", seed, ""), 2)
+    pipeline(runs["plain"], write_preset(top / "presets" / "plain.toml", seed, VARIANTS["plain"]), 2)
     copy_missing(runs["plain"] / "models" / "base", base)
     for name in variants:
         if name == "plain":

@@ -158,7 +158,8 @@ def test_base_share_renders_that_share_of_the_prompts_with_the_other_model_and_t
     assert {s["json"].get("rendered_by") for s in same.values() if s["json"]["source"] == "synthetic"} == {"model"}
     assert all(np.array_equal(same[k]["latents.npy"], before[k]["latents.npy"]) for k in before)
 
-    run_stage("stage2", scored_copy, "--overwrite", "--base_share=0.5", f"--base_path={other}")
+    with_other = ["--base_share=0.5", f"--base_path={other}", "--samples_per_shard=1"]
+    run_stage("stage2", scored_copy, "--overwrite", *with_other)
     after = {s["__key__"]: s for s in iter_samples(run, "stage2", ("json", "latents.npy"))}
     assert after.keys() == before.keys()
     by = {k: s["json"]["rendered_by"] for k, s in after.items() if s["json"]["source"] == "synthetic"}
@@ -173,3 +174,16 @@ def test_base_share_renders_that_share_of_the_prompts_with_the_other_model_and_t
         )
     manifest = read_manifest(run, "stage2")
     assert manifest["model"]["base_share"] == 0.5 and manifest["model"]["base_path"] == str(other)
+
+    # Killed once the base's share was written: the rerun renders the rest without loading the base again.
+    run.manifest("stage2").unlink()
+    shutil.rmtree(run.stage("stage2") / "_parts")
+    for shard in run.stage("stage2").glob("*.tar"):  # one sample each
+        if by.get(shard_keys(shard)[0]) != "base":
+            shard.unlink()
+    weights_file.write_bytes(b"not weights")  # loading the base would now fail
+    run_stage("stage2", scored_copy, *with_other)
+    resumed = {s["__key__"]: s for s in iter_samples(run, "stage2", ("json", "latents.npy"))}
+    assert resumed.keys() == after.keys()
+    assert all(np.allclose(resumed[k]["latents.npy"], after[k]["latents.npy"], atol=1e-6) for k in after)
+    assert {k: s["json"].get("rendered_by") for k, s in resumed.items() if k in by} == by
