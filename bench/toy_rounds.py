@@ -37,15 +37,14 @@ from gigavideo.rundir.files import write_json_atomic
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "toy-rounds"
 CONTROL = "object_identity"
-# Config keys each variant sets from round 2 on (round 1 is the same for all: its base is the model).
-# docs/toy-and-rounds.md says why each.
-VARIANTS = {  # each sets base_share, whose rounds-preset default is 0.5 ("half from the base")
-    "plain": "[render]\nbase_share = 0.0\n",
-    "anchor": "[render]\nbase_share = 0.0\n[train]\nanchor_weight = 1.0\n",
-    "realism by round": "[render]\nbase_share = 0.0\n[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
-    "per-dimension advantage": (
-        '[render]\nbase_share = 0.0\n[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n'
-    ),
+# Config keys each variant sets from round 2 on (round 1 is the same for all: its base is the model), over PLAIN,
+# which turns off what the rounds preset's default turns on. docs/toy-and-rounds.md says why each.
+PLAIN = "[render]\nbase_share = 0.0\n[train]\nanchor_weight_by_round = []\n"
+VARIANTS = {
+    "plain": "",
+    "anchor": "[train]\nanchor_weight = 1.0\n",
+    "realism by round": "[train]\nrealism_weight_by_round = [0.25, 1.0]\n",
+    "per-dimension advantage": '[train]\nweight_mapping = "advantage"\nweight_groups = "dimension"\n',
     "half from the base": "[render]\nbase_share = 0.5\n",
     "three quarters from the base": "[render]\nbase_share = 0.75\n",
     "all from the base": "[render]\nbase_share = 1.0\n",
@@ -72,15 +71,16 @@ def write_preset(path: Path, seed: int, extra: str) -> Path:
 
 
 def merge_sections(text: str) -> str:
-    """TOML with each [section] once: the lines of repeated sections gathered under the first."""
-    sections: dict[str, list[str]] = {}
+    """TOML with each [section] and each key once: repeated sections gathered under the first, the last value of a
+    repeated key kept."""
+    sections: dict[str, dict[str, str]] = {}
     current = None
     for line in text.splitlines():
         if line.startswith("["):
-            current = sections.setdefault(line, [])
+            current = sections.setdefault(line, {})
         elif line:
-            current.append(line)
-    return "".join(f"{name}\n" + "".join(f"{line}\n" for line in lines) for name, lines in sections.items())
+            current[line.split("=", 1)[0].strip()] = line
+    return "".join(f"{name}\n" + "".join(f"{line}\n" for line in keys.values()) for name, keys in sections.items())
 
 
 def copy_missing(source: Path, target: Path) -> None:
@@ -95,7 +95,7 @@ def run_seed(out: Path, seed: int, variants: list[str]) -> dict[str, Path]:
     base = out / "base"  # pre-trained once, for every seed
     if base.is_dir():
         copy_missing(base, runs["plain"] / "models" / "base")
-    pipeline(runs["plain"], write_preset(top / "presets" / "plain.toml", seed, VARIANTS["plain"]), 2)
+    pipeline(runs["plain"], write_preset(top / "presets" / "plain.toml", seed, PLAIN), 2)
     copy_missing(runs["plain"] / "models" / "base", base)
     for name in variants:
         if name == "plain":
@@ -103,7 +103,7 @@ def run_seed(out: Path, seed: int, variants: list[str]) -> dict[str, Path]:
         runs[name] = top / name.replace(" ", "-")
         copy_missing(runs["plain"] / "models", runs[name] / "models")
         copy_missing(runs["plain"] / "round1", runs[name] / "round1")
-        pipeline(runs[name], write_preset(top / "presets" / f"{runs[name].name}.toml", seed, VARIANTS[name]), 2)
+        pipeline(runs[name], write_preset(top / "presets" / f"{runs[name].name}.toml", seed, PLAIN + VARIANTS[name]), 2)
     runs["one round, 2x"] = top / "double"
     copy_missing(runs["plain"] / "models", runs["one round, 2x"] / "models")
     pipeline(runs["one round, 2x"], write_preset(top / "presets" / "double.toml", seed, DOUBLE), 1)

@@ -505,6 +505,12 @@ class TrainConfig(Table):
         check=AT_LEAST_0,
     )
     anchor_path: str = key("", "the anchor's diffusers folder; empty = the base model (rounds set round 1's base)")
+    anchor_weight_by_round: list = key(
+        [],
+        "ROUNDS=N: round R trains with item R as its anchor_weight (the last item for later rounds), e.g. [0.0, 0.25]: "
+        "no anchor in round 1, whose model is the anchor; empty = anchor_weight in every round",
+        check=Each(AT_LEAST_0),
+    )
     timestep_sampling: str = key("logit_normal", "logit_normal | uniform", check=OneOf(("logit_normal", "uniform")))
     logit_mean: float = key(0.0, "logit_normal: mean", check=ANY)
     logit_std: float = key(1.0, "logit_normal: standard deviation", check=POSITIVE)

@@ -7,8 +7,8 @@ draws new prompts, videos and training noise (the preset's stage-1, stage-2 and 
 eval keeps its prompts and seeds, so that every round is measured on the same videos' seeds. Every round's
 train.anchor_path and render.base_path are round 1's base (unless the preset sets them): with train.anchor_weight
 > 0 the reference-model anchor holds each round near the original model, and with render.base_share > 0 that
-share of each round's prompts is rendered by the original model. With train.realism_weight_by_round, round R's
-realism_weight is its item R (the last one for later rounds).
+share of each round's prompts is rendered by the original model. With train.realism_weight_by_round (or
+anchor_weight_by_round), round R's realism_weight (anchor_weight) is its item R (the last one for later rounds).
 
 Prints the steps the round still needs, one line: "complete" when its eval has finished, else
 "diagnosis stage1 stage2 stage3 stage4 eval" (diagnosis only where the preset targets dimensions=auto).
@@ -43,8 +43,11 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
     original = find_or_prepare(cfg, RunDir(run_dir)).resolve()
     base = original if round == 1 else RunDir(run_dir).round(round - 1).export.resolve()  # once R-1's stage 4 ran
     anchor = cfg.train.anchor_path or str(original)  # --anchor_weight > 0 keeps every round near the original
-    schedule = cfg.train.realism_weight_by_round
-    realism = [f"realism_weight = {schedule[min(round, len(schedule)) - 1]}  # by round"] if schedule else []
+    by_round = [  # train.X_by_round: round R's X is item R (the last item for later rounds)
+        f"{name} = {schedule[min(round, len(schedule)) - 1]}  # {name}_by_round"
+        for name in ("realism_weight", "anchor_weight")
+        if (schedule := cfg.train[f"{name}_by_round"])
+    ]
     text = "\n".join(
         [
             f"# Round {round} of slurm/pipeline.sh (scripts/prepare_round.py): the preset below, starting from",
@@ -64,7 +67,7 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", round: int = 1):
             "[train]",
             "merge_lora = true  # the next round starts from a complete diffusers folder",
             f"anchor_path = {json.dumps(anchor)}",
-            *realism,
+            *by_round,
             f"seed = {cfg.train.seed + round - 1}",
             "",
         ]

@@ -153,17 +153,21 @@ def test_every_round_is_anchored_to_round_ones_base_for_the_anchor_variant(tmp_p
         assert cfg.model.path == (cfg.train.anchor_path if round == 1 else previous)
 
 
-def test_realism_weight_by_round_sets_each_rounds_realism_weight_and_refuses_a_bad_item(tmp_path):
+def test_weights_by_round_set_each_rounds_realism_and_anchor_weight_and_refuse_a_bad_item(tmp_path):
     from gigavideo.config import load_config
     from gigavideo.errors import ConfigError
 
     preset = tmp_path / "schedule.toml"
-    preset.write_text('extends = "tiny"\n[train]\nrealism_weight_by_round = [0.5, 2.0]\n')
+    preset.write_text(
+        'extends = "tiny"\n[train]\nrealism_weight_by_round = [0.5, 2.0]\nanchor_weight_by_round = [0.0, 0.25, 1.0]\n'
+    )
     run_dir = tmp_path / "run"
-    for round, expected in ((1, 0.5), (2, 2.0), (3, 2.0)):  # the last item for later rounds
+    for round, realism, anchor in ((1, 0.5, 0.0), (2, 2.0, 0.25), (3, 2.0, 1.0), (4, 2.0, 1.0)):  # the last item on
         cmd = [sys.executable, str(REPO / "scripts/prepare_round.py"), f"--run_dir={run_dir}", f"--round={round}"]
         subprocess.run([*cmd, f"--config={preset}"], cwd=REPO, check=True, capture_output=True, timeout=300)
-        assert load_config(str(run_dir / f"round{round}" / "preset.toml"), "train").train.realism_weight == expected
-    for bad in ([0.5, -1.0], [0.5, "high"], [float("nan")]):
-        with pytest.raises(ConfigError, match="realism_weight_by_round"):
-            load_config("tiny", "train", {"realism_weight_by_round": bad})
+        train = load_config(str(run_dir / f"round{round}" / "preset.toml"), "train").train
+        assert (train.realism_weight, train.anchor_weight) == (realism, anchor), round
+    for name in ("realism_weight_by_round", "anchor_weight_by_round"):
+        for bad in ([0.5, -1.0], [0.5, "high"], [float("nan")]):
+            with pytest.raises(ConfigError, match=name):
+                load_config("tiny", "train", {name: bad})
