@@ -33,16 +33,8 @@ demo-rounds: setup
 	LOCAL=1 ROUNDS=$(ROUNDS) PRESET=toy-rounds RUN_DIR=runs/demo-rounds PYTHON=$(abspath $(VENV))/bin/python \
 		bash slurm/pipeline.sh
 
-# The `alongside` tests (the toy world's end to end, one process for ~8 min) run beside the others, whose stage
-# subprocesses spend much of their time importing on one core; both runs must pass. docs/testing.md
 test: setup
-	@beside=$$(mktemp -d); \
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp=$$beside/tmp tests -m alongside \
-		> $$beside/log 2>&1 & alongside=$$!; trap 'kill $$alongside 2>/dev/null' INT TERM; \
-	$(VENV)/bin/python -m pytest -q tests -m "not alongside"; rest=$$?; \
-	wait $$alongside; beside_rc=$$?; \
-	echo "=== the alongside tests (exit $$beside_rc) ==="; cat $$beside/log; \
-	exit $$(( rest != 0 ? rest : beside_rc ))
+	$(VENV)/bin/python -m pytest -q tests
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q tests -m "not slow and not slurm"

@@ -182,7 +182,6 @@ def test_toy_base_is_an_explicit_step_and_its_pretraining_killed_midway_resumes_
 
 
 @pytest.mark.slow
-@pytest.mark.alongside
 def test_the_method_raises_the_weak_dimension_beyond_noise_on_the_toy_preset(tmp_path):
     """The whole toy preset, as `make demo` runs it (about 8 minutes on 2 cores, half of it pre-training)."""
     run_dir = tmp_path / "run"
