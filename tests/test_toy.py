@@ -140,7 +140,7 @@ def test_a_cached_tiny_base_built_from_other_settings_is_refused_not_reused(tmp_
 
 
 SHORT_PRETRAINING = """
-pretrain = { steps = 300, clips = 64, batch_size = 4, lr = 1e-3, caption_dropout = 0.1, \
+pretrain = { steps = 120, clips = 64, batch_size = 4, lr = 1e-3, caption_dropout = 0.1, \
 caption_rates = { motion = 0.0, size = 0.0, shade = 0.1 }, size_range = [0.3125, 0.3125], height = 16, width = 16, \
 num_frames = 5, seed = 0 }
 checkpoint_every = 20
@@ -173,7 +173,7 @@ def test_toy_base_is_an_explicit_step_and_its_pretraining_killed_midway_resumes_
     assert state.exists() and not (killed / "models" / "base").exists(), "killed before any checkpoint, or after"
     run_stage("base", killed, f"--config={preset}")  # resumes
     run_stage("base", whole, f"--config={preset}")
-    assert json.loads((killed / "models/base/pretraining.json").read_text())["steps"] == 300
+    assert json.loads((killed / "models/base/pretraining.json").read_text())["steps"] == 120
     assert not (killed / "models" / "base.partial").exists()
     resumed = load_file(killed / "models/base/transformer/diffusion_pytorch_model.safetensors")
     uninterrupted = load_file(whole / "models/base/transformer/diffusion_pytorch_model.safetensors")
