@@ -66,17 +66,17 @@ def fixed_cost_settings(ds: dict, world_size: int, on_cpu: bool) -> dict:
     - on CPU, contiguous gradients (a copy of every gradient into one buffer, against fragmentation of the
       GPU's caching allocator) only cost a copy, and overlapping communication needs the GPU's streams (on
       CPU it leaves asynchronous all-reduces in flight that have crashed a process at exit).
-    ZeRO-3 on CPU with several processes drops overlapping communication for the same crash at exit. A config
+    ZeRO-3 on CPU with several processes drops overlapping communication too (the same crash at exit). A config
     with offload keeps what it asks for."""
     zero = ds.get("zero_optimization", {})
     offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
-    if zero.get("stage") == 3 and on_cpu and not offload and world_size > 1:
-        return ds | {"zero_optimization": zero | {"overlap_comm": False}}  # the same crash at exit, seen with ZeRO-3
-    if zero.get("stage") != 2 or offload:
+    if zero.get("stage") not in (2, 3) or offload:
         return ds
-    if world_size == 1:
+    if zero["stage"] == 2 and world_size == 1:
         log.info("one process: ZeRO-2 runs as ZeRO-1 without gradient hooks (nothing to partition or reduce)")
         zero = zero | {"stage": 1, "overlap_comm": False, "contiguous_gradients": False, "reduce_scatter": False}
-    elif on_cpu:
-        zero = zero | {"contiguous_gradients": False, "overlap_comm": False}
+    elif on_cpu and world_size > 1:
+        zero = zero | {"overlap_comm": False}
+        if zero["stage"] == 2:
+            zero["contiguous_gradients"] = False
     return ds | {"zero_optimization": zero}
