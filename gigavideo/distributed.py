@@ -69,24 +69,52 @@ def import_deepspeed():
 def clear_stale_build_lock(extension: str, stale_after_s: float = 600.0) -> bool:
     """Remove the lock a killed JIT build of a torch extension left behind (DeepSpeed builds its CPU
     communication op on first use, in about a minute). torch waits on such a lock forever, with no message,
-    so every later stage 4 would hang. A lock older than `stale_after_s` belongs to no running build."""
+    so every later stage 4 would hang.
+
+    Every stage 4 that may build records itself (host, pid, SLURM job) beside the lock while it lives. A lock is
+    stale at once when every process recorded there is gone (gigavideo.rundir.locks.why_stale), or, where none
+    is recorded (a build by something else), once it is older than `stale_after_s`. While one may be building,
+    a line says so: the wait that follows is that build's, not a hang."""
+    import atexit
+    import json
     import logging
     import time
 
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory(extension, verbose=False)) / "lock"
+    from gigavideo.rundir.locks import describe, this_process, why_stale
+
+    log = logging.getLogger("gigavideo.distributed")
+    build = Path(_get_build_directory(extension, verbose=False))
+    users, me = build / "gigavideo-users", this_process()
+    users.mkdir(parents=True, exist_ok=True)
+    mine = users / f"{me['host']}-{me['pid']}.json"
+    mine.write_text(json.dumps(me))
+    atexit.register(mine.unlink, missing_ok=True)
+    lock = build / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
     except FileNotFoundError:
         return False
-    if age < stale_after_s:
-        return False  # a build may be running now (another rank, another stage)
-    logging.getLogger("gigavideo.distributed").warning(
-        "removing %s: a build of %s killed %.0f minutes ago left it, and torch would wait on it forever",
-        lock,
-        extension,
-        age / 60,
-    )
+    live, gone = [], 0
+    for path in users.glob("*.json"):
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if path == mine:
+            continue
+        if why_stale(holder) is None:
+            live.append(holder)
+        else:
+            path.unlink(missing_ok=True)
+            gone += 1
+    if live:
+        log.info("waiting for the build of %s that %s may be running (torch's lock %s)", extension, describe(live[0]), lock)
+        return False
+    if not gone and age < stale_after_s:  # nobody recorded: a build by something else, maybe running
+        log.info("waiting for a build of %s (torch's lock %s, %.0f s old)", extension, lock, age)
+        return False
+    log.warning("removing %s: the build of %s that left it is gone, and torch would wait on it forever", lock, extension)
     lock.unlink(missing_ok=True)
     return True

@@ -17,5 +17,12 @@ def resolve(registry: dict, name: str, what: str):
     entry = registry.get(name, name)
     if isinstance(entry, str):
         module, _, attribute = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attribute)
+        try:
+            entry = getattr(importlib.import_module(module), attribute)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module.startswith(err.name):  # a module the plug-in imports is missing
+                raise
+            raise ConfigError(f"{what} {name!r}: no module {err.name!r} to import") from None
+        except AttributeError:
+            raise ConfigError(f"{what} {name!r}: module {module!r} has no {attribute!r}") from None
     return entry

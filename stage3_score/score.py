@@ -125,8 +125,12 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
                 write(writer, sample["__key__"], record)
             progress.update(len(chunk))
     info = {"judge": judge.name, "judge_input": getattr(judge, "input", None), "failures": failures}
-    if finish_rank(out, "stage3", rank, world, info, tally(out), cfg.score.max_failed_fraction):
+
+    def finalize(parts: list[dict]) -> dict:  # before the manifest, which marks the stage complete
         report(run)
+        return {}
+
+    finish_rank(out, "stage3", rank, world, info, tally(out), cfg.score.max_failed_fraction, finalize)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for the openai backend's tests.
 
 It answers the engine's three steps deterministically from the request text, and can be told to
-fail: `failures` is a list of what to do with the first requests (429, 500, "timeout", "garbage").
+fail: `failures` is a list of what to do with the first requests (429, 500, "timeout", "garbage", or one of
+MISBEHAVIOURS: a hostile server's answers).
 It speaks HTTP/1.1 with keep-alive, as vLLM and SGLang do, and counts the TCP connections it accepts.
 """
 
@@ -107,12 +108,27 @@ def judge_answer(body: dict, with_logprobs: bool, seen: list) -> dict:
     return {"choices": [choice]}
 
 
+MISBEHAVIOURS = {
+    "drip": "a valid answer, one byte a second",
+    "drip-headers": "a status line, then one header line a second, for ever",
+    "hang": "no answer at all",
+    "text": "200 with a text/plain body",
+    "binary": "200 with bytes that are not UTF-8",
+    "not-a-completion": "200 with JSON that is not a chat completion",
+    "huge": "200 declaring a 50 GB body, and sending zeros",
+    "endless": "200 with a chunked body of zeros that never ends",
+    "bad-logprob": "a judge answer whose logprob is a string",
+    "content-not-text": "an answer whose message content is a number",
+}
+
+
 class ChatServer:
     def __init__(self, failures=(), delay: float = 0.0, judge_logprobs: bool = True, port: int = 0):
         self.failures, self.delay, self.requests, self.connections = list(failures), delay, 0, 0
         self.judge_logprobs = judge_logprobs
         self.video_frames: list[int | None] = []  # per judge request: the frames of its video (None: PNG frames)
         self.lock = threading.Lock()
+        self.closed = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -149,10 +165,19 @@ class ChatServer:
                     return
                 if action == "timeout":
                     time.sleep(3)
+                if action in MISBEHAVIOURS and action not in ("bad-logprob", "content-not-text"):
+                    try:
+                        self.misbehave(action, body)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    self.close_connection = True
+                    return
                 if isinstance(body["messages"][-1]["content"], list):
                     reply = judge_answer(body, server.judge_logprobs, server.video_frames)
                     if action == "garbage":
                         reply = {"choices": [{"message": {"role": "assistant", "content": "Perhaps."}}]}
+                    if action == "bad-logprob":
+                        reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]["logprob"] = "abc"
                 else:
                     content = (
                         "I cannot help with that."
@@ -162,6 +187,8 @@ class ChatServer:
                         + "\n```"
                     )
                     reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+                if action == "content-not-text":
+                    reply["choices"][0]["message"]["content"] = 42
                 data = json.dumps(reply).encode()
                 try:
                     self.send_response(200)
@@ -172,11 +199,51 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
 
+            def misbehave(self, action, body):
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "yes"}}]}).encode()
+                if action == "hang":
+                    server.closed.wait()
+                    return
+                if action == "drip-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    while not server.closed.wait(1):
+                        self.wfile.write(b"X-Drip: 1\r\n")
+                        self.wfile.flush()
+                    return
+                data, kind, length = {
+                    "drip": (reply, "application/json", len(reply)),
+                    "text": (b"Internal error, try later", "text/plain", None),
+                    "binary": (b"\xff\xfe\x00\x81 not text", "application/json", None),
+                    "not-a-completion": (b"[1, 2, 3]", "application/json", None),
+                    "huge": (b"", "application/json", 50 * 10**9),
+                    "endless": (b"", "application/json", -1),
+                }[action]
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                if length == -1:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(len(data) if length is None else length))
+                self.end_headers()
+                if action == "drip":
+                    for byte in data:
+                        if server.closed.wait(1):
+                            return
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                elif action in ("huge", "endless"):
+                    zeros = b"0" * 2**20
+                    while not server.closed.is_set():
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(zeros), zeros) if length == -1 else zeros)
+                else:
+                    self.wfile.write(data)
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -120,10 +120,12 @@ def test_the_readme_example_preset_loads(tmp_path):
 
 def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     """A stage killed while DeepSpeed JIT-builds its CPU op leaves a lock that torch waits on forever."""
+    import json
     import os
     import time
 
     from gigavideo.distributed import clear_stale_build_lock
+    from gigavideo.rundir.locks import _start_time, this_process
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
@@ -133,3 +135,18 @@ def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, 
     old = time.time() - 3600
     os.utime(lock, (old, old))
     assert clear_stale_build_lock("deepspeed_shm_comm") and not lock.exists()
+
+    # A stage 4 recorded beside the lock: while it lives the lock is kept (a line says so), once it is gone the
+    # lock goes at once, whatever its age.
+    users = tmp_path / "deepspeed_shm_comm" / "gigavideo-users"
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {**this_process(), "pid": builder.pid, "pid_start": _start_time(builder.pid)}
+        (users / f"{record['host']}-{builder.pid}.json").write_text(json.dumps(record))
+        lock.write_text("")
+        assert not clear_stale_build_lock("deepspeed_shm_comm") and lock.exists()
+    finally:
+        builder.kill()
+        builder.wait()
+    assert clear_stale_build_lock("deepspeed_shm_comm") and not lock.exists()
+    assert [p.name for p in users.iterdir()] == [f"{record['host']}-{os.getpid()}.json"]  # this process's own

@@ -125,9 +125,13 @@ def test_a_dead_judge_server_fails_stage3_a_rerun_retries_and_stage4_refuses_wha
     line = one_line_error(run_stage("stage3", scored_copy, *dead, "--overwrite", check=False), "Connection refused")
     assert f"stage3: {total} of {total} samples failed" in line
     assert not run.is_complete("stage3")
-    one_line_error(run_stage("stage3", scored_copy, *dead, check=False), f"{total} of {total} samples failed")
     one_line_error(run_stage("stage4", scored_copy, check=False), "stage3 has not completed")
+    restored = run_stage("stage3", scored_copy, *dead)  # a plain rerun: the old scores are back, nothing asked
+    assert "restored the old outputs of stage3" in restored.stderr and run.is_complete("stage3")
 
+    shutil.rmtree(run.stage("stage3"))  # a first run, with no old scores to restore
+    one_line_error(run_stage("stage3", scored_copy, *dead, check=False), f"{total} of {total} samples failed")
+    one_line_error(run_stage("stage3", scored_copy, *dead, check=False), f"{total} of {total} samples failed")
     run_stage("stage3", scored_copy)  # the judge is back: every failed sample is scored again
     manifest = read_manifest(run, "stage3")
     assert manifest["num_samples"] == total and manifest["samples_failed"] == 0
@@ -316,3 +320,35 @@ def test_samples_left_out_after_an_epochs_last_full_batch_are_named_with_the_nex
     assert data.state() == {"epoch": 1, "batches": 1}
     replayed = DataPosition(lambda number: decodable_batches(epoch, 2), epoch=0, batches=1)
     assert [r["key"] for r in replayed.next()["undecodable"]] == ["truncated", "pickled"]
+
+
+# ---------------------------------------------------------------- 12, 13: user errors are one line
+
+
+def test_meaningless_values_and_broken_presets_are_refused_in_one_line(tmp_path):
+    bad = [
+        ({"prompts.min_words": 50, "prompts.max_words": 10}, "min_words = 50 > prompts.max_words = 10"),
+        ({"prompts.dedup_threshold": 2}, "prompts.dedup_threshold = 2.0: must be >= 0 and <= 1"),
+        ({"prompts.heldout_threshold": 1.5}, "prompts.heldout_threshold = 1.5: must be >= 0 and <= 1"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("tiny", "prompts", overrides)
+    preset = tmp_path / "p.toml"
+    preset.write_text("extends = 123\n")
+    with pytest.raises(ConfigError, match="extends = 123 must be a preset's name or path"):
+        load_config(str(preset), "prompts")
+    from gigavideo.registry import resolve
+
+    with pytest.raises(ConfigError, match="score.judge 'no_such_module:Judge': no module 'no_such_module'"):
+        resolve({}, "no_such_module:Judge", "score.judge")
+    with pytest.raises(ConfigError, match="score.judge 'gigavideo.config:NoSuchJudge': module .* has no"):
+        resolve({}, "gigavideo.config:NoSuchJudge", "score.judge")
+
+
+def test_a_run_dir_that_is_empty_or_a_file_is_one_line(tmp_path):
+    one_line_error(run_stage("stage1", "", check=False), "--run_dir is empty")
+    a_file = tmp_path / "run"
+    a_file.write_text("not a directory")
+    one_line_error(run_stage("stage1", a_file, check=False), "is a file, not a directory")
+    assert a_file.read_text() == "not a directory"

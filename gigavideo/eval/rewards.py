@@ -9,9 +9,7 @@ import numpy as np
 
 from gigavideo.eval.figures import histogram_png
 from gigavideo.rundir.files import write_json_atomic
-from gigavideo.rundir.shards import (
-    index_json,
-)
+from gigavideo.rundir.shards import iter_shard
 
 log = logging.getLogger("gigavideo.stage3")
 
@@ -19,7 +17,8 @@ log = logging.getLogger("gigavideo.stage3")
 def summarize(run) -> dict:
     """Per dimension: count, mean reward, failures by reason; a histogram PNG of the rewards."""
     summary, rewards = {}, {}
-    for record in index_json(run, "stage3").values():
+    shards = sorted(run.stage("stage3").glob("*.tar"))  # read before the manifest is written, which comes last
+    for record in (sample["json"] for path in shards for sample in iter_shard(str(path), ("json",))):
         dim = summary.setdefault(record["dimension"], {"scored": 0, "failed": {}})
         if record["status"] == "ok":
             dim["scored"] += 1

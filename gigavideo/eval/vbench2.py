@@ -11,6 +11,7 @@ VBench-2.0 matches videos by name: for each prompt of a dimension it looks in on
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -34,11 +35,21 @@ def samples_per_prompt(dimension: str) -> int:
     return 20 if dimension == "diversity" else 3
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on every common filesystem
+
+
 def video_name(prompt: str, index: int) -> str:
-    """VBench-2.0's file name: the prompt's first 180 characters, '-', the sample index."""
-    if "/" in prompt[:180]:
-        raise ConfigError(f"prompt {prompt[:60]!r} contains '/', which cannot be in a VBench-2.0 file name")
-    return f"{prompt[:180]}-{index}.mp4"
+    """VBench-2.0's file name: the prompt's first 180 characters, '-', the sample index. A prompt that cannot be
+    a file name as it is ('/' or NUL in it, or over 255 bytes in UTF-8, as 180 CJK characters are) has those
+    characters replaced by '_', is cut to fit in bytes, and gets a hash of the whole prompt, so that two such
+    prompts never share a name."""
+    stem, suffix = prompt[:180], f"-{index}.mp4"
+    safe = stem.replace("/", "_").replace("\0", "_")
+    if safe == stem and len((stem + suffix).encode()) <= MAX_NAME_BYTES:
+        return stem + suffix
+    tag = "~" + hashlib.sha256(prompt.encode()).hexdigest()[:10]
+    budget = MAX_NAME_BYTES - len((tag + suffix).encode())
+    return safe.encode()[:budget].decode(errors="ignore") + tag + suffix
 
 
 def suite_file() -> Path:

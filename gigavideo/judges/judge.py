@@ -240,8 +240,9 @@ class OpenAIJudge:
 
     def _one(self, frames, question):
         content = [*self.media(frames), {"type": "text", "text": question + ANSWER_SUFFIX}]
-        response = self.chat.create(
+        answer = self.chat.create(
             "judge",
+            parse=read_judge_answer,
             model=self.model,
             messages=[{"role": "user", "content": content}],
             max_tokens=1,
@@ -249,30 +250,39 @@ class OpenAIJudge:
             logprobs=True,
             top_logprobs=20,
         )
-        if response is None:
+        if answer is None:
             return JudgeAnswerError(f"the judge server kept failing: {self.chat.last_error}")
-        try:
-            choice = response["choices"][0]
-            text = choice["message"]["content"] or ""
-            top = (choice.get("logprobs") or {}).get("content") or []
-        except (KeyError, IndexError, TypeError):
-            return JudgeAnswerError(f"unexpected response shape: {str(response)[:200]}")
-        if top:
-            probs = {"yes": 0.0, "no": 0.0}
-            for cand in top[0].get("top_logprobs", []):
-                word = cand["token"].strip().lower()
-                if word in probs:
-                    probs[word] += math.exp(cand["logprob"])
-            if probs["yes"] + probs["no"] > 0:
-                return {
-                    "p_yes": probs["yes"],
-                    "p_no": probs["no"],
-                    "answer": "yes" if probs["yes"] >= probs["no"] else "no",
-                }
+        text, probs = answer
+        if probs["yes"] + probs["no"] > 0:
+            return {"p_yes": probs["yes"], "p_no": probs["no"], "answer": "yes" if probs["yes"] >= probs["no"] else "no"}
         answer = yes_no(text)
         if answer is None:
             return JudgeAnswerError(f"answer is neither yes nor no: {text[:80]!r}")
         return {"p_yes": float(answer == "yes"), "p_no": float(answer == "no"), "answer": answer}
+
+
+def read_judge_answer(response: dict) -> tuple[str, dict[str, float]]:
+    """The answer's text and the probabilities of "yes" and "no" among its first token's top logprobs (0 where
+    the server gave none); MalformedAnswer where a field is missing or of another type, or a logprob is not a
+    finite number <= 0."""
+    from gigavideo.openai_chat import MalformedAnswer
+
+    probs = {"yes": 0.0, "no": 0.0}
+    try:
+        choice = response["choices"][0]
+        text = choice["message"]["content"] or ""
+        top = (choice.get("logprobs") or {}).get("content") or []
+        if not isinstance(text, str):
+            raise TypeError(f"content is a {type(text).__name__}")
+        for cand in top[0].get("top_logprobs", []) if top else []:
+            word, logprob = cand["token"].strip().lower(), cand["logprob"]
+            if isinstance(logprob, bool) or not isinstance(logprob, (int, float)) or not logprob <= 0:
+                raise TypeError(f"logprob {str(logprob)[:40]!r} is not a number <= 0")
+            if word in probs:
+                probs[word] += math.exp(logprob)
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
+        raise MalformedAnswer(f"a chat completion of unexpected shape ({err}): {str(response)[:160]}") from None
+    return text, probs
 
 
 # score.judge -> the judge class: check(score_cfg, run) before any work, load(score_cfg, run, device).

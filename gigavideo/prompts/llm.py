@@ -154,19 +154,27 @@ class OpenAIBackend:
 
     def _one(self, request: Request) -> str | None:
         extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
-        response = self.chat.create(
+        return self.chat.create(
             request.step,
+            parse=message_text,
             model=self.model,
             messages=request.messages,
             temperature=self.temperature,
             seed=request.seed,
             **extra,
         )
-        try:
-            return response["choices"][0]["message"]["content"] if response is not None else None
-        except (KeyError, IndexError, TypeError) as err:
-            log.warning("%s: unexpected response shape (%s)", self.chat.base_url, err)
-            return None
+
+
+def message_text(response: dict) -> str:
+    from gigavideo.openai_chat import MalformedAnswer
+
+    try:
+        text = response["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as err:
+        raise MalformedAnswer(f"a chat completion of unexpected shape ({err}): {str(response)[:160]}") from None
+    if not isinstance(text, str):
+        raise MalformedAnswer(f"message content is a {type(text).__name__}, not text: {str(text)[:80]}")
+    return text
 
 
 ENGINES = ("template", "transformers", "openai")

@@ -16,6 +16,7 @@ from gigavideo.rundir.fields import SchemaError
 from gigavideo.rundir.files import write_json_atomic
 from gigavideo.rundir.layout import MANIFEST, SET_ASIDE, RunDir
 from gigavideo.rundir.shards import discard_partial_shards, set_aside_duplicates, shard_keys
+from gigavideo.rundir.transaction import commit_if_redone, read_inputs_file
 
 log = logging.getLogger("gigavideo.rundir")
 
@@ -64,7 +65,7 @@ def current_run_id() -> str:
     return f"{run_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
-_RUN_ID = current_run_id()
+RUN_ID = current_run_id()
 
 
 def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[dict] | None:
@@ -76,14 +77,14 @@ def rank_parts(stage_dir: Path, rank: int, world_size: int, info: dict) -> list[
     only the one that claims the finalize file for that set of parts gets them.
     """
     parts = Path(stage_dir) / "_parts"
-    info = {**info, "run_id": _RUN_ID, "process_seconds": round(time.time() - PROCESS_STARTED, 2)}
+    info = {**info, "run_id": RUN_ID, "process_seconds": round(time.time() - PROCESS_STARTED, 2)}
     write_json_atomic(parts / f"rank{rank:05d}-of-{world_size:05d}.json", info)
     done = [json.loads(p.read_text()) for p in sorted(parts.glob(f"rank*-of-{world_size:05d}.json"))]
-    if not _RUN_ID.startswith("array"):
-        done = [d for d in done if d.get("run_id") == _RUN_ID]
+    if not RUN_ID.startswith("array"):
+        done = [d for d in done if d.get("run_id") == RUN_ID]
     if len(done) < world_size:
         return None
-    claim = _RUN_ID if not _RUN_ID.startswith("array") else "array-" + "+".join(sorted({d["run_id"] for d in done}))
+    claim = RUN_ID if not RUN_ID.startswith("array") else "array-" + "+".join(sorted({d["run_id"] for d in done}))
     claim = claim if len(claim) < 200 else f"array-{hash_text(claim)}"
     try:
         os.close(os.open(parts / f"finalize-{claim}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -169,6 +170,8 @@ def write_manifest(stage_dir: Path, stage: str, info: dict) -> dict:
         "num_samples": sum(all_keys.values()),
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **info,
+        **({"inputs": inputs} if (inputs := read_inputs_file(stage_dir)) is not None else {}),
     }
     write_json_atomic(Path(stage_dir) / MANIFEST, manifest)
+    commit_if_redone(stage_dir, stage)  # an --overwrite's old outputs go only now
     return manifest

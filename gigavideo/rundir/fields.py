@@ -73,6 +73,8 @@ def decode_sample(raw: dict, stage: str | None = None, arrays: dict | None = Non
     key, shard = raw.get("__key__", "<no key>"), raw.get("__url__", "?")
     sample = {}
     for member, data in raw.items():
+        if data is LINKED:
+            raise SampleError(key, shard, member, "is a symlink or hardlink in the tar, which no stage writes: refused")
         if member.startswith("__") or data is NOT_LOADED:
             sample[member] = data
         else:
@@ -192,6 +194,7 @@ def validate(sample: dict, stage: str, where: str = "") -> dict:
 
 
 NOT_LOADED = object()  # a field present in the shard but not read (see `fields`)
+LINKED = object()  # a member that is a link: refused when decoded, so that its sample is counted, not lost
 
 
 def decode_video(sample: dict, member: str = "mp4") -> np.ndarray:

@@ -4,6 +4,7 @@ stage still needs, and the one-line message when the disk or the quota is full."
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,8 @@ def write_atomic(
     tmp_parent = Path(tmp_dir) if tmp_dir is not None else target.parent
     tmp_parent.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_parent / f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    name = target.name if len(target.name.encode()) <= 120 else hashlib.sha256(target.name.encode()).hexdigest()[:24]
+    tmp = tmp_parent / f"{name}.tmp-{socket.gethostname()[:40]}-{os.getpid()}"
     _remove(tmp)
     write(tmp)
     try:

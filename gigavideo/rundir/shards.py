@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gigavideo.rundir.fields import (
+    LINKED,
     NOT_LOADED,
     SampleError,
     SchemaError,
@@ -166,9 +167,20 @@ def resume_rank(stage_dir: Path, rank: int) -> set[str]:
 
 def shard_keys(path: Path) -> list[str]:
     """Keys in a complete shard, from the tar listing (no content is read)."""
-    with tarfile.open(path) as tar:
-        keys = dict.fromkeys(name.split(".", 1)[0] for name in tar.getnames())
+    try:
+        with tarfile.open(path) as tar:
+            keys = dict.fromkeys(name.split(".", 1)[0] for name in tar.getnames())
+    except (tarfile.TarError, EOFError) as err:
+        raise unreadable_shard(path, err) from None
     return list(keys)
+
+
+def unreadable_shard(path, err: Exception) -> SchemaError:
+    return SchemaError(
+        f"shard {path} is truncated or not a tar ({err or type(err).__name__}): its samples after the last readable "
+        "one cannot be read; move it away and rerun the stage that wrote it (it redoes those samples), or rerun that "
+        "stage with --overwrite"
+    )
 
 
 def completed_keys(stage_dir: Path) -> set[str]:
@@ -199,10 +211,18 @@ def read_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | 
     With `fields`, only those are read; the others are marked NOT_LOADED (their presence still counts).
     With `keys`, only those samples are yielded (the others are skipped unread).
     """
+    try:
+        yield from _read_members(path, fields, keys)
+    except (tarfile.TarError, EOFError) as err:
+        raise unreadable_shard(path, err) from None
+
+
+def _read_members(path: str, fields, keys) -> Iterator[dict]:
     current: dict | None = None
     with tarfile.open(path) as tar:
         for member in tar:
-            if not member.isfile():
+            linked = member.issym() or member.islnk()
+            if not member.isfile() and not linked:
                 continue
             key, _, field = member.name.partition(".")
             if not key or "/" in key:
@@ -214,7 +234,9 @@ def read_shard(path: str, fields: Iterable[str] | None = None, keys: set[str] | 
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": path}
-            if fields is None or field in fields:
+            if linked:
+                current[field] = LINKED
+            elif fields is None or field in fields:
                 current[field] = tar.extractfile(member).read()
             else:
                 current[field] = NOT_LOADED

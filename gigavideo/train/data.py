@@ -27,6 +27,11 @@ from gigavideo.train.loss import reward_weights
 log = logging.getLogger("gigavideo.train.data")
 
 
+def is_reward(value) -> bool:
+    """A judge's reward: a finite number in [0, 1] (P(yes) and the specialists' scores)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], dict, list[dict]]:
     """key -> loss weight for every stage-2 sample that trains, counts of what was excluded, and the samples
     left out already here for lacking a member or a readable json (SampleError records)."""
@@ -38,6 +43,12 @@ def training_weights(run: RunDir, train_cfg: dict) -> tuple[dict[str, float], di
         for k, m in renders.items()
         if m["source"] == "synthetic" and k in scores and scores[k]["status"] == "ok"
     }
+    for key, reward in list(rewards.items()):
+        if not is_reward(reward):  # never a NaN, negative or text weight in the loss
+            del rewards[key]
+            reason = f"has reward {str(reward)[:40]!r}, not a number in [0, 1]: refused"
+            unreadable.append({"key": key, "shard": "stage3", "member": "json", "reason": reason})
+            log.warning("stage-3 sample %r %s", key, reason)
     groups: dict[str, dict[str, float]] = {}
     for k, r in rewards.items():
         group = renders[k]["dimension"] if train_cfg["weight_groups"] == "dimension" else "all"
