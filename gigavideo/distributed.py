@@ -110,11 +110,12 @@ def clear_stale_build_lock(extension: str, stale_after_s: float = 600.0) -> bool
             path.unlink(missing_ok=True)
             gone += 1
     if live:
-        log.info("waiting for the build of %s that %s may be running (torch's lock %s)", extension, describe(live[0]), lock)
+        holder = describe(live[0])
+        log.info("waiting for the build of %s that %s may be running (torch's lock %s)", extension, holder, lock)
         return False
     if not gone and age < stale_after_s:  # nobody recorded: a build by something else, maybe running
         log.info("waiting for a build of %s (torch's lock %s, %.0f s old)", extension, lock, age)
         return False
-    log.warning("removing %s: the build of %s that left it is gone, and torch would wait on it forever", lock, extension)
+    log.warning("removing %s: the build of %s that left it is gone; torch would wait on it forever", lock, extension)
     lock.unlink(missing_ok=True)
     return True

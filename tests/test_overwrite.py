@@ -51,7 +51,8 @@ def test_a_journal_left_at_any_point_leads_to_the_old_outputs_or_the_complete_ne
     redo = Overwrite(run, "stage2")
     if killed_after == "journal":  # what begin writes before it moves anything
         moved = ["stage2", "stage3", "stage4", "eval"]
-        redo.journal.write_text(json.dumps({"stage": "stage2", "moved": moved, "old_manifest": manifest_id(run, "stage2")}))
+        old = manifest_id(run, "stage2")
+        redo.journal.write_text(json.dumps({"stage": "stage2", "moved": moved, "old_manifest": old}))
     else:
         redo.begin("--overwrite", "test")
         if killed_after == "stage_moved":  # the later moves had not happened yet

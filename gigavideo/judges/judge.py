@@ -254,7 +254,8 @@ class OpenAIJudge:
             return JudgeAnswerError(f"the judge server kept failing: {self.chat.last_error}")
         text, probs = answer
         if probs["yes"] + probs["no"] > 0:
-            return {"p_yes": probs["yes"], "p_no": probs["no"], "answer": "yes" if probs["yes"] >= probs["no"] else "no"}
+            answer = "yes" if probs["yes"] >= probs["no"] else "no"
+            return {"p_yes": probs["yes"], "p_no": probs["no"], "answer": answer}
         answer = yes_no(text)
         if answer is None:
             return JudgeAnswerError(f"answer is neither yes nor no: {text[:80]!r}")

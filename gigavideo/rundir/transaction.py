@@ -219,4 +219,3 @@ def commit_if_redone(stage_dir: Path, stage: str) -> None:
     stage_dir = Path(stage_dir)
     if stage_dir.parent.joinpath(f".overwrite-{stage}.json").exists():
         Overwrite(RunDir(stage_dir.parent), stage).commit()
-
