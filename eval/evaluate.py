@@ -70,7 +70,10 @@ def preflight(cfg, run, diagnose: bool = False):
         for dim in dims:
             vbench2.suite_prompts(dim.name, 1)  # the package is installed and knows the dimension
         if ev.official == "on" and (why_not := vbench2.evaluator_available()):
-            raise RuntimeError(f"--official=on but VBench-2.0's evaluator does not import: {why_not}")
+            raise UserError(
+                f"--official=on but VBench-2.0's evaluator does not import: {why_not}; install it, or use "
+                "--official=auto (scores it where installed) or off"
+            )
     check_judge(cfg.score, run)
     attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), cfg.model.dtype)
     return dims, base_model_path(cfg, run)

@@ -59,10 +59,15 @@ def tally(out):
 
 def preflight(cfg, run):
     """Stage 2's output, the judge, the detector and the dimensions must be there before any work."""
-    read_manifest(run, "stage2")
+    clip_frames = (read_manifest(run, "stage2").get("render") or {}).get("num_frames")
     sc = cfg.score
     if sc.aggregate not in AGGREGATES:
         raise ConfigError(f"--aggregate={sc.aggregate!r} not in {AGGREGATES}")
+    if clip_frames and sc.num_frames > clip_frames:
+        raise ConfigError(
+            f"--num_frames={sc.num_frames}: stage 2's clips have {clip_frames} frames, so the judge cannot be shown "
+            f"more; give at most {clip_frames}, or 0 for the judge family's own sampling"
+        )
     check_judge(sc, run)
     check_judging_memory(cfg, run, log)
     stage2 = index_json(run, "stage2", on_error=lambda err: None)  # unreadable samples: main records them as failed

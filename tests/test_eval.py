@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPTS
+from conftest import REPO, SCRIPTS, run_stage
 
 from gigavideo.config import load_config
 from gigavideo.eval.report import dimension_summary
@@ -308,3 +308,36 @@ def test_the_diagnosis_renders_its_own_prompts_and_seeds_not_the_evals(preset, s
         assert both == {v["prompt"] for v in evaluated} and all(" 0 of " not in n for n in notes["vbench2"])
     elif shared == 0:
         assert not declared and all(" 0 of " in note for suite in notes.values() for note in suite)
+
+
+def test_video_names_are_vbench2s_where_they_can_be_file_names_and_bounded_unique_names_otherwise():
+    from gigavideo.eval.vbench2 import video_name
+
+    assert video_name("a cat jumps", 2) == "a cat jumps-2.mp4"  # VBench-2.0's own name
+    long = "猫" * 100  # 300 bytes in UTF-8
+    names = [video_name(long + "跳", 0), video_name(long + "跑", 0), video_name("a/../b", 1), video_name("a_.._b", 1)]
+    assert len(set(names)) == 4  # cut or replaced names never collide
+    for name in names:
+        assert "/" not in name and len(name.encode()) <= 255 and name.endswith(".mp4")
+
+
+@pytest.mark.slow
+def test_the_eval_completes_with_300_byte_cjk_prompts_and_prompts_with_slashes_and_dots(trained_copy, tmp_path):
+    dims = tmp_path / "dimensions"
+    dims.mkdir()
+    subjects = ["一只在雪地里奔跑的红色狐狸" * 8, "an owl/../a hawk", "../../etc"]  # the first: 312 bytes
+    seeds = ", ".join(f'{{ subject = "{s}", action = "jumps" }}' for s in subjects)
+    (dims / "cjk.toml").write_text(
+        'title = "CJK"\nprompt = "{subject} {action}"\ndescription = "d"\nquestion = "Does {subject} {action}?"\n'
+        f'scorer = "vlm"\nseeds = [{seeds}]\nsubjects = {json.dumps(subjects, ensure_ascii=False)}\n'
+        'actions = ["jumps", "runs"]\n',
+        encoding="utf-8",
+    )
+    shutil.rmtree(trained_copy / "eval")
+    flags = [f"--prompts.dimensions_dir={dims}", "--dimensions=[cjk]", "--suites=[heldout]"]
+    run_stage("eval", trained_copy, *flags, "--prompts_per_dimension=3", "--samples_per_prompt=1")
+    report = json.loads((trained_copy / "eval" / "report.json").read_text())
+    prompts = [item["prompt"] for item in report["suites"]["heldout"]["prompts"]]
+    assert any(len(p.encode()) > 255 for p in prompts) and any("/../" in p for p in prompts), prompts
+    videos = list((trained_copy / "eval" / "videos").rglob("*.mp4"))
+    assert len(videos) == 2 * len(prompts) and all(v.resolve().is_relative_to(trained_copy / "eval") for v in videos)

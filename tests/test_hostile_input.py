@@ -255,6 +255,7 @@ def test_bad_lines_in_input_files_are_named_by_file_and_line_before_any_work(tmp
             "--heldout_file",
             "heldout.jsonl line 3: byte 0xff at column 7",
         ),
+        (heldout, b'{"prompt": "a cat"}\n{"prompt": 42}\n', "--heldout_file", "heldout.jsonl line 2: prompt must be"),
         (captions, b'{"caption": "a", "video": "a.mp4"}\n{"caption": "b"}\n', "--real_captions", "real.jsonl line 2"),
         (
             csv_captions,
@@ -352,3 +353,13 @@ def test_a_run_dir_that_is_empty_or_a_file_is_one_line(tmp_path):
     a_file.write_text("not a directory")
     one_line_error(run_stage("stage1", a_file, check=False), "is a file, not a directory")
     assert a_file.read_text() == "not a directory"
+
+
+@pytest.mark.slow
+def test_more_judge_frames_than_the_clips_have_and_a_missing_official_evaluator_are_one_line(trained_copy):
+    before = tree(trained_copy)
+    frames = run_stage("stage3", trained_copy, "--overwrite", "--num_frames=1000", check=False)
+    one_line_error(frames, "clips have 9 frames")
+    official = run_stage("eval", trained_copy, "--overwrite", "--official=on", check=False)
+    one_line_error(official, "--official=on but VBench-2.0's evaluator does not import")
+    assert tree(trained_copy) == before

@@ -65,9 +65,10 @@ def test_openai_judge_uses_logprobs_or_the_answer_text_and_reports_unparseable_a
             assert record["scores"]["vlm:0"]["p_no"] == pytest.approx(0.95 - p_yes)
     server = ChatServer(judge_logprobs=False)
     try:
-        run_stage("stage3", scored_copy, *args, f"--judge_base_url={server.url}")
+        proc = run_stage("stage3", scored_copy, *args, f"--judge_base_url={server.url}")
     finally:
         server.close()
+    assert proc.stderr.count("gave no logprobs for yes or no") == 1  # said once, not silently 0/1
     for record in index_json(RunDir(scored_copy), "stage3").values():
         assert record["status"] == "ok" and record["scores"]["vlm:0"]["p_yes"] in (0.0, 1.0)
 

@@ -8,6 +8,7 @@ LLaVA-1.5 as frames given as images. The tiny preset builds a random LLaVA-OneVi
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ from gigavideo.registry import resolve
 from gigavideo.rundir.files import write_atomic
 from gigavideo.rundir.layout import RunDir, read_manifest
 from gigavideo.tiny.judges import build_tiny_judge
+
+log = logging.getLogger("gigavideo.judges")
 
 ANSWER_SUFFIX = " Answer yes or no."
 SERVER_FRAMES = 32  # score.num_frames = 0 with a server: vLLM's default (its --media-io-kwargs set another)
@@ -202,6 +205,7 @@ class OpenAIJudge:
 
         self.require_flags(base_url, model)
         self.chat = ChatClient(base_url, api_key_env, concurrency, timeout, max_retries, backoff)
+        self.said_no_logprobs = False
         self.model, self.form, self.clip_fps = model, form, float(clip_fps)
         self.num_frames = int(num_frames) or SERVER_FRAMES
         self.name = f"openai:{model}@{base_url}"
@@ -256,6 +260,13 @@ class OpenAIJudge:
         if probs["yes"] + probs["no"] > 0:
             answer = "yes" if probs["yes"] >= probs["no"] else "no"
             return {"p_yes": probs["yes"], "p_no": probs["no"], "answer": answer}
+        if not self.said_no_logprobs:
+            self.said_no_logprobs = True
+            log.warning(
+                "%s gave no logprobs for yes or no: rewards come from the answer's text, 0 or 1 only (vLLM and "
+                "SGLang give them when asked; check the server)",
+                self.chat.base_url,
+            )
         answer = yes_no(text)
         if answer is None:
             return JudgeAnswerError(f"answer is neither yes nor no: {text[:80]!r}")

@@ -74,7 +74,9 @@ def real_samples(cfg, limit: int | None, failures: list):
                 raise VideoError(f"{origin}: caption over real_caption_max_chars")
             if data is None:
                 raise VideoError(f"{origin}: no video found")
-            decode_mp4(data, origin)  # verify now: a bad real video is dropped here, not in stage 4
+            frames, _ = decode_mp4(data, origin)  # verify now: a bad real video is dropped here, not in stage 4
+            if len(frames) < 2:
+                raise VideoError(f"{origin}: a still image ({len(frames)} frame), not a video")
         except VideoError as err:
             log.warning("dropping real caption %s: %s", key, err)
             failures.append({"key": key, "reason": str(err)})

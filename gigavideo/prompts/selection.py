@@ -7,6 +7,7 @@ import logging
 import math
 from collections import Counter
 
+from gigavideo.errors import UserError
 from gigavideo.prompts.engine import Similarity, select
 from gigavideo.prompts.real_captions import (
     real_samples,
@@ -21,7 +22,11 @@ def read_heldout(path: str) -> list[str]:
     """The held-out prompts: text, one per line, or JSONL with prompt."""
     lines = read_text_lines(path)
     if lines and lines[0][1].startswith("{"):
-        return [row["prompt"] for _, row in read_jsonl(path, ("prompt",))]
+        rows = read_jsonl(path, ("prompt",))
+        for number, row in rows:
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise UserError(f"{path} line {number}: prompt must be non-empty text, not {row['prompt']!r}")
+        return [row["prompt"] for _, row in rows]
     return [text for _, text in lines]
 
 
