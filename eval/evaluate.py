@@ -43,6 +43,7 @@ from gigavideo.eval.protocol import (
 from gigavideo.eval.report import LABELS, load_records
 from gigavideo.judges.judge import check_judge, load_judge
 from gigavideo.judges.scoring import detector_for
+from gigavideo.memory import check_rendering_memory
 from gigavideo.models import attention
 from gigavideo.models.base import base_model_path
 from gigavideo.models.export import load_exported
@@ -76,6 +77,7 @@ def preflight(cfg, run, diagnose: bool = False):
             )
     check_judge(cfg.score, run)
     attention.resolve(cfg.model.attention_backend, pick_device(cfg.model.device), cfg.model.dtype)
+    check_rendering_memory(cfg, rank_and_world()[1], log)
     return dims, base_model_path(cfg, run)
 
 

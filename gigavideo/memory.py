@@ -300,6 +300,7 @@ def render_plan(cfg, nodes: int, per_node: int, gpu_mem_gib: float) -> dict:
     base_dim = m.arch_vae.get("decoder_base_dim") or m.arch_vae.get("base_dim", 96)
     tile = (256 * 256) if r.vae_tiling else r.height * r.width
     decode = 12 * base_dim * 4 * min(tile, r.height * r.width) * weight * (1 if r.vae_slicing else r.batch_size)
+    decode += r.batch_size * r.num_frames * r.height * r.width * 3 * (4 + 1)  # the decoded videos, float and uint8
     held = max(models.values()) if r.cpu_offload else sum(models.values())  # offload: one model on the GPU at a time
     # Sampling and the decode come one after the other: the larger of the two is the peak.
     peak = "sampling" if sampling >= decode else "vae_decode"
@@ -355,10 +356,13 @@ def size(n: int) -> str:
 
 
 def describe(plan: dict) -> str:
-    """The plan as text, in GiB per GPU."""
-    lines = [
-        f"{plan['stage']} memory plan per GPU ({plan['gpus']} GPUs of {plan['gpu_bytes'] / GIB:.0f} GiB; predicted):"
-    ]
+    """The plan as text, in GiB per GPU (per process, of the machine's memory, on a CPU)."""
+    if plan.get("device") == "cpu":
+        memory = f"{plan['gpu_bytes'] / GIB:.1f} GiB of this machine's memory for each of {plan['gpus']} processes"
+        lines = [f"{plan['stage']} memory plan per process ({memory}; predicted):"]
+    else:
+        memory = f"{plan['gpus']} GPUs of {plan['gpu_bytes'] / GIB:.0f} GiB"
+        lines = [f"{plan['stage']} memory plan per GPU ({memory}; predicted):"]
     for name, value in plan["bytes"].items():
         if isinstance(value, dict):
             continue
@@ -385,13 +389,26 @@ class MemoryPlanError(UserError):
     """A setting the plan says cannot fit (a user error: exit code 2 with the plan, no traceback)."""
 
 
-def planned_gpu_memory_gib(model_cfg) -> float | None:
-    """model.gpu_mem_gib, else the memory of the GPU this process sees; None on a CPU (nothing to plan)."""
+def planned_gpu_memory_gib(model_cfg) -> float:
+    """The memory one process may use: model.gpu_mem_gib, else the memory of the GPU this process sees, else (on a
+    CPU) the machine's memory shared by this node's processes."""
     if model_cfg.gpu_mem_gib > 0:
         return model_cfg.gpu_mem_gib
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
-    return None
+    return machine_memory() / GIB / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def device_of(model_cfg) -> dict:
+    return {"device": "cpu" if on_cpu(model_cfg) else "gpu"}
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def on_cpu(model_cfg) -> bool:
+    return model_cfg.gpu_mem_gib <= 0 and not torch.cuda.is_available()
 
 
 def enforce(plan: dict, force: bool, log) -> None:
@@ -413,9 +430,8 @@ def cluster_shape(world: int) -> tuple[int, int]:
 
 def check_training_memory(cfg, ds_config: dict, world: int, log) -> None:
     """Stage 4: plan for the GPUs seen (or model.gpu_mem_gib), print it, refuse what cannot fit."""
-    gib = planned_gpu_memory_gib(cfg.model)
-    if gib is not None:
-        enforce(train_plan(cfg, ds_config, *cluster_shape(world), gib), cfg.model.force, log)
+    plan = train_plan(cfg, ds_config, *cluster_shape(world), planned_gpu_memory_gib(cfg.model))
+    enforce(plan | device_of(cfg.model), cfg.model.force, log)
 
 
 class PeakMemory:
@@ -463,16 +479,15 @@ def training_memory_record(cfg, ds_config: dict, world: int, peak: PeakMemory) -
 
 def check_rendering_memory(cfg, world: int, log) -> None:
     """Stage 2: the same for rendering."""
-    gib = planned_gpu_memory_gib(cfg.model)
-    if gib is not None:
-        enforce(render_plan(cfg, *cluster_shape(world), gib), cfg.model.force, log)
+    plan = render_plan(cfg, *cluster_shape(world), planned_gpu_memory_gib(cfg.model))
+    enforce(plan | device_of(cfg.model), cfg.model.force, log)
 
 
 def check_judging_memory(cfg, run, log) -> None:
     """Stage 3 with a local judge: its weights and one batch's forward at the tokens its reader gives a clip of
     stage 2's size, refused before the judge loads. The question stands in as 48 words."""
     gib = planned_gpu_memory_gib(cfg.model)
-    if gib is None or cfg.score.judge not in ("transformers", "tiny"):
+    if cfg.score.judge not in ("transformers", "tiny"):
         return
     import numpy as np
     from transformers import AutoConfig
@@ -489,4 +504,4 @@ def check_judging_memory(cfg, run, log) -> None:
     tokens = reader.inputs([(clip, " ".join(["word"] * 48))])["input_ids"].shape[1]
     visual = reader.describe()["visual_tokens_per_question"]
     plan = judge_plan(config, visual, tokens - visual, cfg.score.batch_size, cfg.score.dtype, gib)
-    enforce(plan, cfg.model.force, log)
+    enforce(plan | device_of(cfg.model), cfg.model.force, log)

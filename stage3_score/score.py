@@ -82,17 +82,19 @@ def preflight(cfg, run):
     return dims, detector_for(dims.values(), sc)
 
 
-def videos_to_score(run) -> tuple[dict, list]:
-    """Stage 2's synthetic samples by key, and those that cannot be read (a member missing or their json broken),
-    which are scored as failed, like a corrupt mp4."""
-    unreadable = []
+def videos_to_score(run) -> tuple[dict, list, list]:
+    """Stage 2's synthetic samples by key; those that cannot be read (a member missing or their json broken),
+    which are scored as failed, like a corrupt mp4; and the failures of those no record can carry (their key is
+    not a valid one), for the manifest."""
+    unreadable, keyless = [], []
     videos = {k: m for k, m in index_json(run, "stage2", on_error=unreadable.append).items() if m["source"] != "real"}
     for err in unreadable:
-        if not is_name(err.key):  # no record can carry its key: named here, and by scripts/check_shards.py
+        if not is_name(err.key):  # named here, in the manifest's failures and by scripts/check_shards.py
             log.warning("%s; it cannot be scored", err)
+            keyless.append({"key": err.key[:200], "reason": str(err)[:500]})
         elif (err.meta or {}).get("source") != "real":
             videos[err.key] = err.meta
-    return videos, [err for err in unreadable if err.key in videos]
+    return videos, [err for err in unreadable if err.key in videos], keyless
 
 
 def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = False, **overrides):
@@ -103,13 +105,13 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     cfg, run, (dims, detector) = started
     rank, world = rank_and_world()
     out = run.stage("stage3")
-    videos, unreadable = videos_to_score(run)
+    videos, unreadable, keyless = videos_to_score(run)
     judge = load_judge(cfg.score, run, pick_device(cfg.model.device))
     drop_failed_records(out, rank_prefix(rank))  # an unfinished stage: its failed samples are tried again
     done = resume_rank(out, rank)
     mine = set(k for k in my_share(list(videos), rank, world) if k not in done)
     log.info("stage3: %d synthetic videos, %d for this rank still to score", len(videos), len(mine))
-    failures = []
+    failures = keyless if rank == 0 else []  # counted once, by one rank
 
     def write(writer, key, record):
         if record["status"] != "ok":

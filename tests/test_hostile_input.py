@@ -216,7 +216,8 @@ def test_crafted_shard_text_never_becomes_a_path_and_bad_samples_are_skipped_nam
     assert records[crafted]["status"] == "failed" and "is not a dimension name" in records[crafted]["reason"]
     assert records[no_mp4]["status"] == "failed" and "mp4 is missing" in records[no_mp4]["reason"]
     manifest = read_manifest(run, "stage3")
-    assert {f["key"] for f in manifest["failures"]} == {crafted, no_mp4} and manifest["samples_failed"] == 2
+    assert {f["key"] for f in manifest["failures"]} == {crafted, no_mp4, "../evil.json"}  # every one dropped
+    assert manifest["samples_failed"] == 2  # of the samples with a record
     assert sum(r["status"] == "ok" for r in records.values()) == len(synthetic) - 2
     assert sorted(p.name for p in outside.iterdir()) == ["escape.toml"]
     assert not list(tmp_path.rglob("*escape*.png"))
@@ -230,6 +231,30 @@ def test_crafted_shard_text_never_becomes_a_path_and_bad_samples_are_skipped_nam
     assert check.returncode == 1 and "Traceback" not in check.stderr, check.stderr[-3000:]
     named = {line.split("\t")[0] for line in check.stdout.splitlines()}
     assert named == {crafted, no_mp4, "../evil.json"}, check.stdout
+
+
+def test_linked_members_are_refused_and_truncated_or_empty_shards_are_named(tmp_path):
+    from gigavideo.rundir.fields import SampleError, SchemaError
+    from gigavideo.rundir.shards import iter_shard, shard_keys
+
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("a", "b"):
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+            link = tarfile.TarInfo(f"{key}.mp4")
+            link.type, link.linkname = (tarfile.SYMTYPE, "/etc/passwd") if key == "a" else (tarfile.LNKTYPE, "a.json")
+            tar.addfile(link)
+    for key in ("a", "b"):
+        with pytest.raises(SampleError, match=f"sample '{key}' in .*s.tar: mp4 is a symlink or hardlink"):
+            list(iter_shard(str(shard), keys={key}))
+    data = shard.read_bytes()
+    for name, content in (("cut.tar", data[:700]), ("empty.tar", b"")):
+        (tmp_path / name).write_bytes(content)
+        for read in (lambda p: list(iter_shard(p)), shard_keys):
+            with pytest.raises(SchemaError, match=f"shard .*{name} is truncated or not a tar"):
+                read(str(tmp_path / name))
 
 
 def test_a_dimension_name_from_a_flag_is_checked_before_it_is_a_file_name(tmp_path):
@@ -329,8 +354,7 @@ def test_samples_left_out_after_an_epochs_last_full_batch_are_named_with_the_nex
 def test_meaningless_values_and_broken_presets_are_refused_in_one_line(tmp_path):
     bad = [
         ({"prompts.min_words": 50, "prompts.max_words": 10}, "min_words = 50 > prompts.max_words = 10"),
-        ({"prompts.dedup_threshold": 2}, "prompts.dedup_threshold = 2.0: must be >= 0 and <= 1"),
-        ({"prompts.heldout_threshold": 1.5}, "prompts.heldout_threshold = 1.5: must be >= 0 and <= 1"),
+        ({"prompts.dedup_threshold": -0.5}, "prompts.dedup_threshold = -0.5: must be >= 0"),
     ]
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -92,6 +92,23 @@ def test_stages_refuse_before_any_compute_what_cannot_fit_and_force_runs_anyway(
 
 
 @pytest.mark.slow
+def test_on_a_cpu_the_stages_plan_for_the_machines_memory_and_refuse_settings_far_beyond_it(trained_copy):
+    """No GPU and no --gpu_mem_gib: the plan is per process of this machine's memory; frames and pixels count."""
+    before = {str(p): p.stat().st_mtime_ns for p in trained_copy.rglob("*") if p.is_file() and ".locks" not in p.parts}
+    for stage, section in (("stage2", ""), ("eval", "render.")):
+        huge = [f"--{section}height=8192", f"--{section}width=8192", "--overwrite"]
+        proc = run_stage(stage, trained_copy, *huge, check=False)
+        assert proc.returncode == 2 and "memory plan per process" in proc.stderr, proc.stderr[-2000:]
+        assert "of this machine's memory" in proc.stderr and "DOES NOT FIT" in proc.stderr
+    long = run_stage("stage2", trained_copy, "--num_frames=400001", "--overwrite", check=False)
+    assert long.returncode == 2 and "DOES NOT FIT" in long.stderr
+    after = {str(p): p.stat().st_mtime_ns for p in trained_copy.rglob("*") if p.is_file() and ".locks" not in p.parts}
+    assert after == before  # refused before anything was set aside
+    fits = run_stage("stage2", trained_copy, "--overwrite")
+    assert "stage2 memory plan per process" in fits.stderr and ": fits" in fits.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(
     "ds_config,zero,ranks",

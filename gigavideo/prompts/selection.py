@@ -44,12 +44,16 @@ def generator_record(pc, similarity: Similarity) -> dict:
 def similarity_limits(pc, similarity: Similarity) -> dict:
     """The filters' bounds; the thresholds of the similarity in use (MiniLM embeddings, or word 3-grams)."""
     lexical = similarity.model is None
-    return {
+    limits = {
         "min_words": pc.min_words,
         "max_words": pc.max_words,
         "dedup_threshold": pc.lexical_dedup_threshold if lexical else pc.dedup_threshold,
         "heldout_threshold": pc.lexical_heldout_threshold if lexical else pc.heldout_threshold,
     }
+    for name in ("dedup_threshold", "heldout_threshold"):
+        if limits[name] > 1:  # a similarity never exceeds 1
+            log.info("%s = %g (%s similarity): above 1, so that filter is off", name, limits[name], similarity.kind)
+    return limits
 
 
 def synthetic_sample(dim, candidate: dict, generator: dict) -> dict:
