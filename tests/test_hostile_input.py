@@ -300,14 +300,20 @@ def test_bad_lines_in_input_files_are_named_by_file_and_line_before_any_work(tmp
 def test_an_overlong_real_caption_is_dropped_and_counted(tmp_path):
     frames = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
     (tmp_path / "clip.mp4").write_bytes(encode_mp4(frames, 8))
+    from PIL import Image
+
+    Image.fromarray(frames[0]).save(tmp_path / "still.png")
     rows = [
         {"caption": "a red ball rolls across a table", "video": "clip.mp4"},
         {"caption": "word " * 2000, "video": "clip.mp4"},
+        {"caption": "a photo, not a video", "video": "still.png"},
     ]
     (tmp_path / "real.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_stage("stage1", tmp_path / "run", f"--real_captions={tmp_path / 'real.jsonl'}")
-    real = read_manifest(RunDir(tmp_path / "run"), "stage1")["summary"]["real"]
-    assert real == {"kept": 1, "dropped": {"caption over real_caption_max_chars": 1}}
+    manifest = read_manifest(RunDir(tmp_path / "run"), "stage1")
+    assert manifest["summary"]["real"]["kept"] == 1
+    assert manifest["summary"]["real"]["dropped"]["caption over real_caption_max_chars"] == 1
+    assert any("still.png: a still image (1 frame), not a video" in f["reason"] for f in manifest["failures"])
 
 
 # ---------------------------------------------------------------- 8: a bug keeps its traceback
@@ -387,3 +393,27 @@ def test_more_judge_frames_than_the_clips_have_and_a_missing_official_evaluator_
     official = run_stage("eval", trained_copy, "--overwrite", "--official=on", check=False)
     one_line_error(official, "--official=on but VBench-2.0's evaluator does not import")
     assert tree(trained_copy) == before
+
+
+@pytest.mark.slow
+def test_a_nan_negative_or_text_reward_never_reaches_the_loss(scored_copy):
+    """Stage 3's records, edited as a broken judge or a hand could leave them: each such sample is left out of
+    training, named and counted; the others train with finite weights."""
+    run = RunDir(scored_copy)
+    scored = sorted(k for k, r in index_json(run, "stage3").items() if r["status"] == "ok")
+    bad = dict(zip(scored[:4], [float("nan"), -5.0, "abc", 1.5], strict=True))
+    for path in shard_paths(run, "stage3"):
+
+        def change(name, data):
+            key = name.split(".")[0]
+            if key in bad and name.endswith(".json"):
+                return name, json.dumps(json.loads(data) | {"reward": bad[key]}).encode()  # NaN as JSON allows
+            return name, data
+
+        rewrite_shard(Path(path), change)
+    proc = run_stage("stage4", scored_copy, "--max_steps=2", "--sample_every=0")
+    for key in bad:
+        assert f"stage-3 sample '{key}' has reward" in proc.stderr
+    data = read_manifest(run, "stage4")["data"]
+    assert np.isfinite(data["mean_synthetic_weight"]) and data["excluded_undecodable"] == len(bad)
+    assert data["scored"] == len(scored) - len(bad)

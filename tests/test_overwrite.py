@@ -149,3 +149,33 @@ def test_stage2_redone_with_other_settings_makes_stage3_redo_itself_and_stage4_n
     redone = run_stage("stage3", scored_copy)
     assert "stage2 redone since it was built" in redone.stderr
     run_stage("stage4", scored_copy)
+
+
+def test_a_stage_folder_that_is_a_symlink_is_moved_and_restored_as_a_link_and_its_target_never_touched(tmp_path):
+    run = fake_run(tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    os.replace(run.stage("stage3"), elsewhere)
+    run.stage("stage3").symlink_to(elsewhere)
+    target = tree(elsewhere)
+    redo = Overwrite(run, "stage2")
+    redo.begin("--overwrite", "test")
+    assert redo.aside("stage3").is_symlink()
+    Overwrite(run, "stage2").recover()  # the new run failed: back as it was
+    assert run.stage("stage3").is_symlink() and tree(elsewhere) == target
+    redo.begin("--overwrite", "test")
+    new_stage2_run(run, complete=True)
+    Overwrite(run, "stage2").recover()  # the new run completed: the link goes, not what it points to
+    assert not os.path.lexists(run.stage("stage3")) and tree(elsewhere) == target
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_manifest_last(trained_run):
+    """A kill between a stage's last output and its manifest must leave the stage incomplete, so that a rerun
+    writes what is missing: nothing in a stage's folder is newer than its manifest."""
+    for stage in ("stage1", "stage2", "stage3", "stage4", "eval"):
+        folder = trained_run / stage
+        manifest = (folder / "manifest.json").stat().st_mtime_ns
+        newer = [
+            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime_ns > manifest
+        ]
+        assert not newer, f"{stage}: written after its manifest: {newer}"
