@@ -41,10 +41,12 @@ def start_stage(
 ) -> tuple[Section, RunDir, object] | None:
     """Load the config; return None when the stage is already complete (and not --overwrite).
 
-    `preflight(cfg, run)` checks the inputs (previous stage, model paths) and returns what it
-    resolved; it runs before --overwrite removes anything, so a bad input loses no data. Before either,
-    this process takes the stage's lock for its rank (gigavideo/rundir/locks.py): a second process on the same
-    stage and rank refuses to start, and so cannot --overwrite the first one's work.
+    `preflight(cfg, run)` checks the inputs (previous stage, model paths) and returns what it resolved; it runs
+    before --overwrite sets anything aside. Then rank 0 sets aside the stage's old outputs where it is redone
+    (--overwrite, or inputs redone since it was built), as a transaction (gigavideo/rundir/transaction.py): they
+    are removed once the new run completes and restored by a plain rerun if it does not. Before all of it, this
+    process takes the stage's lock for its rank (gigavideo/rundir/locks.py): a second process on the same stage
+    and rank refuses to start, and so cannot --overwrite the first one's work.
     """
     setup_logging()
     # SIGTERM (scancel, preemption, node drain) unwinds like an error: the shard being written stays a .tmp
@@ -58,14 +60,14 @@ def start_stage(
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--run_dir {run.path} is a file, not a directory")
     rank, world = rank_and_world()
-    in_array = "SLURM_ARRAY_JOB_ID" in os.environ
+    array = "SLURM_ARRAY_JOB_ID" in os.environ and world > 1  # tasks that start apart: none waits for another
     redo = Overwrite(run, stage)
     acquire(run.path, stage, rank)
     if rank == 0:
         redo.recover()  # an --overwrite that did not complete: its old outputs back (or its new ones kept)
     elif world > 1:
-        redo.wait_settled(RUN_ID, in_array)
-    changed = changed_inputs(run, stage) if rank == 0 else []
+        redo.wait_settled(RUN_ID, array)  # until rank 0 has recovered, and set aside what it redoes
+    changed = changed_inputs(run, stage)
     if run.is_complete(stage) and not overwrite and not changed and set_aside_unreadable_manifest(run, stage) is None:
         log.info(
             "%s already complete in %s (%s exists); skipping. Pass --overwrite to redo it.",
@@ -73,24 +75,28 @@ def start_stage(
             run.path,
             run.manifest(stage),
         )
-        if rank == 0 and world > 1 and not in_array:
+        if rank == 0 and world > 1 and not array:
             redo.mark_settled(RUN_ID)
         return None
+    if array and (overwrite or changed):
+        why = (
+            "--overwrite"
+            if overwrite
+            else f"{stage}'s inputs ({', '.join(changed)}) were redone since it was built: it"
+        )
+        raise UserError(
+            f"{why} in a job array: its tasks start at different times, so one would set aside what the others "
+            f"wrote. Remove {run.stage(stage)} first (or run it once without the array), then submit the array."
+        )
     writing_to(run.stage(stage))
     check_upstream_current(run, stage)
     checked = preflight(cfg, run) if preflight else None
-    if overwrite and in_array and world > 1:
-        raise UserError(
-            f"--overwrite in a job array: its tasks start at different times, so one would remove what the others "
-            f"wrote. Remove {run.stage(stage)} first, then submit the array without --overwrite."
-        )
     if rank == 0:
         if overwrite or changed:
-            why = f"{', '.join(changed)} redone since it was built" if changed else "--overwrite"
-            redo.begin(why, RUN_ID)
+            redo.begin(f"{', '.join(changed)} redone since it was built" if changed else "--overwrite", RUN_ID)
         run.stage(stage).mkdir(parents=True, exist_ok=True)
         record_inputs(run, stage)
-        if world > 1 and not in_array:
+        if world > 1 and not array:
             redo.mark_settled(RUN_ID)
     log.info("%s: run dir %s, preset %s", stage, run.path, cfg.preset)
     log.debug("config:\n%s", to_json(cfg))

@@ -179,3 +179,14 @@ def test_every_stage_writes_its_manifest_last(trained_run):
             str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime_ns > manifest
         ]
         assert not newer, f"{stage}: written after its manifest: {newer}"
+
+
+def test_a_stage_is_not_redone_while_another_stages_redo_is_pending(tmp_path):
+    from gigavideo.errors import UserError
+
+    run = fake_run(tmp_path / "run")
+    Overwrite(run, "stage2").begin("--overwrite", "test")  # then killed
+    before = tree(run.path)
+    with pytest.raises(UserError, match="stage2 in .* was being redone and did not complete"):
+        Overwrite(run, "stage1").begin("--overwrite", "test")
+    assert tree(run.path) == before

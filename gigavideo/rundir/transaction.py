@@ -115,6 +115,14 @@ class Overwrite:
 
     def begin(self, reason: str, run_id: str) -> None:
         """Set aside this stage's outputs and those downstream of it (rank 0, after recover)."""
+        for other in self.run.path.glob(".overwrite-*.json"):
+            if other != self.journal:
+                name = other.name[len(".overwrite-") : -len(".json")]
+                raise UserError(
+                    f"{name} in {self.run.path} was being redone and did not complete ({other}); rerun "
+                    f"{STAGE_SCRIPTS.get(name, name)} first (it restores its old outputs or completes), then "
+                    f"{self.stage}"
+                )
         names = [n for n in (self.stage, *downstream(self.stage)) if os.path.lexists(self.run.stage(n))]
         self._check_space()
         old = manifest_id(self.run, self.stage)
