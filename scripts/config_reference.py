@@ -24,7 +24,8 @@ Generated from `gigavideo/config.py` by `python scripts/config_reference.py`; do
 A value comes from the key's default, then the preset (`--config=NAME`: `configs/NAME.toml`, which lists only
 what it changes), then flags. Every key of a stage's section, and of `[model]`, is a flag of that stage's script
 (`--steps=50`); a key of another section is given with its section (`--train.lr=1e-6`). Every value is checked
-against its type and the values below before any model is built and before `--overwrite` removes anything.
+against its type and the values below before any model is built and before `--overwrite` sets anything aside
+(a value that fails later loses nothing either: `--overwrite` keeps the old outputs until the new run completes).
 """
 
 
