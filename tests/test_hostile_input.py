@@ -377,12 +377,15 @@ def test_meaningless_values_and_broken_presets_are_refused_in_one_line(tmp_path)
         resolve({}, "gigavideo.config:NoSuchJudge", "score.judge")
 
 
-def test_a_run_dir_that_is_empty_or_a_file_is_one_line(tmp_path):
+def test_a_run_dir_that_is_empty_or_a_file_and_a_procedural_count_that_is_not_one_are_one_line(tmp_path):
     one_line_error(run_stage("stage1", "", check=False), "--run_dir is empty")
     a_file = tmp_path / "run"
     a_file.write_text("not a directory")
     one_line_error(run_stage("stage1", a_file, check=False), "is a file, not a directory")
     assert a_file.read_text() == "not a directory"
+    for count in ("-1", "abc"):
+        proc = run_stage("stage1", tmp_path / "run2", f"--real_captions=procedural:{count}", check=False)
+        one_line_error(proc, f"'procedural:{count}': N must be a whole number >= 0")
 
 
 @pytest.mark.slow
