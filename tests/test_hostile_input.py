@@ -420,3 +420,22 @@ def test_a_nan_negative_or_text_reward_never_reaches_the_loss(scored_copy):
     data = read_manifest(run, "stage4")["data"]
     assert np.isfinite(data["mean_synthetic_weight"]) and data["excluded_undecodable"] == len(bad)
     assert data["scored"] == len(scored) - len(bad)
+
+
+@pytest.mark.slow
+def test_a_truncated_stage2_shard_is_named_and_its_lost_samples_counted_by_stage3_stage4_and_check_shards(scored_copy):
+    run = RunDir(scored_copy)
+    shard = Path(shard_paths(run, "stage2")[0])
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy cut short
+    run_stage("stage3", scored_copy, "--overwrite")
+    failures = read_manifest(run, "stage3")["failures"]
+    assert any(f["key"] == shard.name and "truncated" in f["reason"] and "lost" in f["reason"] for f in failures)
+    trained = run_stage("stage4", scored_copy, "--max_steps=2", "--sample_every=0")
+    assert shard.name in trained.stderr or read_manifest(run, "stage4")["data"]["excluded_undecodable"] >= 1
+    check = subprocess.run(
+        [sys.executable, "scripts/check_shards.py", f"--run_dir={scored_copy}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 1 and "Traceback" not in check.stderr and shard.name in check.stdout

@@ -178,8 +178,7 @@ def shard_keys(path: Path) -> list[str]:
 def unreadable_shard(path, err: Exception) -> SchemaError:
     return SchemaError(
         f"shard {path} is truncated or not a tar ({err or type(err).__name__}): its samples after the last readable "
-        "one cannot be read; move it away and rerun the stage that wrote it (it redoes those samples), or rerun that "
-        "stage with --overwrite"
+        "one cannot be read; rerun the stage that wrote it with --overwrite"
     )
 
 
@@ -254,17 +253,31 @@ def iter_samples(
     """Every sample (or those in `keys`) of a stage, decoded (stage 2's arrays checked against its manifest) and
     validated against the stage's schema. A sample that cannot be decoded raises SampleError, or with
     `on_error` is handed to it and skipped, and the rest are read."""
-    arrays = array_spec(read_manifest(run, stage)) if stage == "stage2" and run.is_complete(stage) else None
+    manifest = read_manifest(run, stage)
+    arrays = array_spec(manifest) if stage == "stage2" else None
+    counts = {shard["name"]: shard.get("samples") for shard in manifest["shards"]}
     for path in shard_paths(run, stage):
-        for raw in read_shard(path, fields, keys):
-            try:
-                sample = decode_sample(raw, stage, arrays)
-            except SampleError as err:
-                if on_error is None:
-                    raise
-                on_error(err)
-                continue
-            yield sample
+        read = 0
+        try:
+            for raw in read_shard(path, fields, keys):
+                read += 1
+                try:
+                    sample = decode_sample(raw, stage, arrays)
+                except SampleError as err:
+                    if on_error is None:
+                        raise
+                    on_error(err)
+                    continue
+                yield sample
+        except SchemaError as err:  # the shard is cut short: what it still held was read
+            if on_error is None or isinstance(err, SampleError):
+                raise
+            lost = (
+                f"{counts[Path(path).name] - read} samples"
+                if keys is None and counts.get(Path(path).name)
+                else "samples"
+            )
+            on_error(SampleError(Path(path).name, path, "(the rest of the shard)", f"{lost} lost: {err}"))
 
 
 def index_json(

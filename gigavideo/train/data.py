@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 from functools import partial
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
             shardshuffle=len(shards),
             seed=seed,
             empty_check=False,
+            handler=stop_at_a_cut,
         )
         .select(lambda s: s["__key__"] in weights)
         .shuffle(train_cfg["shuffle_buffer"], seed=seed)
@@ -151,6 +153,14 @@ def training_loader(run: RunDir, train_cfg: dict, weights: dict, max_sequence_le
         .compose(partial(decodable_batches, size=train_cfg["micro_batch_size"]))
     )
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+
+
+def stop_at_a_cut(exn: Exception) -> bool:
+    """webdataset's handler: a shard cut short is read up to the cut (training_weights has named and counted what
+    it lost); any other error is raised."""
+    if isinstance(exn, (tarfile.TarError, EOFError)):
+        return False  # this shard ends here; the next one is read
+    raise exn
 
 
 class DataPosition:
