@@ -66,11 +66,11 @@ launch() {
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     echo "launch: job $SLURM_JOB_ID, $nodes torchrun agents x $nproc processes, rendezvous $MASTER_ADDR:$MASTER_PORT"
     srun --kill-on-bad-exit=1 --ntasks="$nodes" \
-      "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$nproc" \
+      "$PYTHON" -m gigavideo.launch --nnodes="$nodes" --nproc_per_node="$nproc" \
         --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
         "$script" "${args[@]}"
   elif [ "$nproc" -gt 1 ]; then
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$script" "${args[@]}"
+    "$PYTHON" -m gigavideo.launch --standalone --nproc_per_node="$nproc" "$script" "${args[@]}"
   else
     "$PYTHON" "$script" "${args[@]}"
   fi

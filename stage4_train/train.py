@@ -38,6 +38,7 @@ from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.config import load_config
 from gigavideo.distributed import import_deepspeed, single_process_defaults
 from gigavideo.errors import ConfigError
+from gigavideo.launch import STOPPED_ON_REQUEST
 from gigavideo.memory import check_training_memory
 from gigavideo.models import attention
 from gigavideo.models.base import base_model_path
@@ -51,7 +52,7 @@ from gigavideo.train.loop import StopRequest, compute_dtype
 from gigavideo.train.trainer import anchor_folder, train_expert
 
 log = logging.getLogger("gigavideo.stage4")
-PREEMPTED_EXIT_CODE = 3
+PREEMPTED_EXIT_CODE = STOPPED_ON_REQUEST  # slurm/stage4.sh requeues; gigavideo.launch reports it in one line
 STOP_FILE = "stop-request"  # created by slurm/stage4.sh on SLURM's preemption warning
 
 

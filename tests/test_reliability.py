@@ -407,3 +407,25 @@ def test_stage4_resumes_with_another_number_of_processes_and_refuses_another_mod
     assert f"at step {second}" in resumed.stderr
     manifest = read_manifest(RunDir(scored_copy), "stage4")
     assert manifest["steps"] == 40 and manifest["world_size"] == 1 and np.isfinite(manifest["final_loss"])
+
+
+@pytest.mark.slow
+def test_a_stop_request_under_the_launcher_with_two_processes_is_one_line_not_a_traceback(scored_copy):
+    """slurm/_common.sh starts torchrun through gigavideo.launch: every process exiting 3 after a stop request is
+    reported in one line with that exit code, and the job requeues on it."""
+    args = ["--max_steps=200", "--save_every=2", "--sample_every=0"]
+    cmd = [sys.executable, "-m", "gigavideo.launch", "--standalone", "--nproc_per_node=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen(
+        [*cmd, str(REPO / "stage4_train" / "train.py"), f"--run_dir={scored_copy}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for((RunDir(scored_copy).checkpoints / "latest").is_file, 300, "the first checkpoint")
+    (scored_copy / "stage4" / "stop-request").touch()  # as slurm/stage4.sh does on SLURM's warning
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "launch: the processes stopped on request (exit 3)" in stderr and "ChildFailedError" not in stderr
