@@ -190,3 +190,20 @@ def test_a_stage_is_not_redone_while_another_stages_redo_is_pending(tmp_path):
     with pytest.raises(UserError, match="stage2 in .* was being redone and did not complete"):
         Overwrite(run, "stage1").begin("--overwrite", "test")
     assert tree(run.path) == before
+
+
+def test_a_redo_whose_old_outputs_cannot_be_kept_beside_the_new_run_is_refused_before_anything_moves(
+    tmp_path, monkeypatch
+):
+    import shutil
+    from collections import namedtuple
+
+    from gigavideo.errors import UserError
+
+    run = fake_run(tmp_path / "run")
+    before = tree(run.path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 10))  # 10 bytes free
+    with pytest.raises(UserError, match="redoing stage2 keeps its old outputs .* only 10 B are free"):
+        Overwrite(run, "stage2").begin("--overwrite", "test")
+    assert tree(run.path) == before and not Overwrite(run, "stage2").journal.exists()
