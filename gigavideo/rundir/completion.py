@@ -16,7 +16,7 @@ from gigavideo.rundir.fields import SchemaError
 from gigavideo.rundir.files import write_json_atomic
 from gigavideo.rundir.layout import MANIFEST, SET_ASIDE, RunDir
 from gigavideo.rundir.shards import discard_partial_shards, set_aside_duplicates, shard_keys
-from gigavideo.rundir.transaction import commit_if_redone, read_inputs_file
+from gigavideo.rundir.transaction import INPUTS, commit_if_redone, read_inputs
 
 log = logging.getLogger("gigavideo.rundir")
 
@@ -170,7 +170,7 @@ def write_manifest(stage_dir: Path, stage: str, info: dict) -> dict:
         "num_samples": sum(all_keys.values()),
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **info,
-        **({"inputs": inputs} if (inputs := read_inputs_file(stage_dir)) is not None else {}),
+        **({"inputs": inputs} if (inputs := read_inputs(Path(stage_dir) / INPUTS)) is not None else {}),
     }
     write_json_atomic(Path(stage_dir) / MANIFEST, manifest)
     commit_if_redone(stage_dir, stage)  # an --overwrite's old outputs go only now

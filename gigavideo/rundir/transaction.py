@@ -54,14 +54,7 @@ def current_inputs(run: RunDir, stage: str) -> dict:
 
 def recorded_inputs(run: RunDir, stage: str) -> dict | None:
     """The inputs a stage was built (or started) from: its manifest's, else its unfinished run's; None if unknown."""
-    for path in (run.manifest(stage), run.stage(stage) / INPUTS):
-        try:
-            inputs = json.loads(path.read_text()).get("inputs")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(inputs, dict):
-            return inputs
-    return None
+    return read_inputs(run.manifest(stage)) or read_inputs(run.stage(stage) / INPUTS)
 
 
 def changed_inputs(run: RunDir, stage: str) -> list[str]:
@@ -88,11 +81,13 @@ def record_inputs(run: RunDir, stage: str) -> None:
     write_json_atomic(run.stage(stage) / INPUTS, {"inputs": current_inputs(run, stage)})
 
 
-def read_inputs_file(stage_dir: Path) -> dict | None:
+def read_inputs(path: Path) -> dict | None:
+    """The `inputs` a manifest or an _inputs.json records (None: none, or unreadable)."""
     try:
-        return json.loads((Path(stage_dir) / INPUTS).read_text()).get("inputs")
+        inputs = json.loads(Path(path).read_text()).get("inputs")
     except (OSError, ValueError, AttributeError):
         return None
+    return inputs if isinstance(inputs, dict) else None
 
 
 class Overwrite:
