@@ -71,7 +71,7 @@ class ChatClient:
         results, errors, queue = [None] * len(items), [], iter(enumerate(items))
 
         def work():
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and not errors:
                 with self.lock:
                     index, item = next(queue, (None, None))
                 if index is None:
@@ -81,8 +81,7 @@ class ChatClient:
                 except Stopping:
                     return
                 except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
-                    errors.append(err)
-                    self.stopping.set()
+                    errors.append(err)  # the other workers take no new item
 
         threads = [threading.Thread(target=work, daemon=True) for _ in range(min(self.concurrency, len(items)))]
         try:
