@@ -439,3 +439,19 @@ def test_a_truncated_stage2_shard_is_named_and_its_lost_samples_counted_by_stage
         text=True,
     )
     assert check.returncode == 1 and "Traceback" not in check.stderr and shard.name in check.stdout
+
+
+def test_a_read_only_run_dir_is_one_line(tmp_path):
+    """As root permissions do not stop a write, so the run directory is a read-only mount (skipped where this user
+    cannot mount)."""
+    run_dir = tmp_path / "ro"
+    run_dir.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(run_dir)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a read-only filesystem here")
+    try:
+        proc = run_stage("stage1", run_dir, check=False)
+    finally:
+        subprocess.run(["umount", str(run_dir)], check=True)
+    one_line_error(proc, "cannot write", "Read-only file system", "check the run directory's permissions")
