@@ -255,9 +255,9 @@ def iter_samples(
     `on_error` is handed to it and skipped, and the rest are read."""
     manifest = read_manifest(run, stage)
     arrays = array_spec(manifest) if stage == "stage2" else None
-    counts = {shard["name"]: shard.get("samples") for shard in manifest["shards"]}
+    listed = {shard["name"]: shard.get("samples") for shard in manifest["shards"]}
     for path in shard_paths(run, stage):
-        read = 0
+        read, cut = 0, None
         try:
             for raw in read_shard(path, fields, keys):
                 read += 1
@@ -269,15 +269,18 @@ def iter_samples(
                     on_error(err)
                     continue
                 yield sample
-        except SchemaError as err:  # the shard is cut short: what it still held was read
-            if on_error is None or isinstance(err, SampleError):
+        except SchemaError as err:
+            if isinstance(err, SampleError):
                 raise
-            lost = (
-                f"{counts[Path(path).name] - read} samples"
-                if keys is None and counts.get(Path(path).name)
-                else "samples"
-            )
-            on_error(SampleError(Path(path).name, path, "(the rest of the shard)", f"{lost} lost: {err}"))
+            cut = err  # the shard is cut short: what it still held was read
+        expected = listed.get(Path(path).name) if keys is None else None
+        if cut is None and not (expected and read < expected):  # a cut at a member's end reads as a shorter tar
+            continue
+        lost = f"{expected - read} of its {expected} samples" if expected else "its samples after the cut"
+        error = SampleError(Path(path).name, path, "(the rest of the shard)", f"{lost} lost: {cut or 'the tar ends early (truncated)'}")
+        if on_error is None:
+            raise SchemaError(str(error))
+        on_error(error)
 
 
 def index_json(
