@@ -277,7 +277,8 @@ def iter_samples(
         if cut is None and not (expected and read < expected):  # a cut at a member's end reads as a shorter tar
             continue
         lost = f"{expected - read} of its {expected} samples" if expected else "its samples after the cut"
-        error = SampleError(Path(path).name, path, "(the rest of the shard)", f"{lost} lost: {cut or 'the tar ends early (truncated)'}")
+        why = cut or "the tar ends early (truncated)"
+        error = SampleError(Path(path).name, path, "(the rest of the shard)", f"{lost} lost: {why}")
         if on_error is None:
             raise SchemaError(str(error))
         on_error(error)
