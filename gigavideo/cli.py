@@ -54,18 +54,14 @@ def start_stage(
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: weights come from local paths
     cfg = load_config(config, section, overrides)
-    if not str(run_dir).strip():
-        raise UserError("--run_dir is empty: name the run directory (an empty one would write into this folder)")
-    run = RunDir(run_dir)
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"--run_dir {run.path} is a file, not a directory")
+    run = run_directory(run_dir)
     rank, world = rank_and_world()
     array = "SLURM_ARRAY_JOB_ID" in os.environ and world > 1  # tasks that start apart: none waits for another
     redo = Overwrite(run, stage)
     acquire(run.path, stage, rank)
     if rank == 0:
         redo.recover()  # an --overwrite that did not complete: its old outputs back (or its new ones kept)
-    elif world > 1:
+    elif world > 1 and (overwrite or redo.read() is not None or changed_inputs(run, stage)):
         redo.wait_settled(RUN_ID, array)  # until rank 0 has recovered, and set aside what it redoes
     changed = changed_inputs(run, stage)
     if run.is_complete(stage) and not overwrite and not changed and set_aside_unreadable_manifest(run, stage) is None:
@@ -78,22 +74,18 @@ def start_stage(
         if rank == 0 and world > 1 and not array:
             redo.mark_settled(RUN_ID)
         return None
-    if array and (overwrite or changed):
-        why = (
-            "--overwrite"
-            if overwrite
-            else f"{stage}'s inputs ({', '.join(changed)}) were redone since it was built: it"
-        )
+    reason = "--overwrite" if overwrite else f"{', '.join(changed)} redone since it was built" if changed else None
+    if array and reason:
         raise UserError(
-            f"{why} in a job array: its tasks start at different times, so one would set aside what the others "
-            f"wrote. Remove {run.stage(stage)} first (or run it once without the array), then submit the array."
+            f"{stage} in a job array ({reason}): its tasks start at different times, so one would set aside what the "
+            f"others wrote. Remove {run.stage(stage)} first (or run it once without the array), then submit the array."
         )
     writing_to(run.stage(stage))
     check_upstream_current(run, stage)
     checked = preflight(cfg, run) if preflight else None
     if rank == 0:
-        if overwrite or changed:
-            redo.begin(f"{', '.join(changed)} redone since it was built" if changed else "--overwrite", RUN_ID)
+        if reason:
+            redo.begin(reason, RUN_ID)
         run.stage(stage).mkdir(parents=True, exist_ok=True)
         record_inputs(run, stage)
         if world > 1 and not array:
@@ -101,6 +93,16 @@ def start_stage(
     log.info("%s: run dir %s, preset %s", stage, run.path, cfg.preset)
     log.debug("config:\n%s", to_json(cfg))
     return cfg, run, checked
+
+
+def run_directory(run_dir: str) -> RunDir:
+    """--run_dir, refused where it is empty (which would write into this folder) or names a file."""
+    if not str(run_dir).strip():
+        raise UserError("--run_dir is empty: name the run directory (an empty one would write into this folder)")
+    run = RunDir(run_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--run_dir {run.path} is a file, not a directory")
+    return run
 
 
 def _exit_on_sigterm(signum, _frame):

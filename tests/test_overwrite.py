@@ -15,7 +15,14 @@ import pytest
 from conftest import REPO, SCRIPTS, SMALL, run_stage
 
 from gigavideo.rundir.layout import RunDir, read_manifest
-from gigavideo.rundir.transaction import OVERWRITTEN, Overwrite, changed_inputs, manifest_id
+from gigavideo.rundir.transaction import (
+    OVERWRITTEN,
+    Overwrite,
+    changed_inputs,
+    content_id,
+    manifest_file_hash,
+    manifest_id,
+)
 
 
 def tree(path: Path) -> dict:
@@ -51,7 +58,7 @@ def test_a_journal_left_at_any_point_leads_to_the_old_outputs_or_the_complete_ne
     redo = Overwrite(run, "stage2")
     if killed_after == "journal":  # what begin writes before it moves anything
         moved = ["stage2", "stage3", "stage4", "eval"]
-        old = manifest_id(run, "stage2")
+        old = manifest_file_hash(run, "stage2")
         redo.journal.write_text(json.dumps({"stage": "stage2", "moved": moved, "old_manifest": old}))
     else:
         redo.begin("--overwrite", "test")
@@ -140,10 +147,15 @@ def test_stage2_redone_with_other_settings_makes_stage3_redo_itself_and_stage4_n
     assert read_manifest(run, "stage3")["inputs"] == {"stage2": manifest_id(run, "stage2")}
     assert read_manifest(run, "stage3")["completed_at"] >= old_rewards["completed_at"]
 
-    # Stage 2 redone behind the stages' back (its manifest replaced): stage 4 refuses the stale rewards, and
-    # stage 3 says it is redoing itself instead of "already complete".
+    # Stage 2 healed by a rerun (its manifest rewritten, how it ran changed): nothing downstream is stale.
     manifest = json.loads(run.manifest("stage2").read_text())
-    run.manifest("stage2").write_text(json.dumps({**manifest, "completed_at": "later"}, indent=2))
+    healed = {**manifest, "completed_at": "later", "world_size": 3}
+    run.manifest("stage2").write_text(json.dumps(healed | {"id": content_id(healed, run.path)}))
+    assert "already complete" in run_stage("stage3", scored_copy).stderr
+    # Stage 2 redone behind the stages' back with other settings: stage 4 refuses the stale rewards, and stage 3
+    # says it is redoing itself instead of "already complete".
+    other = {**manifest, "render": {**manifest["render"], "steps": 99}}
+    run.manifest("stage2").write_text(json.dumps(other | {"id": content_id(other, run.path)}))
     refused = run_stage("stage4", scored_copy, check=False)
     assert refused.returncode == 2 and "stage3 in" in refused.stderr and "earlier stage2" in refused.stderr
     redone = run_stage("stage3", scored_copy)

@@ -16,7 +16,7 @@ from gigavideo.rundir.fields import SchemaError
 from gigavideo.rundir.files import write_json_atomic
 from gigavideo.rundir.layout import MANIFEST, SET_ASIDE, RunDir
 from gigavideo.rundir.shards import discard_partial_shards, set_aside_duplicates, shard_keys
-from gigavideo.rundir.transaction import INPUTS, commit_if_redone, read_inputs
+from gigavideo.rundir.transaction import INPUTS, commit_if_redone, content_id, read_inputs
 
 log = logging.getLogger("gigavideo.rundir")
 
@@ -135,12 +135,12 @@ def finish_rank(
         failed, total = tally(failures)
         check_failed(stage, failed, total, max_failed_fraction, what)
         counted = {"samples_failed": len(failed), "samples_total": total}
+    discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
+    set_aside = set_aside_duplicates(stage_dir)  # before finalize, which may read the shards (stage 3's report)
     extra = finalize(parts) if finalize is not None else {}
     failures += extra.pop("failures", [])  # what the finalizing rank found (e.g. stage 1's real captions)
     seconds = {r: s for part in parts for r, s in part.get("device_seconds", {}).items()}
     counts = sum((Counter(part.get("counts", {})) for part in parts), Counter())  # e.g. truncated prompts
-    discard_partial_shards(stage_dir)  # every rank of this run is done: any .tmp left is from an older run
-    set_aside = set_aside_duplicates(stage_dir)
     return write_manifest(
         stage_dir,
         stage,
@@ -172,6 +172,7 @@ def write_manifest(stage_dir: Path, stage: str, info: dict) -> dict:
         **info,
         **({"inputs": inputs} if (inputs := read_inputs(Path(stage_dir) / INPUTS)) is not None else {}),
     }
+    manifest["id"] = content_id(manifest, Path(stage_dir).parent)
     write_json_atomic(Path(stage_dir) / MANIFEST, manifest)
     commit_if_redone(stage_dir, stage)  # an --overwrite's old outputs go only now
     return manifest

@@ -40,8 +40,34 @@ def downstream(stage: str) -> tuple[str, ...]:
     return PIPELINE[PIPELINE.index(stage) + 1 :] if stage in PIPELINE else ()
 
 
+# How a completion ran, not what it made: a stage rerun that only heals (a manifest rewritten, duplicates set aside)
+# keeps its identity, so the stages after it stay valid.
+HOW_IT_RAN = ("id", "completed_at", "process_seconds", "device_seconds", "world_size", "set_aside")
+
+
+def content_id(manifest: dict, run_path: Path) -> str:
+    """What identifies what a stage made, written into its manifest as `id` (so that a copied run directory keeps
+    it): a hash of the manifest (its shards and sample counts, settings, failures and own inputs), less how it ran
+    and where the run directory was."""
+    text = json.dumps({k: v for k, v in manifest.items() if k not in HOW_IT_RAN}, sort_keys=True, default=str)
+    for where in sorted({str(Path(run_path).resolve()), str(run_path)}, key=len, reverse=True):
+        text = text.replace(where, "RUN_DIR")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def manifest_id(run: RunDir, stage: str) -> str | None:
-    """What identifies one completion of a stage: its manifest's hash (None: not complete)."""
+    """The `id` of a stage's manifest (of a manifest written before ids: its bytes' hash); None: not complete."""
+    try:
+        data = run.manifest(stage).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return str(json.loads(data)["id"])
+    except (ValueError, KeyError, TypeError):
+        return hashlib.sha256(data).hexdigest()[:16]
+
+
+def manifest_file_hash(run: RunDir, stage: str) -> str | None:
     try:
         return hashlib.sha256(run.manifest(stage).read_bytes()).hexdigest()[:16]
     except FileNotFoundError:
@@ -120,7 +146,7 @@ class Overwrite:
                 )
         names = [n for n in (self.stage, *downstream(self.stage)) if os.path.lexists(self.run.stage(n))]
         self._check_space()
-        old = manifest_id(self.run, self.stage)
+        old = manifest_file_hash(self.run, self.stage)
         write_json_atomic(self.journal, {"stage": self.stage, "moved": names, "old_manifest": old, "run_id": run_id})
         for name in names:  # this stage first: while it is still in place, a rerun rolls back
             os.replace(self.run.stage(name), self.aside(name))
@@ -154,7 +180,7 @@ class Overwrite:
         journal = self.read()
         if journal is None:
             return
-        new = manifest_id(self.run, self.stage)
+        new = manifest_file_hash(self.run, self.stage)  # this very file, not its content's identity
         if new is not None and new != journal.get("old_manifest"):
             self.commit()
             return
