@@ -17,10 +17,12 @@ ROUNDS ?= 2
 
 setup: $(STAMP)
 
-# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull GBs of CUDA.
+# torch first, pinned with its torchvision (the judges' processors need it): 2.14.1 + 0.29.1, a CUDA build that also
+# runs on a CPU (5.5 GB). An unpinned torch or torchvision would pull another build; torch 2.13.0's CPU wheel has
+# no torchvision that imports.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	# VBench-2.0's prompt suite for the eval; --no-deps because the package pins ~200 heavy evaluator deps.
 	$(VENV)/bin/pip install -q --no-deps vbench2==0.1.1

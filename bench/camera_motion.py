@@ -20,9 +20,9 @@ import platform
 import time
 
 import cv2
-import fire
 import numpy as np
 
+from gigavideo.cli import run_cli
 from gigavideo.judges import camera_motion
 from gigavideo.judges.camera_clips import camera_clip
 from gigavideo.judges.camera_motion import LABELS as KINDS
@@ -163,4 +163,4 @@ def main(seed: int = 0):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

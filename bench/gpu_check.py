@@ -24,6 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from gigavideo.cli import run_cli
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
 from gigavideo.memory import GIB, asked_setting, plan_training, render_plan, tokens_per_sample
@@ -344,6 +345,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

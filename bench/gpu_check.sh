@@ -10,10 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 if [[ " $* " != *" --dry_run "* ]]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader  # no GPU: the check stops here
 fi
 "$PYTHON" -c 'import torch, deepspeed, diffusers; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, diffusers {diffusers.__version__}")'
-# Where torchvision imports (a CUDA torch), transformers' own video processor must give the judge's hand-built inputs.
-"$PYTHON" -m pytest -q tests/test_stage3.py -k hand_built_video_inputs || true
 # 8 minutes at most: a hung kernel or a slow GPU ends the check instead of the lease.
 exec timeout 480 "$PYTHON" bench/gpu_check.py "$@"

@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import fire
 import numpy as np
+from transformers import AutoProcessor, Qwen2VLVideoProcessor
 
+from gigavideo.cli import run_cli
 from gigavideo.judges.camera_clips import camera_clip
 from gigavideo.judges.inputs import LLAVA_VIDEO_FRAMES
 from gigavideo.judges.judge import OpenAIJudge, TransformersJudge
@@ -30,8 +31,8 @@ from gigavideo.tiny.judges import build_tiny_judge, build_tiny_qwen_vl_judge
 
 # The real checkpoints' processor settings that decide the token count (their configs on the hub).
 LLAVA_VIDEO_7B = {"image_size": 384, "patch_size": 14}  # SigLIP-so400m: 27x27 patches; video: pooled 2x2
-QWEN25_VL_VIDEO = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 128 * 28 * 28}
-QWEN25_VL_VIDEO |= {"max_pixels": 768 * 28 * 28, "fps": 2.0}  # Qwen2VLVideoProcessor's defaults
+QWEN25_VL_VIDEO = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "fps": 2.0}
+QWEN25_VL_VIDEO |= {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}}  # its video processor's
 
 
 def render_sized_clip(frames: int = 81, height: int = 480, width: int = 832) -> np.ndarray:
@@ -46,11 +47,13 @@ def real_judge_tokens(clip: np.ndarray, folder: Path) -> dict:
     grid = LLAVA_VIDEO_7B["image_size"] // LLAVA_VIDEO_7B["patch_size"]
     pooled = -(-grid // 2)
     llava = {"video": LLAVA_VIDEO_FRAMES * pooled**2 + 1, "images": LLAVA_VIDEO_FRAMES * (grid**2 + 1)}  # + newlines
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(QWEN25_VL_VIDEO))  # the 7B's settings
+    processor = AutoProcessor.from_pretrained(str(folder))
+    processor.video_processor = Qwen2VLVideoProcessor(**QWEN25_VL_VIDEO)  # the 7B's settings
+    processor.save_pretrained(folder)
     reader = TransformersJudge(folder, num_frames=0, clip_fps=16).reader
     reader.inputs([(clip, "Does the video show this?")])
     qwen = reader.describe()
-    per_frame = qwen["visual_tokens_per_question"] * reader.temporal // qwen["frames"]
+    per_frame = qwen["visual_tokens_per_question"] * QWEN25_VL_VIDEO["temporal_patch_size"] // qwen["frames"]
     return {
         "LLaVA-Video-7B (64 frames)": llava | {"ratio": round(llava["images"] / llava["video"], 2)},
         f"Qwen2.5-VL-7B ({qwen['frames']} frames at 2 fps, {qwen['resolution']})": {
@@ -115,4 +118,4 @@ def main(questions: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from gigavideo.cli import run_cli
 from gigavideo.config import load_config
 from gigavideo.models.families import family_for
 from gigavideo.models.rendering import Renderer
@@ -78,6 +79,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

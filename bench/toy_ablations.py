@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import fire
 import numpy as np
 
+from gigavideo.cli import run_cli
 from gigavideo.config import load_config
 from gigavideo.rundir.layout import STAGE_SCRIPTS
 
@@ -158,4 +158,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main, "train")

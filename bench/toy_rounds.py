@@ -28,8 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fire
-
+from gigavideo.cli import run_cli
 from gigavideo.eval.report import load_records
 from gigavideo.eval.stats import paired_bootstrap
 from gigavideo.rundir.files import write_json_atomic
@@ -211,4 +210,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

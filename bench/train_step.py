@@ -30,6 +30,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from gigavideo.cli import run_cli
 from gigavideo.config import load_config
 from gigavideo.distributed import single_process_defaults
 from gigavideo.models.families import family_for
@@ -268,6 +269,4 @@ def torchrun_json(flags: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

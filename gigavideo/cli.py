@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -10,9 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-from gigavideo.config import Section, defaults, docs, load_config, to_json
+from gigavideo.config import Section, defaults, docs, load_config, parse_bool, to_json
 from gigavideo.distributed import rank_and_world
-from gigavideo.errors import UserError
+from gigavideo.errors import ConfigError, UserError
 from gigavideo.rundir.completion import RUN_ID, set_aside_unreadable_manifest
 from gigavideo.rundir.files import DISK_FULL, disk_full_message, writing_to
 from gigavideo.rundir.layout import RunDir, StageNotReady
@@ -110,18 +111,32 @@ def _exit_on_sigterm(signum, _frame):
     sys.exit(128 + signum)
 
 
-def print_help(main, section: str) -> None:
-    """Fire cannot list **overrides, so --help prints the docstrings and the section's keys."""
-    script = sys.modules["__main__"]
-    print((script.__doc__ or "").strip(), "\n")
-    print(f"usage: python {sys.argv[0]} --run_dir=DIR [--config=PRESET] [--overwrite] [--KEY=VALUE ...]\n")
+FLAG_DOCS = {
+    "run_dir": "the run directory shared by all stages",
+    "config": "a preset name in configs/ or a TOML file",
+    "preset": "a preset name in configs/ or a TOML file",
+    "overwrite": "redo the stage even if it is complete (stage 4: start over, not resume)",
+}
+
+
+def print_help(main, section: str | None) -> None:
+    """Fire cannot list **overrides, so --help prints the docstrings, main's own flags and, where main takes config
+    keys, those of its section and [model]: exactly the flags the script accepts."""
+    params = inspect.signature(main).parameters
+    own = [p for p in params.values() if p.kind is not p.VAR_KEYWORD]
+    takes_keys = section is not None and len(own) < len(params)
+    print((sys.modules[main.__module__].__doc__ or "").strip(), "\n")
+    usage = " ".join(f"[--{p.name}=...]" for p in own) + (" [--KEY=VALUE ...]" if takes_keys else "")
+    print(f"usage: python {sys.argv[0]} {usage}\n")
     print((main.__doc__ or "").strip(), "\n")
-    preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), None)
-    preset = preset or inspect.signature(main).parameters["config"].default
-    print("  --run_dir=DIR     the run directory shared by all stages (default runs/demo)")
-    print(f"  --config=PRESET   a preset name in configs/ or a TOML file (default {preset})")
-    print("  --overwrite       redo the stage even if it is complete (stage 4: start over, not resume)")
-    print("  --KEY=VALUE       any key below; --SECTION.KEY=VALUE or --model_KEY=VALUE names the section\n")
+    for p in own:
+        print(f"  --{p.name}={p.default!r}  {FLAG_DOCS.get(p.name, '')}".rstrip())
+    if not takes_keys:
+        return
+    print("  --KEY=VALUE  any key below; --SECTION.KEY=VALUE or --model_KEY=VALUE names the section\n")
+    preset_flag = "config" if "config" in params else "preset"
+    preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{preset_flag}=")), None)
+    preset = preset or params[preset_flag].default
     cfg = load_config(preset, section)
     for table in dict.fromkeys((section, "model")):
         print(f"[{table}] keys: --KEY=DEFAULT  doc  (the value in preset {preset} where it differs)")
@@ -132,15 +147,42 @@ def print_help(main, section: str) -> None:
         print()
 
 
-def run_cli(main, section: str) -> None:
-    """fire.Fire(main), with user errors printed as one clear line instead of a traceback."""
+def checked_flags(main):
+    """main, with its own flags held to their defaults' types before it runs: fire passes `--overwrite=false` on
+    as the text 'false', which is true."""
+
+    @functools.wraps(main)
+    def call(*args, **kwargs):
+        signature = inspect.signature(main)
+        bound = signature.bind(*args, **kwargs)
+        for name, value in list(bound.arguments.items()):
+            param = signature.parameters[name]
+            default = param.default
+            if param.kind is param.VAR_KEYWORD or default is inspect.Parameter.empty or default is None:
+                continue
+            if isinstance(default, bool):
+                bound.arguments[name] = parse_bool(value, name)
+            elif isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"--{name}={value!r}: must be a number like {default!r}")
+            elif isinstance(default, int) and not isinstance(value, int):
+                raise ConfigError(f"--{name}={value!r}: must be a whole number")
+            elif isinstance(default, str) and isinstance(value, (int, float)):  # --run_dir=2024 is a name
+                bound.arguments[name] = str(value)
+        return main(*bound.args, **bound.kwargs)
+
+    return call
+
+
+def run_cli(main, section: str | None = None) -> None:
+    """fire.Fire(main), with user errors printed as one clear line instead of a traceback. section: the config
+    section whose keys main takes as **overrides (its --help lists them)."""
     import fire
 
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         print_help(main, section)
         return
     try:
-        fire.Fire(main)
+        fire.Fire(checked_flags(main))
     except USER_ERRORS as err:
         if os.environ.get("GIGAVIDEO_DEBUG"):
             raise

@@ -6,8 +6,11 @@ only what differs from them, one table per section: `[model]` (shared by all sta
 (stage 1), `[render]` (stage 2), `[score]` (stage 3), `[train]` (stage 4), `[eval]`, plus any
 section a plug-in registers in `PLUGIN_SECTIONS` (e.g. `[toy]`, read only where a preset or a
 flag names it). A stage script passes its own section name; a flag such as `--steps=8` is looked
-up first in that section, then in `[model]`; `--train.lr=1e-5` or `--model_path=...` names the
-section explicitly. An unknown key, in a preset or a flag, is an error.
+up in that section and in `[model]` (one that names a key of both, `--dtype` in stage 3, is an error
+naming both); `--train.lr=1e-5` or `--model_path=...` names the section explicitly. An unknown key, in
+a preset or a flag, is an error; so is a boolean other than true/false, 1/0, yes/no. A table-valued
+flag (`--model.arch_transformer='{num_layers: 4}'`) and a preset that `extends` another change only the
+entries they name; a preset's table over the defaults is whole (it describes an architecture).
 """
 
 from __future__ import annotations
@@ -474,9 +477,15 @@ class TrainConfig(Table):
     lr: float = key(1e-6, "learning rate (the paper's)", check=POSITIVE)
     weight_decay: float = key(0.0, "AdamW weight decay", check=AT_LEAST_0)
     warmup_steps: int = key(0, "linear warm-up steps", check=AT_LEAST_0)
-    micro_batch_size: int = key(1, "samples per rank and micro-step", check=AT_LEAST_1)
-    grad_accum: int = key(4, "micro-steps per optimizer step (batch 4 in the paper)", check=AT_LEAST_1)
-    max_steps: int = key(2500, "optimizer steps (~1 epoch of ~10k samples at batch 4)", check=AT_LEAST_1)
+    batch_size: int = key(
+        4,
+        "the global batch: samples per optimizer step over every process (the paper's 4); each rank accumulates "
+        "batch_size / (processes x micro_batch_size) micro-batches, which must be a whole number",
+        check=AT_LEAST_1,
+    )
+    epochs: float = key(1.0, "passes over the training samples (the paper's 1); they set the steps", check=POSITIVE)
+    micro_batch_size: int = key(1, "samples per rank and forward pass (memory, not the method)", check=AT_LEAST_1)
+    max_steps: int = key(0, "a cap on the optimizer steps; 0 = the steps the epochs make", check=AT_LEAST_0)
     weight_mapping: str = key(
         "raw",
         "reward -> weight: raw | normalized | exp | threshold | uniform | advantage (max(0, r - mean) / its mean: only "
@@ -627,8 +636,17 @@ def read_preset(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: extends = {parent!r} must be a preset's name or path, in quotes")
     merged = read_preset(resolve_preset(parent), (*seen, path))
     for name, table in raw.items():
-        merged.setdefault(name, {}).update(table)
+        merged[name] = deep_merge(merged.get(name, {}), table)
     return merged
+
+
+def deep_merge(current: dict, update: dict) -> dict:
+    """`current` with the entries `update` names replaced, table within table (the others kept)."""
+    out = copy.deepcopy(current)
+    for name, value in update.items():
+        both_tables = isinstance(out.get(name), dict) and isinstance(value, dict)
+        out[name] = deep_merge(out[name], value) if both_tables else copy.deepcopy(value)
+    return out
 
 
 def load_config(config: str, section: str, overrides: dict | None = None) -> Section:
@@ -644,8 +662,9 @@ def load_config(config: str, section: str, overrides: dict | None = None) -> Sec
     for name, table in raw.items():
         for k, value in table.items():
             if k not in cfg[name]:
-                raise ConfigError(f"{path}: unknown key {k!r} in [{name}]; known: {sorted(cfg[name])}")
-            cfg[name][k] = _coerce(cfg[name][k], value, f"{name}.{k}")
+                raise ConfigError(f"{path}: unknown key {k!r} in [{name}]{_retired(k)}; known: {sorted(cfg[name])}")
+            # A preset's table (an architecture) is whole; a flag changes only the entries it names.
+            cfg[name][k] = _coerce(cfg[name][k], value, f"{name}.{k}", merge=False)
     cfg["preset"] = str(path)
     for k, value in (overrides or {}).items():
         _apply_override(cfg, section, k, value)
@@ -704,34 +723,59 @@ def _names_section(overrides: dict | None, name: str) -> bool:
     return any(k.startswith((f"{name}.", f"{name}_")) for k in overrides or {})
 
 
+# Keys that are gone, and what replaced them.
+RETIRED = {
+    "grad_accum": "the accumulation is derived from the global train.batch_size, micro_batch_size and the processes"
+}
+
+
+def _retired(name: str) -> str:
+    return f" ({name} is retired: {RETIRED[name]})" if name in RETIRED else ""
+
+
 def _apply_override(cfg: Section, section: str, key: str, value) -> None:
     tables = [t for t in cfg if isinstance(cfg[t], Table)]
     if "." in key:
         table, _, name = key.partition(".")
         if table not in tables or name not in cfg[table]:
-            raise ConfigError(f"unknown flag --{key}: no key {name!r} in [{table}] of {cfg.preset}")
+            raise ConfigError(f"unknown flag --{key}: no key {name!r} in [{table}] of {cfg.preset}{_retired(name)}")
         cfg[table][name] = _coerce(cfg[table][name], value, key)
         return
-    for table in (section, "model"):
-        if key in cfg[table]:
-            cfg[table][key] = _coerce(cfg[table][key], value, key)
-            return
+    found = [(table, key) for table in dict.fromkeys((section, "model")) if key in cfg[table]]
     table, _, name = key.partition("_")  # --model_path is model.path
     if table in tables and name in cfg[table]:
+        found.append((table, name))
+    if len(found) > 1:
+        both = " and ".join(f"{t}.{n}" for t, n in found)
+        raise ConfigError(f"--{key} matches {both}: name one, e.g. --{found[0][0]}.{found[0][1]}={value}")
+    if found:
+        table, name = found[0]
         cfg[table][name] = _coerce(cfg[table][name], value, key)
         return
     known = sorted(cfg[section]) + sorted(f"model.{k}" for k in cfg["model"])
-    raise ConfigError(f"unknown flag --{key} for [{section}]; known keys: {known}")
+    raise ConfigError(f"unknown flag --{key} for [{section}]{_retired(key)}; known keys: {known}")
 
 
-def _coerce(current, value, key):
-    """Make a preset's or a flag's value match the default's type, so `--steps=4` stays an int."""
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_bool(value, name: str) -> bool:
+    """true/false, 1/0, yes/no (any case), and nothing else: `--vae_slicing=on` is an error, not False."""
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text in TRUE + FALSE:
+        return value if isinstance(value, bool) else text in TRUE
+    raise ConfigError(f"--{name}={value!r}: must be true or false (true/false, 1/0, yes/no)")
+
+
+def _coerce(current, value, key, merge: bool = True):
+    """Make a preset's or a flag's value match the default's type, so `--steps=4` stays an int; a table-valued
+    flag changes only the entries it names (merge)."""
     if current is None or value is None:
         return value
     if isinstance(current, bool):
-        if isinstance(value, str):
-            return value.lower() in ("1", "true", "yes")
-        return bool(value)
+        return parse_bool(value, key)
+    if isinstance(current, dict) and isinstance(value, dict) and merge:
+        return deep_merge(current, value)
     if isinstance(current, (int, float)) and not isinstance(value, bool):
         if isinstance(current, int) and isinstance(value, float) and value != int(value):
             return value  # an int default given a fraction keeps the fraction

@@ -40,15 +40,13 @@ class TrainSetting:
     offload: bool
     checkpointing: bool
     mode: str
-    micro_batch: int
-    grad_accum: int
+    micro_batch: int  # per rank: the global batch stays as set, the accumulation makes up the rest
     validation: bool
 
     def flags(self, ds_config: str) -> str:
         return (
             f"--ds_config={ds_config} --gradient_checkpointing={self.checkpointing} --mode={self.mode} "
-            f"--micro_batch_size={self.micro_batch} --grad_accum={self.grad_accum}"
-            + ("" if self.validation else " --sample_every=0")
+            f"--micro_batch_size={self.micro_batch}" + ("" if self.validation else " --sample_every=0")
         )
 
 
@@ -230,10 +228,7 @@ def plan_training(cfg, setting: TrainSetting, nodes: int, per_node: int, zero_cf
 
 def alternatives(setting: TrainSetting) -> list[tuple[float, TrainSetting]]:
     """Every setting within reach, with a cost: the slowdown or change of method it brings."""
-    batch = setting.micro_batch * setting.grad_accum
-    micros = sorted(
-        {m for m in (setting.micro_batch, 4, 2, 1) if m <= setting.micro_batch and batch % m == 0}, reverse=True
-    )
+    micros = sorted({m for m in (setting.micro_batch, 4, 2, 1) if setting.micro_batch % m == 0}, reverse=True)
     found = []
     choices = itertools.product(DS_CONFIGS, (False, True), ("full", "lora"), micros, (True, False))
     for (zero, offload), checkpointing, mode, micro, validation in choices:
@@ -247,7 +242,7 @@ def alternatives(setting: TrainSetting) -> list[tuple[float, TrainSetting]]:
             + (setting.micro_batch // micro - 1) * 0.5
             + (setting.validation and not validation) * 0.5  # no validation videos while training
         )
-        found.append((cost, TrainSetting(zero, offload, checkpointing, mode, micro, batch // micro, validation)))
+        found.append((cost, TrainSetting(zero, offload, checkpointing, mode, micro, validation)))
     return sorted(found, key=lambda c: c[0])
 
 
@@ -261,7 +256,6 @@ def asked_setting(cfg, ds_config: dict) -> TrainSetting:
         tc.gradient_checkpointing,
         tc.mode,
         tc.micro_batch_size,
-        tc.grad_accum,
         tc.sample_every > 0,
     )
 

@@ -13,12 +13,21 @@ shards and stage2/manifest.json, then rerunning stage 2 without --overwrite: it 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from gigavideo.rundir.layout import RunDir
+from gigavideo.cli import run_cli
+from gigavideo.errors import UserError
+from gigavideo.rundir.layout import STAGE_SCRIPTS, RunDir
 from gigavideo.rundir.shards import iter_samples
 
 
 def main(run_dir: str = "runs/demo", stage: str = "stage2") -> None:
+    folder = Path(run_dir)
+    if folder.name in STAGE_SCRIPTS and not (folder / folder.name).is_dir():
+        raise UserError(
+            f"{folder} is a stage's folder; --run_dir is the run directory: --run_dir={folder.parent} "
+            f"--stage={folder.name}"
+        )
     bad = []
     good = sum(1 for _ in iter_samples(RunDir(run_dir), stage, on_error=bad.append))
     for err in bad:
@@ -28,6 +37,4 @@ def main(run_dir: str = "runs/demo", stage: str = "stage2") -> None:
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from gigavideo.cli import run_cli
 from gigavideo.config import PLUGIN_SECTIONS, SECTIONS, section_class
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -54,18 +55,18 @@ def reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main(check: bool = False) -> int:
+def main(check: bool = False) -> None:
+    """Write docs/config.md; --check: exit 1 where it is out of date, writing nothing."""
     text = reference()
     if check:
         if not REFERENCE.is_file() or REFERENCE.read_text() != text:
             print(f"{REFERENCE} is out of date: run python scripts/config_reference.py", file=sys.stderr)
-            return 1
-        return 0
+            sys.exit(1)
+        return
     REFERENCE.parent.mkdir(exist_ok=True)
     REFERENCE.write_text(text)
     print(f"wrote {REFERENCE}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main("--check" in sys.argv[1:]))
+    run_cli(main)

@@ -21,7 +21,7 @@ from gigavideo.cli import pick_device, run_cli, start_stage
 from gigavideo.distributed import my_share, rank_and_world
 from gigavideo.errors import ConfigError, UserError
 from gigavideo.eval.rewards import report
-from gigavideo.judges.judge import check_judge, load_judge
+from gigavideo.judges.judge import check_judge, describe_judge, load_judge
 from gigavideo.judges.scoring import (
     AGGREGATES,
     detector_for,
@@ -107,6 +107,8 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     out = run.stage("stage3")
     videos, unreadable, keyless = videos_to_score(run)
     judge = load_judge(cfg.score, run, pick_device(cfg.model.device))
+    if rank == 0:
+        log.info("stage 3: %s", describe_judge(judge))
     drop_failed_records(out, rank_prefix(rank))  # an unfinished stage: its failed samples are tried again
     done = resume_rank(out, rank)
     mine = set(k for k in my_share(list(videos), rank, world) if k not in done)

@@ -46,6 +46,8 @@ from gigavideo.models.export import SUMMARY_FILE, assemble_export
 from gigavideo.models.families import family_for
 from gigavideo.rundir.completion import finish_rank
 from gigavideo.rundir.layout import read_manifest
+from gigavideo.train.batch import describe as describe_batch
+from gigavideo.train.batch import plan_batch
 from gigavideo.train.data import check_latents, check_scored, training_weights
 from gigavideo.train.ds_config import build_ds_config
 from gigavideo.train.loop import StopRequest, compute_dtype
@@ -107,14 +109,16 @@ def main(run_dir: str = "runs/demo", config: str = "tiny", overwrite: bool = Fal
     rank, world = dist.get_rank(), dist.get_world_size()
     stop = StopRequest(run.stage("stage4") / STOP_FILE, rank)
     weights, data_stats, unreadable = training_weights(run, cfg.train)
+    length = plan_batch(cfg.train, world).length(len(weights), cfg.train.epochs, cfg.train.max_steps)
     if rank == 0:
         log.info("training data: %s", data_stats)
+        log.info("stage 4: %s", describe_batch(length))
     trained = {}
     for expert in experts:  # one after the other: one expert's model and optimizer state in memory at a time
         trained[expert.component] = target = run.stage("stage4") / "trained" / expert.component
         if target.is_dir():
             continue  # trained before a stop or a failure of a later expert
-        if train_expert(cfg, run, family, expert, base, ds_config, weights, unreadable, stop) is None:
+        if train_expert(cfg, run, family, expert, base, ds_config, weights, unreadable, length, stop) is None:
             log.warning("stopped on request; rerun (or the requeued job) resumes from the last checkpoint")
             stop.mark_stopped()
             dist.barrier()

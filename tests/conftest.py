@@ -21,7 +21,7 @@ SMALL = {
     "stage1": ["--num_per_dimension=3", "--real_captions=procedural:3"],
     "stage2": [],
     "stage3": [],
-    "stage4": ["--max_steps=4", "--save_every=2", "--sample_every=2"],
+    "stage4": ["--batch_size=2", "--max_steps=4", "--save_every=2", "--sample_every=2"],
     "eval": ["--prompts_per_dimension=2", "--suites=[heldout,vbench2]", "--vbench2_prompts_per_dimension=1"],
 }
 

@@ -27,35 +27,91 @@ def test_unknown_flag_and_unknown_preset_are_errors():
 def test_paper_preset_is_the_paper_setting():
     cfg = load_config("wan2.1-t2v-1.3b", "train")
     assert (cfg.render.width, cfg.render.height, cfg.render.num_frames, cfg.render.fps) == (832, 480, 81, 16)
-    assert cfg.train.lr == 1e-6 and cfg.train.micro_batch_size * cfg.train.grad_accum == 4
+    assert cfg.train.lr == 1e-6 and (cfg.train.batch_size, cfg.train.epochs, cfg.train.max_steps) == (4, 1.0, 0)
     assert cfg.model.kind == "wan"
 
 
 HELP_ALL = """
-import runpy, sys
+import inspect, runpy, sys
 for script in sys.argv[1:]:
     sys.argv = [script, "--help"]
     print(f"=== {script}", flush=True)
     try:
-        runpy.run_path(script, run_name="__main__")
+        main = runpy.run_path(script, run_name="__main__")["main"]
     except SystemExit as exit:
         if exit.code:
             sys.exit(f"{script} --help exited {exit.code}")
+    print("ACCEPTS", *inspect.signature(main).parameters, flush=True)
 """
+USER_SCRIPTS = sorted(
+    {str(REPO / s) for s in SCRIPTS.values()}
+    | {str(p) for d in ("bench", "scripts", "eval") for p in (REPO / d).glob("*.py")}
+)
 
 
-def test_every_script_has_a_useful_help():
-    """Each script's --help, all in one process (the imports, not the help, cost seconds)."""
-    scripts = [str(REPO / SCRIPTS[stage]) for stage in sorted(SCRIPTS)]
+def test_every_script_has_a_help_that_lists_exactly_the_flags_it_accepts():
+    """Each script's --help, all in one process (the imports, not the help, cost seconds): its own flags (main's
+    parameters), and the config keys where main takes them (**overrides): rounds.py lists no --overwrite."""
     out = subprocess.run(
-        [sys.executable, "-c", HELP_ALL, *scripts], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-c", HELP_ALL, *USER_SCRIPTS], capture_output=True, text=True, cwd=REPO, timeout=300
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr[-3000:]
     helps = out.stdout.split("=== ")[1:]
-    assert [h.split("\n", 1)[0] for h in helps] == scripts
-    for script, text in zip(scripts, helps, strict=True):
-        assert "--run_dir" in text and "[model] keys" in text and "--dtype=" in text, script
+    assert [h.split("\n", 1)[0] for h in helps] == USER_SCRIPTS
+    for script, text in zip(USER_SCRIPTS, helps, strict=True):
+        text, accepts = text.rsplit("ACCEPTS", 1)
+        params = accepts.split()
+        listed = [line.split("=", 1)[0][4:] for line in text.splitlines() if line.startswith("  --")]
+        takes_keys = "overrides" in params or "train_flags" in params
+        own = [p for p in params if p not in ("overrides", "train_flags")]
+        if takes_keys:
+            assert listed[: len(own) + 1] == [*own, "KEY"] and "[model] keys" in text, script
+        else:
+            assert listed == own, script
+    rounds = helps[USER_SCRIPTS.index(str(REPO / "eval/rounds.py"))]
+    assert "--rounds=" in rounds and "--overwrite" not in rounds
+    assert "--overwrite" in helps[USER_SCRIPTS.index(str(REPO / SCRIPTS["stage4"]))]
     assert "--model_path" not in out.stderr
+
+
+def test_a_boolean_is_true_or_false_and_nothing_else():
+    import fire
+
+    from gigavideo.cli import checked_flags
+
+    for given, meant in (("true", True), ("False", False), ("1", True), ("0", False), ("yes", True), ("NO", False)):
+        assert load_config("tiny", "render", {"vae_slicing": given}).render.vae_slicing is meant
+    for given in ("on", "flase", "2", ""):
+        with pytest.raises(ConfigError, match=f"--vae_slicing='{given}': must be true or false"):
+            load_config("tiny", "render", {"vae_slicing": given})
+
+    def main(overwrite: bool = False, rounds: int = 2, **overrides):
+        return overwrite, rounds
+
+    # fire passes --overwrite=false on as the text 'false', which is true: a stage would have overwritten
+    assert fire.Fire(checked_flags(main), command=["--overwrite=false"]) == (False, 2)
+    assert fire.Fire(checked_flags(main), command=["--overwrite"]) == (True, 2)
+    with pytest.raises(ConfigError, match="--overwrite='flase': must be true or false"):
+        fire.Fire(checked_flags(main), command=["--overwrite=flase"])
+    with pytest.raises(ConfigError, match="--rounds='many': must be a number"):
+        fire.Fire(checked_flags(main), command=["--rounds=many"])
+
+
+def test_a_table_flag_changes_only_the_entries_it_names_and_so_does_a_preset_that_extends(tmp_path):
+    tiny = load_config("tiny", "render").model.arch_transformer
+    cfg = load_config("tiny", "render", {"model.arch_transformer": {"num_layers": 4}})
+    assert cfg.model.arch_transformer == tiny | {"num_layers": 4}
+    (tmp_path / "deeper.toml").write_text('extends = "tiny"\n[model]\narch_transformer = { num_layers = 3 }\n')
+    assert load_config(str(tmp_path / "deeper.toml"), "render").model.arch_transformer == tiny | {"num_layers": 3}
+
+
+def test_a_short_flag_that_names_keys_of_two_sections_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match=r"--dtype matches score\.dtype and model\.dtype: name one"):
+        load_config("tiny", "score", {"dtype": "float32"})
+    assert load_config("tiny", "score", {"score.dtype": "bfloat16"}).score.dtype == "bfloat16"
+    assert load_config("tiny", "render", {"dtype": "bfloat16"}).model.dtype == "bfloat16"  # render has none
+    with pytest.raises(ConfigError, match="grad_accum is retired"):
+        load_config("tiny", "train", {"grad_accum": 2})
 
 
 def test_presets_list_only_what_differs_from_the_documented_defaults():
@@ -89,7 +145,7 @@ def test_a_preset_extends_another_and_its_own_keys_win(tmp_path):
     (tmp_path / "child.toml").write_text('extends = "tiny"\n[render]\nsteps = 7\n[model]\nfamily = "wan2.2-a14b"\n')
     cfg = load_config(str(tmp_path / "child.toml"), "render")
     assert cfg.render.steps == 7 and cfg.render.height == 64 and cfg.model.kind == "tiny"  # tiny's, kept
-    assert cfg.model.family == "wan2.2-a14b" and cfg.train.max_steps == 12
+    assert cfg.model.family == "wan2.2-a14b" and cfg.train.save_every == 3
     (tmp_path / "a.toml").write_text(f'extends = "{tmp_path / "b.toml"}"\n')
     (tmp_path / "b.toml").write_text(f'extends = "{tmp_path / "a.toml"}"\n')
     with pytest.raises(ConfigError, match="cycle"):
@@ -104,7 +160,7 @@ def test_the_configuration_reference_is_generated_from_the_typed_config_and_up_t
     reference = (REPO / "docs" / "config.md").read_text()
     for name in ("model", "prompts", "render", "score", "train", "eval", "toy"):
         assert f"## [{name}]" in reference
-    assert "| `max_steps` | `2500` | >= 1 |" in reference  # a key, its default and its range
+    assert "| `batch_size` | `4` | >= 1 |" in reference  # a key, its default and its range
 
 
 def test_the_readme_example_preset_loads(tmp_path):

@@ -95,7 +95,7 @@ def test_training_one_expert_leaves_the_other_bit_identical_and_samples_only_its
 ):
     run_dir = tmp_path / "run"
     shutil.copytree(scored_a14b, run_dir)
-    run_stage("stage4", run_dir, A14B, f"--expert={expert}", "--lr=1e-2", "--max_steps=6")
+    run_stage("stage4", run_dir, A14B, f"--expert={expert}", "--lr=1e-2", "--max_steps=6", "--batch_size=2")
     run = RunDir(run_dir)
     trained = "transformer_2" if other == "transformer" else "transformer"
     untouched, base = weights(run.export / other), weights(run.models / "base" / other)
@@ -115,7 +115,7 @@ def test_training_one_expert_leaves_the_other_bit_identical_and_samples_only_its
 
 @pytest.mark.slow
 def test_a_killed_and_resumed_two_expert_run_has_the_loss_curves_of_an_uninterrupted_one(scored_a14b, tmp_path):
-    args = [A14B, "--max_steps=150", "--save_every=10", "--micro_batch_size=1", "--shuffle_buffer=4"]
+    args = [A14B, "--batch_size=1", "--max_steps=150", "--save_every=10", "--shuffle_buffer=4"]
     args += ["--sample_every=0"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for run_dir in (whole, killed):

@@ -72,10 +72,10 @@ def test_every_number_key_has_a_range_and_a_bad_value_is_refused_naming_the_key_
             if isinstance(f.default_factory(), (int, float)) and not isinstance(f.default_factory(), bool):
                 assert f.metadata.get("check") is not None, f"{name}.{f.name} has no range"
     bad = [  # values as fire gives them from the command line
-        ("train.max_steps", 0, "train.max_steps = 0: must be >= 1"),
-        ("train.max_steps", -3, "train.max_steps = -3: must be >= 1"),
+        ("train.batch_size", 0, "train.batch_size = 0: must be >= 1"),
+        ("train.epochs", 0, "train.epochs = 0.0: must be > 0"),
+        ("train.max_steps", -3, "train.max_steps = -3: must be >= 0"),
         ("train.micro_batch_size", 0, "train.micro_batch_size = 0: must be >= 1"),
-        ("train.grad_accum", 0, "train.grad_accum = 0: must be >= 1"),
         ("train.lr", -0.001, "train.lr = -0.001: must be > 0"),
         ("train.save_every", 0, "train.save_every = 0: must be >= 1"),
         ("train.max_steps", 2.5, "train.max_steps = 2.5: must be a whole number"),
@@ -105,7 +105,7 @@ def test_a_bad_value_with_overwrite_removes_nothing_and_is_one_line(trained_copy
     cases = [  # one per stage that has finished work to lose (every key's check: the test above)
         ("stage2", "--steps=0", "render.steps = 0"),
         ("stage3", "--num_frames=-1", "score.num_frames = -1"),
-        ("stage4", "--max_steps=0", "train.max_steps = 0"),
+        ("stage4", "--batch_size=0", "train.batch_size = 0"),
         ("stage4", "--lr=-1e-5", "train.lr = -1e-05"),
         ("eval", "--prompts_per_dimension=0", "eval.prompts_per_dimension = 0"),
     ]

@@ -79,7 +79,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(scored_copy):
 def test_sigterm_checkpoints_exits_3_and_the_resumed_loss_curve_is_an_uninterrupted_one(scored_run, tmp_path):
     from test_stage4 import loss_curve
 
-    args = ["--max_steps=200", "--save_every=20", "--sample_every=0", "--micro_batch_size=1", "--shuffle_buffer=4"]
+    args = ["--batch_size=1", "--max_steps=200", "--save_every=20", "--sample_every=0", "--shuffle_buffer=4"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     for run_dir in (whole, stopped):
         shutil.copytree(scored_run, run_dir)
@@ -214,7 +214,7 @@ def test_when_one_rank_of_stage4_dies_the_other_fails_within_the_timeout_and_a_r
         "--max_steps=100000",
         "--save_every=5",
         "--sample_every=0",
-        "--micro_batch_size=1",
+        "--batch_size=2",
         "--collective_timeout_s=30",
     ]
     port = 29000 + os.getpid() % 1000
@@ -391,7 +391,7 @@ def stage4_killed_after(run_dir, nproc: int, args: list[str], step: int) -> int:
 @pytest.mark.slow
 def test_stage4_resumes_with_another_number_of_processes_and_refuses_another_mode_in_one_line(scored_copy):
     """1 process, then 2 (a requeue got more GPUs), then 1 again; a change a checkpoint cannot take is refused."""
-    args = ["--max_steps=40", "--save_every=2", "--sample_every=0", "--micro_batch_size=1"]
+    args = ["--max_steps=40", "--save_every=2", "--sample_every=0", "--batch_size=2"]
     first = stage4_killed_after(scored_copy, 1, args, 0)
     second = stage4_killed_after(scored_copy, 2, args, first)  # resumed from 1 rank's checkpoint
     checkpoints = RunDir(scored_copy).checkpoints
@@ -407,6 +407,8 @@ def test_stage4_resumes_with_another_number_of_processes_and_refuses_another_mod
     assert f"at step {second}" in resumed.stderr
     manifest = read_manifest(RunDir(scored_copy), "stage4")
     assert manifest["steps"] == 40 and manifest["world_size"] == 1 and np.isfinite(manifest["final_loss"])
+    # the global batch held over 1, 2 and 1 processes: 40 steps of 2 samples
+    assert manifest["batch"]["global_batch_size"] == 2 and manifest["batch"]["samples_seen"] == 80
 
 
 @pytest.mark.slow

@@ -205,6 +205,7 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
                 f"--output={log}",
                 "--open-mode=append",
                 "slurm/stage4.sh",
+                "--batch_size=2",
                 "--max_steps=150",
                 "--save_every=10",
                 "--sample_every=50",

@@ -189,11 +189,14 @@ def test_qwen_vl_judges_score_stage2_videos_as_video_through_the_same_judge_path
     folder = tmp_path / f"qwen{version}"
     folder.mkdir()
     build_tiny_qwen_vl_judge(folder, version)
-    run_stage("stage3", scored_copy, "--overwrite", "--judge=transformers", f"--judge_path={folder}", "--dtype=float32")
+    run_stage(
+        "stage3", scored_copy, "--overwrite", "--judge=transformers", f"--judge_path={folder}", "--score.dtype=float32"
+    )
     records = index_json(RunDir(scored_copy), "stage3")
     assert all(r["status"] == "ok" and 0 < r["scores"]["vlm:0"]["p_yes"] < 1 for r in records.values())
     recorded = read_manifest(RunDir(scored_copy), "stage3")["judge_input"]
-    side = 56 if version == "2.5" else 64  # the 64x64 clips at multiples of 28 (patch 14) or 32 (patch 16)
+    # the 64x64 clips at multiples of 28 (patch 14), or of 32 (patch 16) within Qwen3-VL's per-frame pixel cap
+    side = 56 if version == "2.5" else 32
     tokens = 2 * (side // (14 if version == "2.5" else 16)) ** 2 // 4  # 2 temporal patches, merged 2x2
     assert recorded == {"input": "video", "frames": 4, "resolution": [side, side], "visual_tokens_per_question": tokens}
 
@@ -222,7 +225,7 @@ def test_every_video_judge_also_reads_frames_as_images_and_its_model_takes_them(
     video, images = (TransformersJudge(tmp_path, num_frames=4, form=form) for form in ("video", "images"))
     clips = [(make_clip(seed, 64, 64, 9)[0], f"is there a square? {seed}") for seed in (0, 1)]
     inputs = images.reader.inputs(clips)
-    image_token = images.reader.image_token_id
+    image_token = images.reader.token_id
     per_question = images.input["visual_tokens_per_question"]
     assert (inputs["input_ids"] == image_token).sum(dim=1).tolist() == [per_question] * 2
     video.reader.inputs(clips[:1])
@@ -233,29 +236,45 @@ def test_every_video_judge_also_reads_frames_as_images_and_its_model_takes_them(
     assert all(0 < s["p_yes"] < 1 for s in scores) and images.input["input"] == "images"
 
 
-def test_the_hand_built_video_inputs_are_what_transformers_video_processor_gives(tmp_path):
-    """Where torchvision imports (a CUDA cluster's torch; bench/gpu_check.sh runs it), the LLaVA-OneVision video
-    processor loads from the tiny judge's files and must give the reader's tensors and token count."""
-    pytest.importorskip("torchvision")
+@pytest.mark.parametrize("family", ["llava-onevision", "qwen2.5-vl", "qwen3-vl"])
+def test_the_judge_inputs_are_its_processors_own_on_a_stage2_clip(family, scored_run, tmp_path):
+    """Token ids and pixel tensors, against the checkpoint's AutoProcessor called by hand on the frames the model
+    card says (4 sampled uniformly, at the clip's own times: stage 2's fps)."""
     import torch
     from transformers import AutoProcessor
+    from transformers.video_utils import VideoMetadata
 
-    from gigavideo.judges.judge import TransformersJudge
-    from gigavideo.tiny.judges import build_tiny_judge
+    from gigavideo.judges.judge import TransformersJudge, clip_fps
+    from gigavideo.rundir.fields import decode_video
+    from gigavideo.rundir.shards import iter_samples
+    from gigavideo.tiny.judges import build_tiny_judge, build_tiny_qwen_vl_judge
 
-    build_tiny_judge({"tiny_image_size": 32, "tiny_patch_size": 8, "tiny_seed": 0}, tmp_path)
-    reader = TransformersJudge(tmp_path, num_frames=4).reader
-    frames, _ = make_clip(0, 64, 64, 9)
-    ours = reader.inputs([(frames, "does the video show a camera")])
+    if family == "llava-onevision":
+        build_tiny_judge({"tiny_image_size": 32, "tiny_patch_size": 8, "tiny_seed": 0}, tmp_path)
+    else:
+        build_tiny_qwen_vl_judge(tmp_path, family.removeprefix("qwen").removesuffix("-vl"))
+    sample = next(iter_samples(RunDir(scored_run), "stage2", fields=("json", "mp4")))
+    clip, question = decode_video(sample, "mp4"), "does the video show a camera"
+    fps = clip_fps(RunDir(scored_run))
+    ours = TransformersJudge(tmp_path, num_frames=4, clip_fps=fps).reader.inputs([(clip, question)])
+
     processor = AutoProcessor.from_pretrained(str(tmp_path))
-    chosen = frames[[0, 3, 5, 8]]  # sample_indices(9, 4)
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "does the video show a camera"}]}],
-        add_generation_prompt=True,
+    indices = [round(i * (len(clip) - 1) / 3) for i in range(4)]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    metadata = VideoMetadata(total_num_frames=len(clip), fps=fps, frames_indices=indices)
+    extra = {} if family == "llava-onevision" else {"cap_pixels_per_frame": True}
+    theirs = processor(
+        text=[text],
+        videos=[clip[indices]],
+        video_metadata=[metadata],
+        do_sample_frames=False,
+        return_tensors="pt",
+        **extra,
     )
-    theirs = processor(videos=[chosen], text=[text], return_tensors="pt")
-    assert torch.equal(ours["input_ids"], theirs["input_ids"])
-    assert torch.allclose(ours["pixel_values_videos"], theirs["pixel_values_videos"], atol=1e-5)
+    assert set(ours) == set(theirs) and "pixel_values_videos" in ours
+    for key, value in theirs.items():
+        assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(value)), key
 
 
 @pytest.mark.slow

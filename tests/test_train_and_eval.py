@@ -92,7 +92,7 @@ def test_checkpoints_convert_with_zero_to_fp32(trained_run, tmp_path):
 def test_inconsistent_deepspeed_batch_sizes_fail_before_any_compute(tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_batch_size": 99, "zero_optimization": {"stage": 2}}))
-    train = {"ds_config": str(config), "micro_batch_size": 2, "grad_accum": 3, "precision": "fp32"}
+    train = {"ds_config": str(config), "micro_batch_size": 2, "batch_size": 12, "precision": "fp32"}
     with pytest.raises(ValueError, match=r"ds\.json: train_batch_size=99 but the flags give 12"):
         build_ds_config(train, world_size=2)
     filled = build_ds_config(train | {"ds_config": "ds_configs/zero2.json"}, world_size=2)
@@ -117,7 +117,8 @@ from gigavideo.train.loss import batch_loss
 
 single_process_defaults()
 deepspeed.init_distributed(dist_backend="gloo")
-cfg = load_config("tiny", "train", {"micro_batch_size": 1, "grad_accum": 1, "precision": sys.argv[1]})
+cfg = load_config("tiny", "train", {"micro_batch_size": 1, "precision": sys.argv[1]})
+cfg.train.batch_size = dist.get_world_size()
 dtype = torch.bfloat16 if sys.argv[1] == "bf16" else torch.float32
 gen = torch.Generator().manual_seed(dist.get_rank())
 z0, embeds = torch.randn(1, 16, 3, 8, 8, generator=gen), torch.randn(1, 10, 32, generator=gen)
@@ -148,7 +149,7 @@ dist.destroy_process_group()  # no collective left in flight at exit
 
 
 def test_zero2_drops_per_step_costs_that_buy_nothing_here():
-    train = {"ds_config": "ds_configs/zero2.json", "micro_batch_size": 1, "grad_accum": 1, "precision": "fp32"}
+    train = {"ds_config": "ds_configs/zero2.json", "micro_batch_size": 1, "batch_size": 2, "precision": "fp32"}
     one = build_ds_config(train, world_size=1)["zero_optimization"]
     assert (one["stage"], one["overlap_comm"], one["contiguous_gradients"], one["reduce_scatter"]) == (
         1,

@@ -36,6 +36,13 @@ def clip_fps(run: RunDir) -> float:
     return float(fps or DEFAULT_CLIP_FPS)
 
 
+def clip_shape(run: RunDir) -> tuple[int, int, int, int] | None:
+    """(frames, height, width, 3) of stage 2's clips, where its manifest says them."""
+    render = read_manifest(run, "stage2").get("render", {}) if run.is_complete("stage2") else {}
+    sides = [render.get(k) for k in ("num_frames", "height", "width")]
+    return (*sides, 3) if all(isinstance(v, int) and v > 0 for v in sides) else None
+
+
 def judge_path(score_cfg: dict, run: RunDir) -> Path:
     """`score.judge_path` if set, else (tiny preset) RUN_DIR/models/judge, built once."""
     if score_cfg.get("judge_path"):
@@ -98,6 +105,7 @@ class TransformersJudge:
             batch_size=score_cfg["batch_size"],
             clip_fps=clip_fps(run),
             form=score_cfg["judge_input"],
+            clip_shape=clip_shape(run),
         )
 
     def __init__(
@@ -109,6 +117,7 @@ class TransformersJudge:
         batch_size: int = 4,
         clip_fps: float = DEFAULT_CLIP_FPS,
         form: str = "video",
+        clip_shape: tuple | None = None,
     ):
         from transformers import AutoModelForImageTextToText
 
@@ -120,6 +129,8 @@ class TransformersJudge:
         tokenizer = self.reader.tokenizer
         self.yes_ids = self._answer_ids(tokenizer, ("yes", "Yes", " yes", " Yes"))
         self.no_ids = self._answer_ids(tokenizer, ("no", "No", " no", " No"))
+        if clip_shape:  # read a blank clip of stage 2's shape: how it sees one is known before the first
+            self.reader.inputs([(np.zeros(clip_shape, dtype=np.uint8), "?")])
 
     @property
     def input(self) -> dict:
@@ -313,3 +324,10 @@ def check_judge(score_cfg: dict, run: RunDir) -> None:
 
 def load_judge(score_cfg: dict, run: RunDir, device):
     return resolve(JUDGES, score_cfg["judge"], "score.judge").load(score_cfg, run, device)
+
+
+def describe_judge(judge) -> str:
+    """One line: the judge, its model class, and how it sees a clip (input form, frames, visual tokens a question)."""
+    model = getattr(judge, "model", None)
+    seen = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (getattr(judge, "input", None) or {}).items())
+    return f"judge {judge.name}" + (f" ({type(model).__name__})" if model is not None else "") + f"; {seen}"

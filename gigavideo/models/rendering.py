@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gigavideo.distributed import rank_and_world
 from gigavideo.errors import ConfigError
 from gigavideo.models import attention
 from gigavideo.models.pipeline import decode_latents, encode_video
@@ -94,6 +95,8 @@ class Renderer:
         self.sampler_kwargs = family.sampler_kwargs(render_cfg)
         self.max_sequence_length = int(max_sequence_length)
         self.truncated: list[str] = []  # keys of the prompts longer than max_sequence_length
+        if rank_and_world()[0] == 0:
+            log.info("rendering %s", self.describe())
 
     def settings(self) -> dict:
         keys = (
@@ -113,6 +116,14 @@ class Renderer:
             "max_sequence_length": self.max_sequence_length,
             "attention_backend": attention.registered_in(attention.pipeline_transformers(self.pipe)),
         }
+
+    def describe(self) -> str:
+        """One line of the effective settings: resolution, frames, sampler steps, guidance, attention backend."""
+        s = self.settings()
+        return (
+            f"{s['width']}x{s['height']}, {s['num_frames']} frames at {s['fps']} fps, {s['steps']} steps, guidance "
+            f"{s['guidance_scale']}, attention {s['attention_backend']}"
+        )
 
     def note_truncated(self, keys: list[str], prompts: list[str]) -> None:
         """The first prompt longer than max_sequence_length is logged; the others are counted (`truncation`)."""

@@ -1,23 +1,14 @@
-"""Random, CPU-sized judges of the real classes, each saved as a downloaded checkpoint is (weights, tokenizer with its
-chat template, image and video preprocessor settings), so they load through AutoModelForImageTextToText and
-gigavideo/judges/inputs.py exactly as the real ones do. Their processors cannot be built without torchvision, so
-their settings files are written as those processors save them."""
+"""Random, CPU-sized judges of the real classes, each saved as a downloaded checkpoint is (weights, and its processor:
+tokenizer with its chat template, image and video processors), so they load through AutoModelForImageTextToText and
+AutoProcessor (gigavideo/judges/inputs.py) exactly as the real ones do."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from gigavideo.tiny.tokenizers import TINY_QWEN2, build_word_tokenizer
-
-
-def write_settings(directory: Path, files: dict) -> None:
-    """The processor's settings files, as the processor would save them."""
-    for name, content in files.items():
-        (Path(directory) / name).write_text(json.dumps(content, indent=2))
-
 
 _TINY_JUDGE_WORDS = "yes no does the a an video show camera is with of and in on while".split()
 _TINY_CHAT_TEMPLATE = (  # LLaVA-Video's (Qwen2 chat) shape: the video first, then the question
@@ -29,11 +20,14 @@ _TINY_CHAT_TEMPLATE = (  # LLaVA-Video's (Qwen2 chat) shape: the video first, th
 
 def build_tiny_judge(judge_cfg: dict, directory: Path) -> None:
     """A random LLaVA-OneVision (tiny SigLIP tower + tiny Qwen2), the class of the paper's LLaVA-Video judge, saved
-    in `directory` as a downloaded checkpoint is: weights, tokenizer with its chat template, and the image and
-    video preprocessor settings (its processor cannot be built without torchvision, so its files are written)."""
+    in `directory` as a downloaded checkpoint is: weights, and its processor (tokenizer with its chat template,
+    image and video processors)."""
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
         Qwen2Config,
         SiglipVisionConfig,
     )
@@ -59,29 +53,15 @@ def build_tiny_judge(judge_cfg: dict, directory: Path) -> None:
         image_grid_pinpoints=[[size, size]],
     )
     LlavaOnevisionForConditionalGeneration(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    settings = {
-        "do_resize": True,
-        "size": {"height": size, "width": size},
-        "resample": 3,  # bicubic
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],  # SigLIP's
-        "image_std": [0.5, 0.5, 0.5],
-        "do_convert_rgb": True,
-    }
-    files = {
-        "preprocessor_config.json": settings
-        | {"image_processor_type": "LlavaOnevisionImageProcessor", "image_grid_pinpoints": [[size, size]]},
-        "video_preprocessor_config.json": settings | {"video_processor_type": "LlavaOnevisionVideoProcessor"},
-        "processor_config.json": {
-            "processor_class": "LlavaOnevisionProcessor",
-            "num_image_tokens": (size // patch) ** 2,
-            "vision_feature_select_strategy": "full",
-        },
-    }
-    write_settings(directory, files)
+    settings = {"size": {"height": size, "width": size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # SigLIP's
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(**settings, image_grid_pinpoints=[[size, size]]),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(**settings),
+        num_image_tokens=(size // patch) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=_TINY_CHAT_TEMPLATE,
+    ).save_pretrained(directory)
 
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -114,7 +94,7 @@ QWEN_VERSIONS = {
 
 def build_tiny_qwen_vl_judge(directory: Path, version: str = "2.5", seed: int = 0) -> None:
     """A random Qwen2.5-VL or Qwen3-VL (2-layer vision tower, 2x2 merge, temporal patch 2; a 2-layer language
-    model with multimodal RoPE), saved with its processor's settings (CLIP mean/std, a small pixel budget)."""
+    model with multimodal RoPE), saved with its processor (CLIP mean/std, a small pixel budget)."""
     import transformers
 
     spec = QWEN_VERSIONS[version]
@@ -140,25 +120,19 @@ def build_tiny_qwen_vl_judge(directory: Path, version: str = "2.5", seed: int = 
         vision_end_token_id=ids["<|vision_end|>"],
     )
     getattr(transformers, spec["model"])(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
     patch = spec["vision"]["patch_size"]
     settings = {
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "size": {"shortest_edge": (2 * patch) ** 2, "longest_edge": (4 * patch) ** 2},  # the pixel budget
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],  # CLIP's
         "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "min_pixels": (2 * patch) ** 2,
-        "max_pixels": (4 * patch) ** 2,
         "patch_size": patch,
         "temporal_patch_size": 2,
         "merge_size": 2,
     }
-    processor, image_processor, video_processor = spec["processor"]
-    files = {
-        "preprocessor_config.json": settings | {"image_processor_type": image_processor},
-        "video_preprocessor_config.json": settings | {"video_processor_type": video_processor, "fps": 2.0},
-        "processor_config.json": {"processor_class": processor},
-    }
-    write_settings(directory, files)
+    processor, image_processor, video_processor = (getattr(transformers, name) for name in spec["processor"])
+    processor(
+        image_processor=image_processor(**settings),
+        tokenizer=tokenizer,
+        video_processor=video_processor(**settings, fps=2.0),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    ).save_pretrained(directory)

@@ -10,34 +10,34 @@ import torch
 from gigavideo.config import REPO_ROOT
 from gigavideo.errors import ConfigError
 from gigavideo.rundir.files import read_json_file
+from gigavideo.train.batch import plan_batch
 
 log = logging.getLogger("gigavideo.train.ds_config")
 
 
 def build_ds_config(train_cfg: dict, world_size: int) -> dict:
-    """Fill micro batch, accumulation, global batch and bf16 from flags; a value the file fixes must agree."""
+    """Fill micro batch, accumulation, global batch (gigavideo/train/batch.py) and bf16 from flags; a value the file
+    fixes must agree."""
     path = Path(train_cfg["ds_config"])
     path = path if path.is_absolute() or path.is_file() else REPO_ROOT / path
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found (see ds_configs/)")
     ds = read_json_file(path)
-    micro, accum = train_cfg["micro_batch_size"], train_cfg["grad_accum"]
+    plan = plan_batch(train_cfg, world_size)
     wanted = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch_size,
     }
     for key, value in wanted.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif int(ds[key]) != value:
             raise ConfigError(
-                f"{path}: {key}={ds[key]} but the flags give {value} "
-                f"(micro_batch_size={micro} x grad_accum={accum} x world_size={world_size}); "
-                f'set it to "auto" or change the flags'
+                f"{path}: {key}={ds[key]} but the flags give {value} (global batch_size={plan.global_batch_size} = "
+                f"{world_size} processes x micro_batch_size={plan.micro_batch_size} x accumulation "
+                f'{plan.grad_accum}); set it to "auto" or change the flags'
             )
-    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
-        raise ConfigError(f"{path}: train_batch_size must equal micro batch x accumulation x world size")
     bf16 = train_cfg["precision"] == "bf16"
     if train_cfg["precision"] not in ("fp32", "bf16"):
         raise ConfigError(f"precision {train_cfg['precision']!r} not in ('fp32', 'bf16')")

@@ -95,11 +95,13 @@ def build_engine(cfg, base: Path, family, expert: Expert, ds_config: dict):
     return engine, scheduler
 
 
-def train_step(engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, bad, anchor=None):
-    """One optimizer step over --grad_accum micro-batches; returns their metrics (not yet reduced)."""
+def train_step(
+    engine, data: DataPosition, cfg, family, expert: Expert, step: int, rank: int, device, bad, grad_accum, anchor=None
+):
+    """One optimizer step over grad_accum micro-batches; returns their metrics (not yet reduced)."""
     tc = cfg.train
-    metrics = StepMetrics(tc.grad_accum, dist.get_world_size())
-    for micro in range(tc.grad_accum):
+    metrics = StepMetrics(grad_accum, dist.get_world_size())
+    for micro in range(grad_accum):
         while True:  # until a micro-batch whose loss is finite on every rank
             batch = data.next()
             log.debug("step %d, micro-batch %d: %s", step + 1, micro, batch["keys"])
@@ -143,7 +145,7 @@ class Checkpointer:
         self.folder, self.tc, self.world = folder, train_cfg, world
         self.lora = train_cfg.mode == "lora"
         # what a resumed run must share with its checkpoint (the data-parallel size it need not)
-        self.shape = {"mode": train_cfg.mode}
+        self.shape = {"mode": train_cfg.mode, "batch_size": train_cfg.batch_size}
         if self.lora:
             self.shape |= {"lora_rank": train_cfg.lora_rank, "lora_targets": train_cfg.lora_targets}
         self.tag = checkpoint.prepare_resume(folder, world, self.shape)
@@ -188,13 +190,13 @@ class Checkpointer:
 class Monitor:
     """TensorBoard scalars every --log_every steps and the progress bar, on rank 0."""
 
-    def __init__(self, folder: Path, tc, step: int, rank: int, label: str):
+    def __init__(self, folder: Path, tc, steps: int, step: int, rank: int, label: str):
         self.tc, self.writer, self.last = tc, None, time.time()
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(folder), purge_step=step + 1 if step else None)
-        self.progress = tqdm(total=tc.max_steps, initial=step, desc=f"train {label}", unit="step", disable=rank != 0)
+        self.progress = tqdm(total=steps, initial=step, desc=f"train {label}", unit="step", disable=rank != 0)
 
     def step(self, step: int, totals: dict, engine, scheduler, data: DataPosition, bad: BadSamples) -> None:
         self.progress.update(1)
@@ -221,11 +223,12 @@ class Monitor:
 
 
 def train_expert(
-    cfg, run, family, expert: Expert, base: Path, ds_config: dict, weights: dict, unreadable: list, stop
+    cfg, run, family, expert: Expert, base: Path, ds_config: dict, weights: dict, unreadable: list, length, stop
 ) -> dict | None:
-    """Train one transformer (every family has at least one) to --max_steps from its latest checkpoint, and
+    """Train one transformer (every family has at least one) for length["steps"] from its latest checkpoint, and
     save it in RUN_DIR/stage4/trained; returns its summary, or None when a stop request ended it early.
-    unreadable: the samples training_weights already left out (a member missing, the json unreadable)."""
+    unreadable: the samples training_weights already left out (a member missing, the json unreadable);
+    length: the batch and the steps (gigavideo/train/batch.py)."""
     tc = cfg.train
     rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device(cfg.model.device)
@@ -244,7 +247,8 @@ def train_expert(
     bad = BadSamples(tc.max_bad_samples, tc.max_bad_steps, undecodable)
     if rank == 0:  # every rank found them in the index; one counts them
         bad.left_out(unreadable, step)
-    monitor = Monitor(run.tensorboard / expert.name, tc, step, rank, expert.label)
+    steps = length["steps"]
+    monitor = Monitor(run.tensorboard / expert.name, tc, steps, step, rank, expert.label)
     anchor = load_anchor(cfg, base, expert, device)
     validation = None
     if tc.sample_every > 0:
@@ -252,33 +256,35 @@ def train_expert(
 
         validation = Validation(run, base, family, expert.component, cfg, device, rank)
     totals = {"loss": loss}
-    while step < tc.max_steps:
-        totals = train_step(engine, data, cfg, family, expert, step, rank, device, bad, anchor).reduce()
+    while step < steps:
+        totals = train_step(engine, data, cfg, family, expert, step, rank, device, bad, length["grad_accum"], anchor)
+        totals = totals.reduce()
         step += 1
         bad.check_samples(run.path)
         monitor.step(step, totals, engine, scheduler, data, bad)
         if validation is not None and step % tc.sample_every == 0:
             validation.run(engine.module, monitor.writer, step)
         stop_now = stop.any_rank()
-        if step % tc.save_every == 0 or step == tc.max_steps or stop_now:
+        if step % tc.save_every == 0 or step == steps or stop_now:
             checkpointer.save(engine, step, data, bad, totals["loss"])
-        if stop_now and step < tc.max_steps:
+        if stop_now and step < steps:
             monitor.close()
             return None
     monitor.close()
-    summary = expert_summary(cfg, expert, engine, ds_config, step, totals, bad, peak)
+    summary = expert_summary(cfg, expert, engine, ds_config, length, totals, bad, peak)
     save_trained(engine, tc.mode, run.stage("stage4") / "trained" / expert.component, summary)
     del engine, validation
     gc.collect()
     return summary
 
 
-def expert_summary(cfg, expert: Expert, engine, ds_config: dict, step: int, totals: dict, bad, peak) -> dict:
+def expert_summary(cfg, expert: Expert, engine, ds_config: dict, length: dict, totals: dict, bad, peak) -> dict:
     """What one expert's training did (a collective: every rank's undecodable samples are gathered)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     undecodable = sorted({k: r for part in gather(bad.state()) for k, r in part.items()}.values(), key=str)
     summary = {
-        "steps": step,
+        "steps": length["steps"],
+        "batch": length,
         "final_loss": totals["loss"],
         "non_finite_samples": bad.totals["non_finite_samples"],
         "undecodable_samples": len(undecodable),
