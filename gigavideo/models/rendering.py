@@ -23,6 +23,7 @@ from gigavideo.rundir.video import encode_mp4, resize_crop_sample
 from gigavideo.seeding import derive_seed
 
 log = logging.getLogger("gigavideo.render")
+SAID: set[str] = set()  # the settings lines logged
 
 
 def check_frames(num_frames: int) -> None:
@@ -95,7 +96,8 @@ class Renderer:
         self.sampler_kwargs = family.sampler_kwargs(render_cfg)
         self.max_sequence_length = int(max_sequence_length)
         self.truncated: list[str] = []  # keys of the prompts longer than max_sequence_length
-        if rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0 and self.describe() not in SAID:  # once a setting, per process
+            SAID.add(self.describe())
             log.info("rendering %s", self.describe())
 
     def settings(self) -> dict:

@@ -55,9 +55,16 @@ def describe(batch: BatchPlan | dict) -> str:
     """One line: how the global batch is made (and, for a `length`, how long the run is)."""
     b = asdict(batch) if isinstance(batch, BatchPlan) else batch
     text = (
-        f"global batch {b['global_batch_size']} = {b['world_size']} processes x micro-batch {b['micro_batch_size']} "
-        f"x accumulation {b['grad_accum']}"
+        f"global batch {b['global_batch_size']} = {plural(b['world_size'], 'process', 'es')} x micro-batch "
+        f"{b['micro_batch_size']} x accumulation {b['grad_accum']}"
     )
     if "steps" in b:
-        text += f"; {b['steps']} steps = {b['epochs']:g} epochs of {b['samples']} samples ({b['samples_seen']} seen)"
+        text += (
+            f"; {plural(b['steps'], 'step')} = {plural(b['epochs'], 'epoch')} of {b['samples']} samples "
+            f"({b['samples_seen']} seen)"
+        )
     return text
+
+
+def plural(count, word: str, ending: str = "s") -> str:
+    return f"{count:g} {word}{'' if count == 1 else ending}"
