@@ -115,7 +115,7 @@ def test_training_one_expert_leaves_the_other_bit_identical_and_samples_only_its
 
 @pytest.mark.slow
 def test_a_killed_and_resumed_two_expert_run_has_the_loss_curves_of_an_uninterrupted_one(scored_a14b, tmp_path):
-    args = [A14B, "--batch_size=1", "--max_steps=150", "--save_every=10", "--shuffle_buffer=4"]
+    args = [A14B, "--batch_size=1", "--epochs=100", "--max_steps=150", "--save_every=10", "--shuffle_buffer=4"]
     args += ["--sample_every=0"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for run_dir in (whole, killed):

@@ -79,7 +79,14 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(scored_copy):
 def test_sigterm_checkpoints_exits_3_and_the_resumed_loss_curve_is_an_uninterrupted_one(scored_run, tmp_path):
     from test_stage4 import loss_curve
 
-    args = ["--batch_size=1", "--max_steps=200", "--save_every=20", "--sample_every=0", "--shuffle_buffer=4"]
+    args = [
+        "--batch_size=1",
+        "--epochs=100",
+        "--max_steps=200",
+        "--save_every=20",
+        "--sample_every=0",
+        "--shuffle_buffer=4",
+    ]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     for run_dir in (whole, stopped):
         shutil.copytree(scored_run, run_dir)
@@ -211,6 +218,7 @@ def test_reruns_heal_duplicate_keys_stray_tmp_shards_and_a_truncated_manifest(sc
 def test_when_one_rank_of_stage4_dies_the_other_fails_within_the_timeout_and_a_rerun_resumes(scored_copy):
     """Two torchrun agents (as on two nodes, outside SLURM, where nothing else stops the survivor)."""
     args = [
+        "--epochs=100000",
         "--max_steps=100000",
         "--save_every=5",
         "--sample_every=0",
@@ -391,7 +399,7 @@ def stage4_killed_after(run_dir, nproc: int, args: list[str], step: int) -> int:
 @pytest.mark.slow
 def test_stage4_resumes_with_another_number_of_processes_and_refuses_another_mode_in_one_line(scored_copy):
     """1 process, then 2 (a requeue got more GPUs), then 1 again; a change a checkpoint cannot take is refused."""
-    args = ["--max_steps=40", "--save_every=2", "--sample_every=0", "--batch_size=2"]
+    args = ["--epochs=100", "--max_steps=40", "--save_every=2", "--sample_every=0", "--batch_size=2"]
     first = stage4_killed_after(scored_copy, 1, args, 0)
     second = stage4_killed_after(scored_copy, 2, args, first)  # resumed from 1 rank's checkpoint
     checkpoints = RunDir(scored_copy).checkpoints
@@ -415,7 +423,7 @@ def test_stage4_resumes_with_another_number_of_processes_and_refuses_another_mod
 def test_a_stop_request_under_the_launcher_with_two_processes_is_one_line_not_a_traceback(scored_copy):
     """slurm/_common.sh starts torchrun through gigavideo.launch: every process exiting 3 after a stop request is
     reported in one line with that exit code, and the job requeues on it."""
-    args = ["--max_steps=200", "--save_every=2", "--sample_every=0"]
+    args = ["--epochs=100", "--max_steps=200", "--save_every=2", "--sample_every=0"]
     cmd = [sys.executable, "-m", "gigavideo.launch", "--standalone", "--nproc_per_node=2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.Popen(

@@ -206,6 +206,7 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_completes(scored_copy, t
                 "--open-mode=append",
                 "slurm/stage4.sh",
                 "--batch_size=2",
+                "--epochs=100",
                 "--max_steps=150",
                 "--save_every=10",
                 "--sample_every=50",

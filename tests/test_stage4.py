@@ -107,7 +107,14 @@ def test_the_global_batch_and_the_epoch_are_the_same_on_one_and_two_processes_an
 def test_zero_stages_train_and_the_export_loads_in_stock_diffusers_and_changes_the_output(scored_copy, zero, mode):
     from diffusers import WanPipeline
 
-    torchrun_stage4(scored_copy, f"--ds_config=ds_configs/{zero}.json", f"--mode={mode}", "--max_steps=3", "--lr=1e-2")
+    torchrun_stage4(
+        scored_copy,
+        f"--ds_config=ds_configs/{zero}.json",
+        f"--mode={mode}",
+        "--epochs=100",
+        "--max_steps=3",
+        "--lr=1e-2",
+    )
     run = RunDir(scored_copy)
     manifest = read_manifest(run, "stage4")
     assert manifest["world_size"] == 2 and manifest["mode"] == mode and manifest["steps"] == 3
@@ -133,7 +140,14 @@ def loss_curve(run_dir):
 
 @pytest.mark.slow
 def test_killed_midway_and_resumed_the_loss_curve_is_that_of_an_uninterrupted_run(scored_run, tmp_path):
-    args = ["--batch_size=1", "--max_steps=80", "--save_every=20", "--sample_every=20", "--shuffle_buffer=4"]
+    args = [
+        "--batch_size=1",
+        "--epochs=100",
+        "--max_steps=80",
+        "--save_every=20",
+        "--sample_every=20",
+        "--shuffle_buffer=4",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for run_dir in (whole, killed):
         shutil.copytree(scored_run, run_dir)
@@ -187,7 +201,14 @@ def test_non_finite_inputs_get_no_weight_and_a_diverging_run_stops_with_a_messag
     assert f"non-finite latents or embeddings in ['{victim}']" in proc.stderr
     assert read_manifest(run, "stage4")["non_finite_samples"] >= 1
     proc = run_stage(
-        "stage4", scored_copy, "--overwrite", "--max_steps=40", "--lr=1e12", "--sample_every=0", check=False
+        "stage4",
+        scored_copy,
+        "--overwrite",
+        "--epochs=100",
+        "--max_steps=40",
+        "--lr=1e12",
+        "--sample_every=0",
+        check=False,
     )
     assert proc.returncode == 2 and "5 micro-batches in a row had a non-finite loss" in proc.stderr
     assert "the micro-batch is skipped" in proc.stderr

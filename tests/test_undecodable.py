@@ -15,7 +15,7 @@ from gigavideo.rundir.layout import RunDir, read_manifest
 from gigavideo.rundir.shards import index_json, shard_paths
 
 NO_UNPICKLING = REPO / "tests" / "no_unpickling.py"
-ARGS = ["--batch_size=1", "--max_steps=16", "--save_every=4", "--sample_every=0", "--shuffle_buffer=4"]
+ARGS = ["--batch_size=1", "--epochs=100", "--max_steps=16", "--save_every=4", "--sample_every=0", "--shuffle_buffer=4"]
 
 
 class Payload:
