@@ -206,3 +206,18 @@ def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, 
         builder.wait()
     assert clear_stale_build_lock("deepspeed_shm_comm") and not lock.exists()
     assert [p.name for p in users.iterdir()] == [f"{record['host']}-{os.getpid()}.json"]  # this process's own
+
+
+def test_the_scripts_a_user_runs_beside_the_stages_answer_a_user_error_in_one_line(tmp_path):
+    """A stage folder given as the run directory, a preset that does not exist, a boolean that is not one."""
+    cases = [
+        (["scripts/check_shards.py", str(tmp_path / "stage2")], f"--run_dir={tmp_path} --stage=stage2"),
+        (["bench/memory_plan.py", "--preset=nope"], "config preset 'nope' not found"),
+        (["bench/memory_plan.py", "--json=maybe"], "--json='maybe': must be true or false"),
+    ]
+    (tmp_path / "stage2").mkdir()
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+        assert message in errors[0], errors[0]
