@@ -124,11 +124,11 @@ def save_wan_original_lora(layers: dict, alpha: float, path: Path) -> None:
     converted, unnamed = {}, set()
     for key, tensor in layers.items():
         module, _, part = key.rpartition(".lora_")  # "blocks.3.attn1.to_q", "A.weight"
-        _, index, inner = (module.split(".", 2) + ["", ""])[:3]
-        if not module.startswith("blocks.") or inner not in WAN_BLOCK_MODULES:
+        parts = module.split(".", 2)  # "blocks", "3", "attn1.to_q"
+        if len(parts) != 3 or parts[0] != "blocks" or parts[2] not in WAN_BLOCK_MODULES:
             unnamed.add(module)
             continue
-        name = f"diffusion_model.blocks.{index}.{WAN_BLOCK_MODULES[inner]}"
+        name = f"diffusion_model.blocks.{parts[1]}.{WAN_BLOCK_MODULES[parts[2]]}"
         converted[f"{name}.lora_{part}"] = tensor.detach().contiguous().cpu()
         converted[f"{name}.alpha"] = torch.tensor(float(alpha))
     if unnamed:

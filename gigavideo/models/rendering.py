@@ -96,9 +96,10 @@ class Renderer:
         self.sampler_kwargs = family.sampler_kwargs(render_cfg)
         self.max_sequence_length = int(max_sequence_length)
         self.truncated: list[str] = []  # keys of the prompts longer than max_sequence_length
-        if rank_and_world()[0] == 0 and self.describe() not in SAID:  # once a setting, per process
-            SAID.add(self.describe())
-            log.info("rendering %s", self.describe())
+        line = self.describe()
+        if rank_and_world()[0] == 0 and line not in SAID:  # once a setting, per process
+            SAID.add(line)
+            log.info("rendering %s", line)
 
     def settings(self) -> dict:
         keys = (
